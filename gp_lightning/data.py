@@ -1,0 +1,150 @@
+"""Calibration and evaluation text: where it comes from and how it is cut into token windows.
+
+Sources are a Hugging Face dataset name (``wikitext2``, ``c4``: loaded with ``datasets`` for users
+who reach the hub) or a local ``.txt`` / ``.jsonl`` / ``.parquet`` file. Text is tokenized as one
+stream and cut into fixed windows, so every window is full and nothing is padded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from gp_lightning.errors import DataError
+
+Role = Literal["calibration", "evaluation"]
+
+#: Hub datasets known by name: (path, config name or data file, split per role, text column).
+HUB_DATASETS: dict[str, dict[str, object]] = {
+    "wikitext2": {
+        "path": "wikitext",
+        "name": "wikitext-2-raw-v1",
+        "splits": {"calibration": "train", "evaluation": "test"},
+    },
+    "c4": {
+        "path": "allenai/c4",
+        "data_files": {
+            "calibration": "en/c4-train.00000-of-01024.json.gz",
+            "evaluation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        "splits": {"calibration": "train", "evaluation": "validation"},
+    },
+}
+
+LOCAL_HINT = "a local file works everywhere, e.g. ../shared/data/wikitext-2/valid.txt"
+
+
+def load_text(source: str, role: Role) -> str:
+    """Return the raw text of ``source`` for the given role (calibration or evaluation)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_local(path)
+    if source in HUB_DATASETS:
+        return _read_hub(source, role)
+    if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or "/" in source:
+        raise DataError(f"Dataset file '{source}' does not exist (looked in {path.resolve()}).")
+    raise DataError(
+        f"Unknown dataset '{source}'. Use one of {', '.join(HUB_DATASETS)} (Hugging Face hub) or the "
+        f"path of a .txt, .jsonl or .parquet file; {LOCAL_HINT}."
+    )
+
+
+def _read_local(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    if suffix in {".jsonl", ".json"}:
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    texts.append(_text_field(json.loads(line), f"{path}:{lineno}"))
+        return "\n\n".join(texts)
+    if suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if "text" not in frame.columns:
+            raise DataError(f"{path} has no 'text' column (columns: {list(frame.columns)}).")
+        return "\n\n".join(frame["text"].astype(str))
+    raise DataError(f"Cannot read '{path}': use a .txt, .jsonl or .parquet file.")
+
+
+def _text_field(record: object, where: str) -> str:
+    if isinstance(record, dict):
+        for key in ("text", "content", "document"):
+            if isinstance(record.get(key), str):
+                return record[key]
+    raise DataError(f"{where}: expected a JSON object with a 'text' field.")
+
+
+def _read_hub(name: str, role: Role) -> str:
+    import datasets
+
+    spec = HUB_DATASETS[name]
+    split = spec["splits"][role]  # type: ignore[index]
+    kwargs: dict[str, object] = {"split": split}
+    if "name" in spec:
+        kwargs["name"] = spec["name"]
+    if "data_files" in spec:
+        kwargs["data_files"] = {split: spec["data_files"][role]}  # type: ignore[index]
+    try:
+        ds = datasets.load_dataset(spec["path"], **kwargs)
+    except Exception as exc:  # network, auth, missing split: all end the same way for the user
+        raise DataError(
+            f"Could not load dataset '{name}' ({spec['path']}, split {split}) from the Hugging Face "
+            f"hub: {exc}. Without hub access pass a local file instead; {LOCAL_HINT}."
+        ) from exc
+    return "\n\n".join(ds["text"])
+
+
+def tokenize(text: str, tokenizer: object) -> torch.Tensor:
+    """Tokenize ``text`` as one stream (no special tokens) into a 1-D LongTensor."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``num_samples`` distinct non-overlapping windows of ``seq_len`` tokens, chosen with ``seed``."""
+    available = tokens.numel() // seq_len
+    if available < num_samples:
+        raise DataError(
+            f"Calibration text is too short: {tokens.numel()} tokens make {available} windows of "
+            f"seq_len={seq_len}, but num_samples={num_samples} were requested. Give more text "
+            "(a larger dataset file) or lower num_samples / seq_len."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[:num_samples] * seq_len
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the text (the guides' protocol)."""
+    available = tokens.numel() // seq_len
+    if available == 0:
+        raise DataError(
+            f"Evaluation text is too short: {tokens.numel()} tokens, fewer than eval_seq_len={seq_len}."
+        )
+    count = available if max_windows is None else min(available, max_windows)
+    return tokens[: count * seq_len].view(count, seq_len)
+
+
+class CalibrationData(L.LightningDataModule):
+    """Calibration windows as a LightningDataModule.
+
+    Under a distributed strategy Lightning wraps the loader in a DistributedSampler, so every rank
+    sees its own shard of the windows.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int) -> None:
+        super().__init__()
+        self.windows = windows
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.windows), batch_size=self.batch_size, shuffle=False)

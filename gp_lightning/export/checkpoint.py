@@ -1,0 +1,42 @@
+"""Write and read pruned checkpoints: safetensors + tokenizer + generation config + modeling code.
+
+The checkpoint carries its own config and modeling files (``auto_map``), so
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works in any process with
+transformers, and :func:`load_pruned` works without remote code inside the project.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
+from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
+from gp_lightning.io import replace_dir, staging_dir
+
+
+def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory: Path,
+                max_shard_size: str | int = "5GB") -> Path:
+    """Save atomically: written into a staging directory, then renamed onto ``directory``."""
+    GPPrunedConfig.register_for_auto_class()
+    GPPrunedForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    # transformers may flip this switch while building the model; it is not part of the schema
+    model.config.__dict__.pop("allow_global_per_layer_attribute_access", None)
+    staging = staging_dir(directory)
+    try:
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        replace_dir(staging, directory)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> GPPrunedForCausalLM:
+    """Load a pruned checkpoint with the project's own classes (no remote code)."""
+    return GPPrunedForCausalLM.from_pretrained(str(path), dtype=dtype).eval()

@@ -1,0 +1,73 @@
+"""Atomic file output and the run directory.
+
+Every result is written to a temporary file next to its destination and renamed into place, so a
+crash never leaves a half-written table or model, and a run never silently replaces another run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gp_lightning.errors import RunDirectoryError
+
+#: Files whose presence means a directory already holds a run.
+RUN_MARKERS = ("config.yaml", "global_group_table.csv", "evaluation_results.json", "model")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv(path: Path, frame: Any) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written ``staging`` directory onto ``target`` (replacing an older one)."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def staging_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a directory that already holds a run, unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"Output '{path}' exists and is not a directory: choose another --output.")
+    found = [name for name in RUN_MARKERS if (path / name).exists()]
+    if found and not overwrite:
+        raise RunDirectoryError(
+            f"Output directory '{path}' already holds a run ({', '.join(found)}). Choose another "
+            "--output, or pass --overwrite to replace its results."
+        )

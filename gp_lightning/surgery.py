@@ -1,0 +1,186 @@
+"""Surgery: physically remove the planned units, so the model really gets smaller and faster.
+
+Everything works tensor by tensor on ``(name, tensor)`` pairs, so the same code slices a model's
+in-memory state dict and (later) checkpoint shards streamed from disk. A layer whose attention
+(MLP) lost every unit skips that block; with ``remove_empty_layers`` a layer that lost both is
+dropped and the following layers are renumbered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from gp_lightning.architecture import ModelLayout
+from gp_lightning.export import GPPrunedConfig, GPPrunedForCausalLM
+from gp_lightning.plan import PruningPlan
+
+_LAYER_PARAM = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+#: Config keys of the dense config that must not be copied into the pruned one.
+_DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config",
+                     "base_model_type", "pruning", "quantization_config")
+
+
+def _rows(groups: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([g * width + i for g in groups for i in range(width)], dtype=torch.long)
+
+
+class TensorSlicer:
+    """Maps a dense parameter ``(name, tensor)`` to its pruned form, or to nothing."""
+
+    def __init__(self, layout: ModelLayout, plan: PruningPlan) -> None:
+        self.layout = layout
+        self.plan = plan
+        kept = plan.kept_layers
+        self.new_index = {old: new for new, old in enumerate(kept)}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        match = _LAYER_PARAM.match(name)
+        if match is None:
+            return name, tensor
+        old = int(match["idx"])
+        if old not in self.new_index:
+            return None
+        rest = match["rest"]
+        new_name = f"{match['prefix']}.{self.new_index[old]}.{rest}"
+        result = self._slice(self.layout.layers[old], self.plan.layers[old], rest, tensor)
+        if result is None:
+            return None
+        rest_out, sliced = result
+        return f"{match['prefix']}.{self.new_index[old]}.{rest_out}" if rest_out != rest else new_name, sliced
+
+    def _slice(self, layer: Any, lp: Any, rest: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        attn_gone = not lp.keep_groups
+        mlp_gone = not lp.keep_channels
+        hd, qpk = layer.head_dim, layer.queries_per_kv
+        if rest.startswith("self_attn."):
+            if attn_gone:
+                return ("self_attn_output_bias", tensor.clone()) if rest == "self_attn.o_proj.bias" else None
+            proj, kind = rest.split(".")[1:3]
+            if proj == "q_proj":
+                return rest, tensor.index_select(0, _rows(lp.keep_groups, qpk * hd))
+            if proj in ("k_proj", "v_proj"):
+                return rest, tensor.index_select(0, _rows(lp.keep_groups, hd))
+            if proj == "o_proj" and kind == "weight":
+                return rest, tensor.index_select(1, _rows(lp.keep_groups, qpk * hd))
+            return rest, tensor.clone()
+        if rest.startswith("mlp."):
+            if mlp_gone:
+                return ("mlp_output_bias", tensor.clone()) if rest == "mlp.down_proj.bias" else None
+            proj, kind = rest.split(".")[1:3]
+            keep = torch.tensor(lp.keep_channels, dtype=torch.long)
+            if proj in ("gate_proj", "up_proj"):
+                return rest, tensor.index_select(0, keep)
+            if proj == "down_proj" and kind == "weight":
+                return rest, tensor.index_select(1, keep)
+            return rest, tensor.clone()
+        if rest.startswith("input_layernorm.") and attn_gone:
+            return None
+        if rest.startswith("post_attention_layernorm.") and mlp_gone:
+            return None
+        return rest, tensor
+
+    def apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            out = self(name, tensor)
+            if out is not None:
+                yield out
+
+
+def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, provenance: dict) -> GPPrunedConfig:
+    """The GPPrunedConfig describing the model after ``plan``."""
+    base = {k: v for k, v in _config_dict(dense_config).items() if k not in _DROP_CONFIG_KEYS}
+    base_type = getattr(dense_config, "base_model_type", None) or dense_config.model_type
+    kept = plan.kept_layers
+    per_layer: dict[int, dict[str, Any]] = {}
+    for new, old in enumerate(kept):
+        lp, layer = plan.layers[old], layout.layers[old]
+        entry: dict[str, Any] = {}
+        skip = []
+        if lp.keep_groups:
+            entry["num_key_value_heads"] = len(lp.keep_groups)
+            entry["num_attention_heads"] = len(lp.keep_groups) * layer.queries_per_kv
+        else:
+            skip.append("self_attn")
+        if lp.keep_channels:
+            entry["intermediate_size"] = len(lp.keep_channels)
+        else:
+            skip.append("mlp")
+        if skip:
+            entry["skip"] = skip
+        per_layer[new] = entry
+    base["num_hidden_layers"] = len(kept)
+    base["head_dim"] = layout.head_dim
+    if isinstance(base.get("layer_types"), list):
+        base["layer_types"] = [base["layer_types"][old] for old in kept]
+    if "max_window_layers" in base:
+        base["max_window_layers"] = sum(1 for old in kept if old < base["max_window_layers"])
+    provenance = dict(provenance, original_layers=kept, original_num_hidden_layers=layout.num_layers)
+    config = GPPrunedConfig(base_model_type=base_type, pruning=provenance, per_layer_config=per_layer, **base)
+    config.architectures = ["GPPrunedForCausalLM"]
+    return config
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "allow_global_per_layer_attribute_access"):
+        previous = config.allow_global_per_layer_attribute_access
+        config.allow_global_per_layer_attribute_access = True
+        try:
+            data = config.to_dict()
+        finally:
+            config.allow_global_per_layer_attribute_access = previous
+    else:
+        data = config.to_dict()
+    for key, value in list(data.items()):
+        if key == "dtype" and value is not None and not isinstance(value, str):
+            data[key] = str(value).removeprefix("torch.")
+    return data
+
+
+def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provenance: dict) -> GPPrunedForCausalLM:
+    """Return a new, physically smaller model carrying the dense model's remaining weights."""
+    config = pruned_config(model.config, layout, plan, provenance)
+    config._attn_implementation = getattr(model.config, "_attn_implementation", None)
+    dtype = next(model.parameters()).dtype
+    slicer = TensorSlicer(layout, plan)
+    state = dict(slicer.apply(model.state_dict().items()))
+    pruned = GPPrunedForCausalLM(config).to(dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"Surgery produced a state dict that does not fit: missing={missing}, unexpected={unexpected}")
+    if tied:
+        pruned.tie_weights()
+    pruned.generation_config = model.generation_config
+    return pruned.eval()
+
+
+@torch.no_grad()
+def mask_units(model: nn.Module, layout: ModelLayout, plan: PruningPlan) -> None:
+    """Zero the planned units in a dense model in place (the reference that surgery must equal)."""
+    from gp_lightning.architecture import decoder_layers
+
+    for layer, lp, module in zip(layout.layers, plan.layers, decoder_layers(model), strict=True):
+        gone = [g for g in range(lp.num_groups) if g not in set(lp.keep_groups)]
+        if gone:
+            attn = module.self_attn
+            q_rows = _rows(gone, layer.queries_per_kv * layer.head_dim)
+            kv_rows = _rows(gone, layer.head_dim)
+            for proj, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
+                proj.weight[rows] = 0
+                if proj.bias is not None:
+                    proj.bias[rows] = 0
+            attn.o_proj.weight[:, q_rows] = 0
+        gone_c = torch.tensor([c for c in range(lp.num_channels) if c not in set(lp.keep_channels)], dtype=torch.long)
+        if gone_c.numel():
+            mlp = module.mlp
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[gone_c] = 0
+                if proj.bias is not None:
+                    proj.bias[gone_c] = 0
+            mlp.down_proj.weight[:, gone_c] = 0
