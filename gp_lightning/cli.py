@@ -1,0 +1,94 @@
+"""Command line: every PruneConfig field is a flag and a YAML key (``--config file.yaml``).
+
+``prune.py`` and ``gp-lightning prune`` run :func:`prune_main`; ``gp-lightning fetch-model`` caches
+the embedded model. User errors print one line that names the problem and the fix, and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from gp_lightning.config import FLAG_ALIASES, PruneConfig
+from gp_lightning.errors import GPLightningError
+
+
+def build_parser(prog: str = "prune.py") -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog,
+        description="Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).",
+        default_config_files=[],
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config keys; later flags override it.")
+    parser.add_class_arguments(PruneConfig, nested_key=None, fail_untyped=True)
+    return parser
+
+
+BOOL_FLAGS = {f"--{f.name}" for f in dataclasses.fields(PruneConfig) if f.type in (bool, "bool")}
+BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
+def expand_aliases(argv: Sequence[str]) -> list[str]:
+    """Rewrite the guides' spellings: alias names (``--base_model``) and bare switches (``--overwrite``)."""
+    out: list[str] = []
+    args = list(argv)
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        flag = FLAG_ALIASES.get(flag, flag)
+        out.append(flag + sep + value)
+        following = args[i + 1].lower() if i + 1 < len(args) else None
+        if flag in BOOL_FLAGS and not sep and (following is None or following not in BOOL_WORDS):
+            out.append("true")
+    return out
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str = "prune.py") -> PruneConfig:
+    parser = build_parser(prog)
+    namespace = parser.parse_args(expand_aliases(sys.argv[1:] if argv is None else argv))
+    values = {f.name: namespace[f.name] for f in dataclasses.fields(PruneConfig)}
+    return PruneConfig(**values)
+
+
+def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
+    from gp_lightning.pipeline import PruneRecipe
+
+    try:
+        config = parse_config(argv, prog)
+        result = PruneRecipe(config).run()
+    except GPLightningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ev = result.evaluation
+    print(f"Pruned {ev['achieved_ratio']:.2%} of all parameters ({ev['total_params']:,} -> {ev['params_after']:,}).")
+    if "ppl_before" in ev or "ppl_after" in ev:
+        print(f"Perplexity: before {ev.get('ppl_before', float('nan')):.3f}, after {ev.get('ppl_after', float('nan')):.3f}"
+              f" ({ev['eval_windows']} windows of {config.eval_seq_len} tokens).")
+    print(f"Results in {result.run_dir}/")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gp-lightning {prune,fetch-model} ...``"""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {"prune", "fetch-model"}
+    if not args or args[0] not in commands:
+        print("usage: gp-lightning {prune,fetch-model} [options]  (gp-lightning prune --help)", file=sys.stderr)
+        return 2
+    command, rest = args[0], args[1:]
+    if command == "prune":
+        return prune_main(rest, prog="gp-lightning prune")
+    from gp_lightning.model_source import EMBEDDED_MODELS, fetch_embedded
+
+    name = rest[0] if rest else "smollm2-135m"
+    if name not in EMBEDDED_MODELS:
+        print(f"error: unknown embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}", file=sys.stderr)
+        return 2
+    print(fetch_embedded(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
