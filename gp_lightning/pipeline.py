@@ -21,12 +21,11 @@ import yaml
 
 from gp_lightning import __version__
 from gp_lightning.architecture import ModelLayout, describe
+from gp_lightning.calibration import run_calibration
 from gp_lightning.calibration.ablation import ablation_losses
-from gp_lightning.calibration.module import CalibrationModule
-from gp_lightning.calibration.taylor import TaylorImportance
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
-from gp_lightning.data import CalibrationData, calibration_windows, evaluation_windows, load_text, tokenize
+from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
 from gp_lightning.errors import ConfigError
 from gp_lightning.evaluation import perplexity
 from gp_lightning.export.checkpoint import save_pruned
@@ -34,7 +33,7 @@ from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
 from gp_lightning.model_source import load_model
 from gp_lightning.precision import load_dtype, resolve
 from gp_lightning.reports import describe_run, layer_summary_text
-from gp_lightning.selection import Selection, layer_summary, select
+from gp_lightning.selection import Selection, check_budget, layer_summary, select
 from gp_lightning.surgery import apply_plan
 from gp_lightning.table import apply_block_temperature, apply_layer_tau, build_table, ranked
 
@@ -79,6 +78,7 @@ class PruneRecipe:
                 f"Config key 'layer_start' = {cfg.layer_start} is invalid: the model has only "
                 f"{self.layout.num_layers} layers."
             )
+        check_budget(self.layout, cfg.pruning_ratio, cfg.layer_start, cfg.layer_end)
         self.timings["load_model_s"] = time.perf_counter() - start
         cal_tokens = tokenize(load_text(cfg.dataset, "calibration"), self.tokenizer)
         self.cal_windows = calibration_windows(cal_tokens, cfg.num_samples, cfg.seq_len, cfg.seed)
@@ -114,19 +114,12 @@ class PruneRecipe:
     def calibrate(self) -> UnitImportance:
         cfg = self.cfg
         start = time.perf_counter()
-        module = CalibrationModule(self.model, total_target_tokens=self.cal_windows[:, 1:].numel())
-        taylor = TaylorImportance(self.layout)
-        trainer = L.Trainer(
-            accelerator=cfg.accelerator, devices=1, precision=self.precision, max_epochs=1,
-            logger=False, enable_checkpointing=False, enable_model_summary=False,
-            callbacks=[taylor], default_root_dir=str(self.run_dir),
-        )
-        trainer.fit(module, datamodule=CalibrationData(self.cal_windows, cfg.batch_size))
-        self.model = module.model.cpu() if cfg.accelerator == "cpu" else module.model
+        importance = run_calibration(self.model, self.layout, self.cal_windows, cfg.batch_size, self.precision,
+                                     cfg.accelerator, default_root_dir=str(self.run_dir))
+        self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
-        assert taylor.importance is not None
         log.info("calibration: %d windows x %d tokens in %.1f s", *self.cal_windows.shape, self.timings["calibration_s"])
-        return taylor.importance
+        return importance
 
     def rank(self, importance: UnitImportance) -> pd.DataFrame:
         cfg = self.cfg
@@ -189,8 +182,12 @@ class PruneRecipe:
             if self.cfg.test_after_prune:
                 self.evaluate(pruned, "after")
             self.save(pruned)
+            params_after = sum(p.numel() for p in pruned.parameters())
             results = {
                 **selection.summary(),
+                # the real count also drops the norms of emptied blocks
+                "params_after": params_after,
+                "achieved_ratio_actual": 1 - params_after / selection.total_params,
                 **self.evaluation,
                 "eval_dataset": self.cfg.eval_dataset,
                 "eval_seq_len": self.cfg.eval_seq_len,

@@ -50,6 +50,25 @@ class Selection:
         }
 
 
+def check_budget(layout: ModelLayout, pruning_ratio: float, layer_start: int = 0, layer_end: int | None = None) -> None:
+    """Fail early (before any calibration) when the candidate layers cannot hold the budget."""
+    end = layout.num_layers if layer_end is None else min(layer_end, layout.num_layers)
+    if layer_start >= end:
+        raise BudgetError(f"layer_start={layer_start} leaves no candidate layer (the model has {layout.num_layers}).")
+    target = int(round(pruning_ratio * layout.total_params))
+    available = sum(
+        layer.num_kv_heads * layout.attention_group_cost(layer) + layer.intermediate_size * layout.mlp_channel_cost(layer)
+        for layer in layout.layers[layer_start:end]
+    )
+    if available < target:
+        raise BudgetError(
+            f"pruning_ratio={pruning_ratio} asks for {target:,} parameters, but layers "
+            f"[{layer_start}, {end}) hold only {available:,} prunable parameters "
+            f"(at most {available / layout.total_params:.4f} of the model). Lower pruning_ratio or "
+            "widen layer_start/layer_end."
+        )
+
+
 def select(
     table: pd.DataFrame,
     layout: ModelLayout,
@@ -58,19 +77,10 @@ def select(
     layer_end: int | None = None,
     remove_empty_layers: bool = False,
 ) -> Selection:
+    check_budget(layout, pruning_ratio, layer_start, layer_end)
     end = layout.num_layers if layer_end is None else min(layer_end, layout.num_layers)
-    if layer_start >= end:
-        raise BudgetError(f"layer_start={layer_start} leaves no candidate layer (the model has {layout.num_layers}).")
     target = int(round(pruning_ratio * layout.total_params))
     candidates = ranked(table[(table["layer_idx"] >= layer_start) & (table["layer_idx"] < end)])
-    available = int(candidates["cost"].sum())
-    if available < target:
-        raise BudgetError(
-            f"pruning_ratio={pruning_ratio} asks for {target:,} parameters, but layers "
-            f"[{layer_start}, {end}) hold only {available:,} prunable parameters "
-            f"(at most {available / layout.total_params:.4f} of the model). Lower pruning_ratio or "
-            "widen layer_start/layer_end."
-        )
     cumulative = candidates["cost"].to_numpy().cumsum()
     count = int(np.searchsorted(cumulative, target, side="left")) + 1
     chosen = candidates.iloc[:count]

