@@ -80,7 +80,7 @@ def test_too_little_calibration_text(tmp_path: Path, tiny_checkpoint: Path, caps
     short = tmp_path / "short.txt"
     short.write_text("Only a few words of text here.\n")
     code = prune_main(["--model", str(tiny_checkpoint), "--dataset", str(short), "--num_samples", "4",
-                       "--output", str(tmp_path / "run")])
+                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
     assert code == 2
     assert "too short" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
