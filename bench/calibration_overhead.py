@@ -172,6 +172,11 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) ->
         "",
     ]
     every_run = [run for method_runs in runs.values() for run in method_runs]
+    lines += ["Individual runs (in the order they ran):", "", "| method | seconds | CPU seconds | peak RSS MiB | load avg |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {run['method']} | {run['seconds']:.2f} | {run['cpu_seconds']:.1f} | {run['peak_rss_mib']:.0f} | "
+              f"{run['loadavg']:.2f} |" for run in sorted(every_run, key=lambda run: run["order"])]
+    lines.append("")
     load_peaks = [run for run in every_run if run["loaded_peak_mib"] >= run["peak_rss_mib"]]
     if load_peaks:
         lines += [f"Warning: in {len(load_peaks)} run(s) the peak RSS was reached while loading the model, not while "
@@ -185,6 +190,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the result the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         order = METHODS if repeat % 2 == 0 else METHODS[::-1]  # alternate, so drift does not favour one side
         for method in order:
             print(f"[{repeat + 1}/{args.repeats}] {method} ...", file=sys.stderr, flush=True)
-            runs[method].append(run_worker(args, method))
+            runs[method].append({**run_worker(args, method), "order": sum(map(len, runs.values()))})
     text = report(args, runs)
     print(text)
     write_atomic(args.output, text)
