@@ -78,14 +78,16 @@ class ModelLayout:
         """Parameters removed with one MLP channel: gate/up rows (+ biases) and a down_proj column."""
         return 3 * self.hidden_size + (2 if layer.mlp_in_bias else 0)
 
+    def layer_params(self, layer: LayerLayout, groups: int | None = None, channels: int | None = None) -> int:
+        """Prunable parameters of ``layer`` (with ``groups``/``channels`` units left, if given)."""
+        groups = layer.num_kv_heads if groups is None else groups
+        channels = layer.intermediate_size if channels is None else channels
+        return groups * self.attention_group_cost(layer) + channels * self.mlp_channel_cost(layer)
+
     @property
     def prunable_params(self) -> int:
         """Sum of the cost of every unit: all params of the projections except output biases."""
-        return sum(
-            layer.num_kv_heads * self.attention_group_cost(layer)
-            + layer.intermediate_size * self.mlp_channel_cost(layer)
-            for layer in self.layers
-        )
+        return sum(self.layer_params(layer) for layer in self.layers)
 
 
 def check_supported(model_type: str) -> None:

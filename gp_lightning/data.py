@@ -8,6 +8,7 @@ stream and cut into fixed windows, so every window is full and nothing is padded
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,21 +20,35 @@ from gp_lightning.errors import DataError
 
 Role = Literal["calibration", "evaluation"]
 
-#: Hub datasets known by name: (path, config name or data file, split per role, text column).
-HUB_DATASETS: dict[str, dict[str, object]] = {
-    "wikitext2": {
-        "path": "wikitext",
-        "name": "wikitext-2-raw-v1",
-        "splits": {"calibration": "train", "evaluation": "test"},
-    },
-    "c4": {
-        "path": "allenai/c4",
-        "data_files": {
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset known by name: where it lives on the hub, and the split each role reads."""
+
+    path: str
+    splits: dict[str, str]  # role -> split
+    name: str | None = None
+    data_files: dict[str, str] | None = None  # role -> file (for repos that are plain file trees)
+
+    def load_kwargs(self, role: Role) -> dict[str, object]:
+        split = self.splits[role]
+        kwargs: dict[str, object] = {"split": split}
+        if self.name:
+            kwargs["name"] = self.name
+        if self.data_files:
+            kwargs["data_files"] = {split: self.data_files[role]}
+        return kwargs
+
+
+HUB_DATASETS: dict[str, HubDataset] = {
+    "wikitext2": HubDataset("wikitext", {"calibration": "train", "evaluation": "test"}, name="wikitext-2-raw-v1"),
+    "c4": HubDataset(
+        "allenai/c4",
+        {"calibration": "train", "evaluation": "validation"},
+        data_files={
             "calibration": "en/c4-train.00000-of-01024.json.gz",
             "evaluation": "en/c4-validation.00000-of-00008.json.gz",
         },
-        "splits": {"calibration": "train", "evaluation": "validation"},
-    },
+    ),
 }
 
 LOCAL_HINT = "a local file works everywhere, e.g. ../shared/data/wikitext-2/valid.txt"
@@ -87,17 +102,12 @@ def _read_hub(name: str, role: Role) -> str:
     import datasets
 
     spec = HUB_DATASETS[name]
-    split = spec["splits"][role]  # type: ignore[index]
-    kwargs: dict[str, object] = {"split": split}
-    if "name" in spec:
-        kwargs["name"] = spec["name"]
-    if "data_files" in spec:
-        kwargs["data_files"] = {split: spec["data_files"][role]}  # type: ignore[index]
+    kwargs = spec.load_kwargs(role)
     try:
-        ds = datasets.load_dataset(spec["path"], **kwargs)
+        ds = datasets.load_dataset(spec.path, **kwargs)
     except Exception as exc:  # network, auth, missing split: all end the same way for the user
         raise DataError(
-            f"Could not load dataset '{name}' ({spec['path']}, split {split}) from the Hugging Face "
+            f"Could not load dataset '{name}' ({spec.path}, split {kwargs['split']}) from the Hugging Face "
             f"hub: {exc}. Without hub access pass a local file instead; {LOCAL_HINT}."
         ) from exc
     return "\n\n".join(ds["text"])

@@ -46,20 +46,18 @@ class Selection:
             "removed_params": self.removed_params,
             "achieved_ratio": self.ratio,
             "achieved_ratio_of_prunable": self.ratio_of_prunable,
-            "params_after": self.total_params - self.removed_params,
         }
 
 
-def check_budget(layout: ModelLayout, pruning_ratio: float, layer_start: int = 0, layer_end: int | None = None) -> None:
-    """Fail early (before any calibration) when the candidate layers cannot hold the budget."""
+def check_budget(
+    layout: ModelLayout, pruning_ratio: float, layer_start: int = 0, layer_end: int | None = None
+) -> tuple[int, int]:
+    """Return ``(layer_end, target_params)``; fail early when the candidate layers cannot hold the budget."""
     end = layout.num_layers if layer_end is None else min(layer_end, layout.num_layers)
     if layer_start >= end:
         raise BudgetError(f"layer_start={layer_start} leaves no candidate layer (the model has {layout.num_layers}).")
     target = int(round(pruning_ratio * layout.total_params))
-    available = sum(
-        layer.num_kv_heads * layout.attention_group_cost(layer) + layer.intermediate_size * layout.mlp_channel_cost(layer)
-        for layer in layout.layers[layer_start:end]
-    )
+    available = sum(layout.layer_params(layer) for layer in layout.layers[layer_start:end])
     if available < target:
         raise BudgetError(
             f"pruning_ratio={pruning_ratio} asks for {target:,} parameters, but layers "
@@ -67,6 +65,7 @@ def check_budget(layout: ModelLayout, pruning_ratio: float, layer_start: int = 0
             f"(at most {available / layout.total_params:.4f} of the model). Lower pruning_ratio or "
             "widen layer_start/layer_end."
         )
+    return end, target
 
 
 def select(
@@ -77,9 +76,7 @@ def select(
     layer_end: int | None = None,
     remove_empty_layers: bool = False,
 ) -> Selection:
-    check_budget(layout, pruning_ratio, layer_start, layer_end)
-    end = layout.num_layers if layer_end is None else min(layer_end, layout.num_layers)
-    target = int(round(pruning_ratio * layout.total_params))
+    end, target = check_budget(layout, pruning_ratio, layer_start, layer_end)
     candidates = ranked(table[(table["layer_idx"] >= layer_start) & (table["layer_idx"] < end)])
     cumulative = candidates["cost"].to_numpy().cumsum()
     count = int(np.searchsorted(cumulative, target, side="left")) + 1
@@ -97,9 +94,8 @@ def layer_summary(layout: ModelLayout, plan: PruningPlan) -> pd.DataFrame:
     """Per layer: groups and channels before/after, parameters before/after, pruning rates."""
     rows = []
     for layer, lp in zip(layout.layers, plan.layers, strict=True):
-        g_cost, c_cost = layout.attention_group_cost(layer), layout.mlp_channel_cost(layer)
-        before = layer.num_kv_heads * g_cost + layer.intermediate_size * c_cost
-        after = len(lp.keep_groups) * g_cost + len(lp.keep_channels) * c_cost
+        before = layout.layer_params(layer)
+        after = layout.layer_params(layer, len(lp.keep_groups), len(lp.keep_channels))
         rows.append({
             "layer_idx": layer.index,
             "attention_groups_before": layer.num_kv_heads,

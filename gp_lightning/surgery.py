@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout
+from gp_lightning.architecture import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.export import GPPrunedConfig, GPPrunedForCausalLM
-from gp_lightning.plan import PruningPlan
+from gp_lightning.plan import LayerPlan, PruningPlan
 
 _LAYER_PARAM = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -46,15 +46,14 @@ class TensorSlicer:
         old = int(match["idx"])
         if old not in self.new_index:
             return None
-        rest = match["rest"]
-        new_name = f"{match['prefix']}.{self.new_index[old]}.{rest}"
-        result = self._slice(self.layout.layers[old], self.plan.layers[old], rest, tensor)
+        result = self._slice(self.layout.layers[old], self.plan.layers[old], match["rest"], tensor)
         if result is None:
             return None
-        rest_out, sliced = result
-        return f"{match['prefix']}.{self.new_index[old]}.{rest_out}" if rest_out != rest else new_name, sliced
+        rest, sliced = result
+        return f"{match['prefix']}.{self.new_index[old]}.{rest}", sliced
 
-    def _slice(self, layer: Any, lp: Any, rest: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    def _slice(self, layer: LayerLayout, lp: LayerPlan, rest: str, tensor: torch.Tensor
+               ) -> tuple[str, torch.Tensor] | None:
         attn_gone = not lp.keep_groups
         mlp_gone = not lp.keep_channels
         hd, qpk = layer.head_dim, layer.queries_per_kv
@@ -163,10 +162,8 @@ def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provena
 @torch.no_grad()
 def mask_units(model: nn.Module, layout: ModelLayout, plan: PruningPlan) -> None:
     """Zero the planned units in a dense model in place (the reference that surgery must equal)."""
-    from gp_lightning.architecture import decoder_layers
-
     for layer, lp, module in zip(layout.layers, plan.layers, decoder_layers(model), strict=True):
-        gone = [g for g in range(lp.num_groups) if g not in set(lp.keep_groups)]
+        gone = sorted(set(range(lp.num_groups)) - set(lp.keep_groups))
         if gone:
             attn = module.self_attn
             q_rows = _rows(gone, layer.queries_per_kv * layer.head_dim)
@@ -176,7 +173,7 @@ def mask_units(model: nn.Module, layout: ModelLayout, plan: PruningPlan) -> None
                 if proj.bias is not None:
                     proj.bias[rows] = 0
             attn.o_proj.weight[:, q_rows] = 0
-        gone_c = torch.tensor([c for c in range(lp.num_channels) if c not in set(lp.keep_channels)], dtype=torch.long)
+        gone_c = torch.tensor(sorted(set(range(lp.num_channels)) - set(lp.keep_channels)), dtype=torch.long)
         if gone_c.numel():
             mlp = module.mlp
             for proj in (mlp.gate_proj, mlp.up_proj):

@@ -31,11 +31,12 @@ class TaylorImportance(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = pl_module.model
-        wanted = {id(p) for p in projection_parameters(model, self.layout)}
+        unit_params = projection_parameters(model, self.layout)
+        wanted = {id(p) for p in unit_params}
         for param in model.parameters():
             param.requires_grad_(id(param) in wanted)
             param.grad = None
-        for param in projection_parameters(model, self.layout):
+        for param in unit_params:
             if param.dtype != torch.float32:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._accumulate_fp32))
 

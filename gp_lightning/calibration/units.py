@@ -6,13 +6,13 @@ magnitude, ...); the grouping of weights into units is the same for all, and liv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout, attention_of, decoder_layers, mlp_of
+from gp_lightning.architecture import ModelLayout, decoder_layers
 
 #: ``score(module_name, parameter) -> per-element non-negative tensor`` (float32).
 ElementScore = Callable[[str, nn.Parameter], torch.Tensor]
@@ -26,62 +26,60 @@ class UnitImportance:
     mlp: dict[int, torch.Tensor]
 
 
-def _rows(values: torch.Tensor, groups: int) -> torch.Tensor:
-    """Sum a (rows, cols) score over columns, then rows into ``groups`` consecutive blocks."""
-    per_row = values.sum(dim=1, dtype=torch.float64) if values.dim() == 2 else values.double()
-    return per_row.view(groups, -1).sum(dim=1)
+#: Per block: its attribute, the unit kind, and the projections whose rows (axis 0) or columns
+#: (axis 1) make up a unit. Row projections bring their biases; o_proj/down_proj biases are per
+#: hidden unit and belong to no pruning unit.
+_BLOCKS = (
+    ("self_attn", "attention", (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1))),
+    ("mlp", "mlp", (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))),
+)
 
 
-def _cols(values: torch.Tensor, groups: int) -> torch.Tensor:
-    return values.sum(dim=0, dtype=torch.float64).view(groups, -1).sum(dim=1)
+@dataclass(frozen=True)
+class UnitParameter:
+    """A parameter that belongs to pruning units: ``units`` consecutive blocks along ``axis``."""
+
+    layer_idx: int
+    kind: str  # attention | mlp
+    units: int
+    name: str  # e.g. layers.3.self_attn.q_proj.weight
+    param: nn.Parameter
+    axis: int
+
+
+def unit_parameters(model: nn.Module, layout: ModelLayout) -> Iterator[UnitParameter]:
+    """Every parameter of every pruning unit, with how it splits into units."""
+    for layer, module in zip(layout.layers, decoder_layers(model), strict=True):
+        for attr, kind, projections in _BLOCKS:
+            block = getattr(module, attr, None)
+            units = layer.num_kv_heads if kind == "attention" else layer.intermediate_size
+            if block is None or units == 0:
+                continue
+            for proj_name, axis in projections:
+                proj = getattr(block, proj_name)
+                prefix = f"layers.{layer.index}.{attr}.{proj_name}"
+                yield UnitParameter(layer.index, kind, units, f"{prefix}.weight", proj.weight, axis)
+                if axis == 0 and proj.bias is not None:
+                    yield UnitParameter(layer.index, kind, units, f"{prefix}.bias", proj.bias, 0)
+
+
+def _per_unit(values: torch.Tensor, units: int, axis: int) -> torch.Tensor:
+    """Sum a per-element score over the other axis, then into ``units`` consecutive blocks."""
+    if values.dim() == 2:
+        values = values.sum(dim=1 - axis, dtype=torch.float64)
+    return values.double().view(units, -1).sum(dim=1)
 
 
 def unit_importance(model: nn.Module, layout: ModelLayout, score: ElementScore) -> UnitImportance:
-    """Apply ``score`` to every projection parameter and sum the result per unit (float64)."""
-    attention: dict[int, torch.Tensor] = {}
-    mlp_scores: dict[int, torch.Tensor] = {}
-    for layer, module in zip(layout.layers, decoder_layers(model), strict=True):
-        prefix = f"layers.{layer.index}"
-        attn = attention_of(module)
-        if layer.has_attention and attn is not None:
-            groups = layer.num_kv_heads
-            total = torch.zeros(groups, dtype=torch.float64)
-            for name in ("q_proj", "k_proj", "v_proj"):
-                proj = getattr(attn, name)
-                total += _rows(score(f"{prefix}.self_attn.{name}.weight", proj.weight), groups)
-                if proj.bias is not None:
-                    total += _rows(score(f"{prefix}.self_attn.{name}.bias", proj.bias), groups)
-            total += _cols(score(f"{prefix}.self_attn.o_proj.weight", attn.o_proj.weight), groups)
-            attention[layer.index] = total
-        mlp = mlp_of(module)
-        if layer.has_mlp and mlp is not None:
-            channels = layer.intermediate_size
-            total = torch.zeros(channels, dtype=torch.float64)
-            for name in ("gate_proj", "up_proj"):
-                proj = getattr(mlp, name)
-                total += _rows(score(f"{prefix}.mlp.{name}.weight", proj.weight), channels)
-                if proj.bias is not None:
-                    total += _rows(score(f"{prefix}.mlp.{name}.bias", proj.bias), channels)
-            total += _cols(score(f"{prefix}.mlp.down_proj.weight", mlp.down_proj.weight), channels)
-            mlp_scores[layer.index] = total
-    return UnitImportance(attention, mlp_scores)
+    """Apply ``score`` to every unit parameter and sum the result per unit (float64)."""
+    result = UnitImportance({}, {})
+    for item in unit_parameters(model, layout):
+        totals = result.attention if item.kind == "attention" else result.mlp
+        contribution = _per_unit(score(item.name, item.param), item.units, item.axis)
+        totals[item.layer_idx] = totals[item.layer_idx] + contribution if item.layer_idx in totals else contribution
+    return result
 
 
 def projection_parameters(model: nn.Module, layout: ModelLayout) -> list[nn.Parameter]:
     """Every parameter that belongs to some pruning unit (the only ones that need gradients)."""
-    params: list[nn.Parameter] = []
-    for layer, module in zip(layout.layers, decoder_layers(model), strict=True):
-        attn, mlp = attention_of(module), mlp_of(module)
-        if layer.has_attention and attn is not None:
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                proj = getattr(attn, name)
-                params.append(proj.weight)
-                if proj.bias is not None and name != "o_proj":
-                    params.append(proj.bias)
-        if layer.has_mlp and mlp is not None:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                proj = getattr(mlp, name)
-                params.append(proj.weight)
-                if proj.bias is not None and name != "down_proj":
-                    params.append(proj.bias)
-    return params
+    return [item.param for item in unit_parameters(model, layout)]
