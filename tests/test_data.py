@@ -1,0 +1,68 @@
+"""Text sources and windows: local formats, hub loading (mocked: no hub here), seeded windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gp_lightning.data import calibration_windows, evaluation_windows, load_text
+from gp_lightning.errors import DataError
+
+
+def test_local_formats_read_the_same_text(tmp_path: Path) -> None:
+    texts = ["first paragraph", "second one"]
+    (tmp_path / "a.txt").write_text("\n\n".join(texts))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "a.parquet")
+    for suffix in ("txt", "jsonl", "parquet"):
+        assert load_text(str(tmp_path / f"a.{suffix}"), "calibration") == "\n\n".join(texts)
+
+
+def test_hub_names_map_to_datasets_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load(path: str, **kwargs: object) -> dict:
+        calls.append((path, kwargs))
+        return {"text": ["x", "y"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_text("wikitext2", "evaluation") == "x\n\ny"
+    load_text("c4", "calibration")
+    assert calls[0] == ("wikitext", {"split": "test", "name": "wikitext-2-raw-v1"})
+    assert calls[1] == ("allenai/c4", {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})
+
+    def offline(path: str, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="local file"):
+        load_text("wikitext2", "calibration")
+
+
+def test_unknown_dataset_and_missing_file() -> None:
+    with pytest.raises(DataError, match="Unknown dataset"):
+        load_text("bookcorpus-typo", "calibration")
+    with pytest.raises(DataError, match="does not exist"):
+        load_text("/no/such/file.txt", "calibration")
+
+
+def test_windows_are_distinct_seeded_and_aligned() -> None:
+    tokens = torch.arange(1000)
+    a = calibration_windows(tokens, 7, 50, seed=1)
+    assert a.shape == (7, 50)
+    assert torch.equal(a, calibration_windows(tokens, 7, 50, seed=1))
+    assert not torch.equal(a, calibration_windows(tokens, 7, 50, seed=2))
+    starts = a[:, 0]
+    assert len(set(starts.tolist())) == 7 and all(s % 50 == 0 for s in starts.tolist())
+    assert torch.equal(a, starts[:, None] + torch.arange(50))
+    with pytest.raises(DataError, match="too short"):
+        calibration_windows(tokens, 21, 50, seed=0)
+    ev = evaluation_windows(tokens, 128, None)
+    assert ev.shape == (7, 128) and torch.equal(ev.flatten(), tokens[:896])
+    assert evaluation_windows(tokens, 128, 3).shape == (3, 128)
