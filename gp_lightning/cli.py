@@ -62,6 +62,10 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ev = result.evaluation
+    if ev.get("table_only"):
+        print(f"Ranked {ev['units']:,} units; table in {result.run_dir}/global_group_table.csv "
+              f"(prune later with --from_table {result.run_dir}/global_group_table.csv).")
+        return 0
     print(f"Pruned {ev['achieved_ratio']:.2%} of all parameters ({ev['total_params']:,} -> {ev['params_after']:,}).")
     if "ppl_before" in ev or "ppl_after" in ev:
         print(f"Perplexity: before {ev.get('ppl_before', float('nan')):.3f}, after {ev.get('ppl_after', float('nan')):.3f}"

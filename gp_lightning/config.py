@@ -8,13 +8,16 @@ built, and the error names the key.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gp_lightning.calibration.methods import ImportanceMethod
 from gp_lightning.errors import ConfigError
+from gp_lightning.selection.constraints import SelectionConstraints
+from gp_lightning.table.normalize import Normalization, NormalizationLevel
+from gp_lightning.table.transforms import TableTransforms
 
 Precision = Literal["auto", "bf16-mixed", "bf16-true", "32-true"]
-ImportanceMethod = Literal["taylor"]
 
 #: Alternative spellings accepted on the command line, as used by the pruning guides.
 FLAG_ALIASES: dict[str, str] = {
@@ -39,7 +42,13 @@ class PruneConfig:
         pruning_ratio: Fraction of ALL model parameters to remove (embeddings and lm_head count in
             the total but are never pruned). Must be in (0, 1).
         importance_method: How units are scored. ``taylor``: sum over the unit's weights of
-            abs(w * dL/dw), gradient accumulated over the calibration set.
+            abs(w * dL/dw), gradient accumulated over the calibration set. ``taylor_2nd``: adds
+            0.5 * w^2 * H_diag, H_diag = Fisher diagonal (mean squared gradient of backward
+            passes). ``wanda``: abs(W_ij) * ||X_j||_2 with input-feature norms from forward passes
+            only. ``magnitude``: sum of abs(w), no data. ``random``: a seeded random order (baseline).
+        fisher_batch_size: taylor_2nd only: windows per backward pass whose squared gradient is one
+            Fisher sample (None: batch_size; 1: per-sample Fisher, most faithful and slowest). The
+            second-order term shrinks as this grows, because gradients average before squaring.
         dataset: Calibration text: ``wikitext2``, ``c4`` (Hugging Face hub) or a local
             ``.txt``/``.jsonl``/``.parquet`` file.
         num_samples: Number of calibration windows.
@@ -52,15 +61,36 @@ class PruneConfig:
         test_before_prune: Measure perplexity of the dense model.
         test_after_prune: Measure perplexity of the pruned model.
         save_model: Write the pruned model into ``output/model``.
-        remove_empty_layers: Drop a layer whose attention and MLP are both fully pruned (depth
-            pruning). Otherwise such a layer stays as an identity (residual only).
+        remove_empty_layers: Depth pruning: blocks may be emptied entirely (the minimum unit counts
+            no longer apply) and a layer whose attention and MLP are both emptied is dropped.
+        clip_percentile_low: Table step 1: raise importances below this percentile (0-100) of the
+            whole table to it (None: off; the guides use 5).
+        clip_percentile_high: Lower importances above this percentile to it (None: off; e.g. 95).
+        normalization: Table step 2: ``none``, ``minmax`` ((x-min)/(max-min)), ``zscore``
+            ((x-mean)/std shifted to a minimum of 0), ``log`` (log(x-min+1), then minmax) or
+            ``sqrt``. Counters gradient-scale differences between layers or blocks.
+        normalization_level: ``layer`` (all units of a layer together) or ``block`` (attention
+            groups and MLP channels of a layer separately).
+        temperature: Table step 3, block correction T (0 = off). Each block's total importance is
+            rescaled to be proportional to B^(1/T), B = calibration loss increase when the block
+            is skipped. T=1: totals proportional to measured impact; large T: equal totals.
+        tau: Table step 4, layer correction (0 = off): importances of layer l are multiplied by
+            (L[l] / mean(L))^tau, L = loss increase when the whole layer is skipped.
+        layer_depth_weight: Table step 5 (0 = off): importances of layer l are multiplied by
+            1 + (1 - l/N) * alpha with this alpha, protecting early layers.
+        block_eval_samples: Calibration windows used to measure block/layer ablation losses.
+        min_rate: Every candidate layer loses at least this fraction of its prunable parameters.
+        max_rate: No layer loses more than this fraction of its prunable parameters.
+        early_layers: Number of first layers capped by ``early_layer_max_rate``.
+        early_layer_max_rate: Rate cap of the first ``early_layers`` layers.
+        protected_layers: Layer indices that are never pruned, e.g. ``[0, 1, 29]``.
+        min_attention_groups: GQA groups every layer keeps (ignored with remove_empty_layers).
+        min_mlp_channels: MLP channels every layer keeps (ignored with remove_empty_layers).
         layer_start: First layer whose units are candidates for pruning.
         layer_end: One past the last candidate layer (None: up to the last layer).
-        temperature: Block-level correction T (0 = off). Each block's total importance is rescaled
-            to be proportional to B^(1/T), B = calibration loss increase when the block is skipped.
-        tau: Layer-level correction (0 = off): importances of layer l are multiplied by
-            (L[l] / mean(L))^tau, L = loss increase when the whole layer is skipped.
-        block_eval_samples: Calibration windows used to measure block/layer ablation losses.
+        table_only: Calibrate and write the global group table, then stop (no pruning).
+        from_table: Prune from a saved ``global_group_table.csv`` instead of calibrating. Its
+            ``importance_raw`` (and measured B/L) are reused; this run's table settings apply.
         precision: Calibration numerics. ``auto``: bf16 where the hardware computes it natively (a
             bf16 GPU, or a CPU with AMX/AVX512-BF16), else float32. ``bf16-mixed``: bf16 autocast
             over float32 weights. ``bf16-true``: bf16 weights. ``32-true``: all float32. Importance
@@ -79,6 +109,7 @@ class PruneConfig:
     overwrite: bool = False
     pruning_ratio: float = 0.2
     importance_method: ImportanceMethod = "taylor"
+    fisher_batch_size: int | None = None
     dataset: str = "wikitext2"
     num_samples: int = 32
     seq_len: int = 128
@@ -91,11 +122,25 @@ class PruneConfig:
     test_after_prune: bool = True
     save_model: bool = True
     remove_empty_layers: bool = False
-    layer_start: int = 0
-    layer_end: int | None = None
+    clip_percentile_low: float | None = None
+    clip_percentile_high: float | None = None
+    normalization: Normalization = "none"
+    normalization_level: NormalizationLevel = "block"
     temperature: float = 0.0
     tau: float = 0.0
+    layer_depth_weight: float = 0.0
     block_eval_samples: int = 8
+    min_rate: float = 0.0
+    max_rate: float = 1.0
+    early_layers: int = 0
+    early_layer_max_rate: float = 1.0
+    protected_layers: list[int] = field(default_factory=list)
+    min_attention_groups: int = 1
+    min_mlp_channels: int = 1
+    layer_start: int = 0
+    layer_end: int | None = None
+    table_only: bool = False
+    from_table: str | None = None
     precision: Precision = "auto"
     eval_precision: Precision = "auto"
     accelerator: str = "auto"
@@ -112,12 +157,13 @@ class PruneConfig:
         if self.eval_max_windows is not None:
             _check(self.eval_max_windows >= 1, "eval_max_windows", self.eval_max_windows,
                    "must be at least 1, or null for the whole text")
-        _check(self.layer_start >= 0, "layer_start", self.layer_start, "must be >= 0")
-        if self.layer_end is not None:
-            _check(self.layer_end > self.layer_start, "layer_end", self.layer_end,
-                   f"must be greater than layer_start ({self.layer_start}), or null")
-        for key in ("temperature", "tau"):
-            _check(getattr(self, key) >= 0.0, key, getattr(self, key), "must be >= 0 (0 turns it off)")
+        if self.fisher_batch_size is not None:
+            _check(self.fisher_batch_size >= 1, "fisher_batch_size", self.fisher_batch_size,
+                   "must be at least 1, or null for batch_size")
+        _check(not (self.table_only and self.from_table), "table_only", self.table_only,
+               "cannot be combined with from_table (first --table_only, then --from_table in another run)")
+        self.transforms  # noqa: B018 - the argument groups validate themselves
+        self.constraints  # noqa: B018
         _check(bool(self.model), "model", self.model, "must name a model")
         _check(bool(self.output), "output", self.output, "must name a run directory")
 
@@ -125,9 +171,23 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
     @property
-    def needs_ablation(self) -> bool:
-        """Whether block or layer corrections need the skip-ablation losses."""
-        return self.temperature > 0 or self.tau > 0
+    def transforms(self) -> TableTransforms:
+        return TableTransforms(self.clip_percentile_low, self.clip_percentile_high, self.normalization,
+                               self.normalization_level, self.temperature, self.tau, self.layer_depth_weight)
+
+    @property
+    def constraints(self) -> SelectionConstraints:
+        depth = self.remove_empty_layers
+        return SelectionConstraints(
+            self.layer_start, self.layer_end, self.min_rate, self.max_rate, self.early_layers,
+            self.early_layer_max_rate, tuple(self.protected_layers),
+            0 if depth else self.min_attention_groups, 0 if depth else self.min_mlp_channels,
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this run computes importance from the model (not from a saved table)."""
+        return self.from_table is None
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

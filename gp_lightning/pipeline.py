@@ -21,12 +21,11 @@ import yaml
 
 from gp_lightning import __version__
 from gp_lightning.architecture import ModelLayout, describe
-from gp_lightning.calibration import run_calibration
+from gp_lightning.calibration import needs_calibration_data, run_calibration
 from gp_lightning.calibration.ablation import ablation_losses
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
 from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
-from gp_lightning.errors import ConfigError
 from gp_lightning.evaluation import perplexity
 from gp_lightning.export.checkpoint import save_pruned
 from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
@@ -35,7 +34,7 @@ from gp_lightning.precision import load_dtype, resolve
 from gp_lightning.reports import describe_run, layer_summary_text
 from gp_lightning.selection import Selection, check_budget, layer_summary, select
 from gp_lightning.surgery import apply_plan
-from gp_lightning.table import apply_block_temperature, apply_layer_tau, build_table, ranked
+from gp_lightning.table import BLOCK, build_table, load_table, ranked, transform_table
 
 log = logging.getLogger("gp_lightning")
 
@@ -46,8 +45,8 @@ class RunResult:
 
     run_dir: Path
     table: pd.DataFrame
-    selection: Selection
-    pruned_model: torch.nn.Module
+    selection: Selection | None  # None with table_only
+    pruned_model: torch.nn.Module | None
     evaluation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,20 +72,33 @@ class PruneRecipe:
             trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir,
         )
         self.layout: ModelLayout = describe(self.model)
-        if cfg.layer_start >= self.layout.num_layers:
-            raise ConfigError(
-                f"Config key 'layer_start' = {cfg.layer_start} is invalid: the model has only "
-                f"{self.layout.num_layers} layers."
-            )
-        check_budget(self.layout, cfg.pruning_ratio, cfg.layer_start, cfg.layer_end)
+        check_budget(self.layout, cfg.pruning_ratio, cfg.constraints)
         self.timings["load_model_s"] = time.perf_counter() - start
-        cal_tokens = tokenize(load_text(cfg.dataset, "calibration"), self.tokenizer)
-        self.cal_windows = calibration_windows(cal_tokens, cfg.num_samples, cfg.seq_len, cfg.seed)
+        self.saved_table = load_table(cfg.from_table, self.layout) if cfg.from_table else None
+        self.cal_windows = None
+        if self._needs_calibration_windows():
+            cal_tokens = tokenize(load_text(cfg.dataset, "calibration"), self.tokenizer)
+            self.cal_windows = calibration_windows(cal_tokens, cfg.num_samples, cfg.seq_len, cfg.seed)
         self.eval_windows = None
-        if cfg.test_before_prune or cfg.test_after_prune:
+        if cfg.test_before_prune or (cfg.test_after_prune and not cfg.table_only):
             eval_tokens = tokenize(load_text(cfg.eval_dataset, "evaluation"), self.tokenizer)
             self.eval_windows = evaluation_windows(eval_tokens, cfg.eval_seq_len, cfg.eval_max_windows)
         self._open_run_dir()
+
+    def _saved_losses(self, column: str) -> pd.DataFrame | None:
+        """B or L measured by the run that wrote the saved table, if it measured them."""
+        table = self.saved_table
+        if table is None or column not in table.columns or table[column].isna().any():
+            return None
+        keys = BLOCK if column == "B" else ["layer_idx"]
+        return table[[*keys, column]].drop_duplicates(keys).reset_index(drop=True)
+
+    def _needs_calibration_windows(self) -> bool:
+        cfg, t = self.cfg, self.cfg.transforms
+        if cfg.from_table is None and needs_calibration_data(cfg.importance_method):
+            return True
+        return (t.needs_block_losses and self._saved_losses("B") is None) or (
+            t.needs_layer_losses and self._saved_losses("L") is None)
 
     def _open_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,35 +126,63 @@ class PruneRecipe:
     def calibrate(self) -> UnitImportance:
         cfg = self.cfg
         start = time.perf_counter()
-        importance = run_calibration(self.model, self.layout, self.cal_windows, cfg.batch_size, self.precision,
-                                     cfg.accelerator, default_root_dir=str(self.run_dir))
+        importance = run_calibration(
+            self.model, self.layout, self.cal_windows, cfg.batch_size, self.precision, cfg.accelerator,
+            default_root_dir=str(self.run_dir), method=cfg.importance_method,
+            fisher_batch_size=cfg.fisher_batch_size, seed=cfg.seed,
+        )
         self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
-        log.info("calibration: %d windows x %d tokens in %.1f s", *self.cal_windows.shape, self.timings["calibration_s"])
+        log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
         return importance
 
-    def rank(self, importance: UnitImportance) -> pd.DataFrame:
-        cfg = self.cfg
-        table = build_table(self.layout, importance)
-        if cfg.needs_ablation:
+    def raw_table(self) -> pd.DataFrame:
+        """Per-unit raw importance: calibrated now, or read from ``from_table``."""
+        if self.saved_table is not None:
+            log.info("importance read from %s (no calibration)", self.cfg.from_table)
+            return self.saved_table[["layer_idx", "group_type", "group_idx", "cost", "importance_raw"]].copy()
+        return build_table(self.layout, self.calibrate())
+
+    def ablation(self) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+        """Block (B) and layer (L) skip-ablation losses the transforms need, reused from a saved table if there."""
+        cfg, t = self.cfg, self.cfg.transforms
+        blocks = self._saved_losses("B") if t.needs_block_losses else None
+        layers = self._saved_losses("L") if t.needs_layer_losses else None
+        measure_blocks = t.needs_block_losses and blocks is None
+        measure_layers = t.needs_layer_losses and layers is None
+        if measure_blocks or measure_layers:
+            assert self.cal_windows is not None
             start = time.perf_counter()
-            windows = self.cal_windows[: cfg.block_eval_samples]
-            base, blocks, layers = ablation_losses(
-                self.model, self.layout, windows, cfg.batch_size, blocks=cfg.temperature > 0, layers=cfg.tau > 0
+            base, new_blocks, new_layers = ablation_losses(
+                self.model, self.layout, self.cal_windows[: cfg.block_eval_samples], cfg.batch_size,
+                blocks=measure_blocks, layers=measure_layers,
             )
             self.timings["ablation_s"] = time.perf_counter() - start
-            floored = int((blocks["B"] <= 0).sum()) + int((layers["L"] <= 0).sum())
-            log.info("skip-ablation: base loss %.4f; %d block/layer losses <= 0 floored", base, floored)
-            table = apply_block_temperature(table, blocks, cfg.temperature)
-            table = apply_layer_tau(table, layers, cfg.tau)
+            self.ablation_base_loss = base
+            log.info("skip-ablation on %d windows: base loss %.4f", min(cfg.block_eval_samples, len(self.cal_windows)),
+                     base)
+            blocks = new_blocks if measure_blocks else blocks
+            layers = new_layers if measure_layers else layers
+        return blocks, layers
+
+    def rank(self, raw: pd.DataFrame) -> pd.DataFrame:
+        """Apply the table transforms and write the ranked table and the transforms report."""
+        blocks, layers = self.ablation()
+        table, report = transform_table(raw, self.cfg.transforms, self.layout.num_layers, blocks, layers)
+        for key, what in (("temperature", "floored_blocks"), ("tau", "floored_layers")):
+            if report.get(key, {}).get(what):
+                log.warning("skipping these made the calibration loss no worse; their B/L is floored at %g: %s",
+                            report[key]["floor"], report[key][what])
+        if hasattr(self, "ablation_base_loss"):
+            report["ablation_base_loss"] = self.ablation_base_loss
         table = ranked(table)
         write_csv(self.run_dir / "global_group_table.csv", table)
+        write_json(self.run_dir / "table_transforms.json", report)
         return table
 
     def select(self, table: pd.DataFrame) -> Selection:
         cfg = self.cfg
-        selection = select(table, self.layout, cfg.pruning_ratio, cfg.layer_start, cfg.layer_end,
-                           cfg.remove_empty_layers)
+        selection = select(table, self.layout, cfg.pruning_ratio, cfg.constraints, cfg.remove_empty_layers)
         write_csv(self.run_dir / "groups_to_prune.csv", selection.pruned)
         summary = layer_summary(self.layout, selection.plan)
         write_csv(self.run_dir / "pruning_summary_by_layer.csv", summary)
@@ -174,8 +214,9 @@ class PruneRecipe:
         try:
             if self.cfg.test_before_prune:
                 self.evaluate(self.model, "before")
-            importance = self.calibrate()
-            table = self.rank(importance)
+            table = self.rank(self.raw_table())
+            if self.cfg.table_only:
+                return self._finish_table_only(table)
             selection = self.select(table)
             pruned = self.prune(selection)
             del self.model
@@ -203,6 +244,15 @@ class PruneRecipe:
         finally:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
+
+
+    def _finish_table_only(self, table: pd.DataFrame) -> RunResult:
+        results = {"table_only": True, "units": len(table), "total_params": self.layout.total_params,
+                   "prunable_params": self.layout.prunable_params, **self.evaluation, "timings_s": self.timings}
+        write_json(self.run_dir / "evaluation_results.json", results)
+        write_text(self.run_dir / "description.txt", describe_run(self.cfg, self.layout, results))
+        log.info("table written (table_only): %s", self.run_dir / "global_group_table.csv")
+        return RunResult(self.run_dir, table, None, None, results)
 
 
 def oneshot(config: PruneConfig | None = None, **overrides: Any) -> RunResult:

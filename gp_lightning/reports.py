@@ -29,16 +29,29 @@ def describe_run(cfg: PruneConfig, layout: ModelLayout, results: dict[str, Any])
         value = results.get(key)
         return "not measured" if value is None else f"{value:.4f}"
 
-    return (
-        f"gp-lightning global structured pruning\n"
-        f"model:              {cfg.model} ({layout.model_type}, {layout.num_layers} layers)\n"
-        f"importance method:  {cfg.importance_method}, {cfg.num_samples} x {cfg.seq_len} tokens of {cfg.dataset}\n"
-        f"requested ratio:    {cfg.pruning_ratio:.4f} of all parameters\n"
+    t = cfg.transforms
+    source = (f"read from {cfg.from_table}" if cfg.from_table else
+              f"{cfg.importance_method}, {cfg.num_samples} x {cfg.seq_len} tokens of {cfg.dataset}")
+    lines = [
+        "gp-lightning global structured pruning",
+        f"model:              {cfg.model} ({layout.model_type}, {layout.num_layers} layers)",
+        f"importance:         {source}",
+        f"table transforms:   clip [{t.clip_percentile_low}, {t.clip_percentile_high}] percentiles, "
+        f"normalization={t.normalization} ({t.normalization_level}), temperature={t.temperature}, tau={t.tau}, "
+        f"layer_depth_weight={t.layer_depth_weight}",
+        f"constraints:        {cfg.constraints.describe()}",
+    ]
+    if results.get("table_only"):
+        lines += [f"table only:         {results['units']:,} units ranked, nothing pruned",
+                  f"perplexity (dense): {ppl('ppl_before')}"]
+        return "\n".join(lines) + "\n"
+    lines += [
+        f"requested ratio:    {cfg.pruning_ratio:.4f} of all parameters",
         f"achieved ratio:     {results['achieved_ratio']:.4f} of all parameters "
-        f"({results['achieved_ratio_of_prunable']:.4f} of prunable)\n"
-        f"parameters:         {results['total_params']:,} -> {results['params_after']:,}\n"
-        f"perplexity before:  {ppl('ppl_before')}\n"
-        f"perplexity after:   {ppl('ppl_after')}\n"
-        f"evaluation:         {results['eval_windows']} windows of {cfg.eval_seq_len} tokens of {cfg.eval_dataset}\n"
-        f"corrections:        temperature={cfg.temperature} tau={cfg.tau}\n"
-    )
+        f"({results['achieved_ratio_of_prunable']:.4f} of prunable)",
+        f"parameters:         {results['total_params']:,} -> {results['params_after']:,}",
+        f"perplexity before:  {ppl('ppl_before')}",
+        f"perplexity after:   {ppl('ppl_after')}",
+        f"evaluation:         {results['eval_windows']} windows of {cfg.eval_seq_len} tokens of {cfg.eval_dataset}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from gp_lightning.architecture import describe
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.errors import BudgetError
-from gp_lightning.selection import select
+from gp_lightning.selection import SelectionConstraints, select
 from gp_lightning.table import build_table
 
 
@@ -50,7 +50,7 @@ def test_layer_range_limits_candidates_and_infeasible_budget_errors() -> None:
     model = tiny_model("llama", layers=4)
     layout = describe(model)
     table = build_table(layout, _random_importance(layout))
-    selection = select(table, layout, 0.1, layer_start=1, layer_end=3)
+    selection = select(table, layout, 0.1, SelectionConstraints(layer_start=1, layer_end=3))
     assert set(selection.pruned["layer_idx"]) <= {1, 2}
     with pytest.raises(BudgetError, match="at most"):
-        select(table, layout, 0.9, layer_start=3)
+        select(table, layout, 0.9, SelectionConstraints(layer_start=3))

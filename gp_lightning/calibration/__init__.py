@@ -1,4 +1,8 @@
-"""Calibration: run real text through the model under Lightning and collect per-unit statistics."""
+"""Calibration: run real text through the model under Lightning and collect per-unit statistics.
+
+Methods: ``taylor`` and ``taylor_2nd`` (forward+backward, :mod:`.taylor`), ``wanda`` (forward only,
+:mod:`.wanda`), and the data-free baselines ``magnitude`` and ``random`` (:mod:`.baselines`).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,52 @@ import torch
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout
+from gp_lightning.calibration.baselines import magnitude_importance, random_importance
+from gp_lightning.calibration.methods import METHODS, ImportanceMethod, needs_calibration_data
 from gp_lightning.calibration.module import CalibrationModule
 from gp_lightning.calibration.taylor import TaylorImportance
 from gp_lightning.calibration.units import UnitImportance
+from gp_lightning.calibration.wanda import WandaImportance
 from gp_lightning.data import CalibrationData
+
+__all__ = ["METHODS", "ImportanceMethod", "UnitImportance", "needs_calibration_data", "run_calibration"]
 
 
 def run_calibration(
     model: nn.Module,
     layout: ModelLayout,
-    windows: torch.Tensor,
+    windows: torch.Tensor | None,
     batch_size: int,
     precision: str = "32-true",
     accelerator: str = "auto",
     default_root_dir: str | None = None,
     progress: bool = True,
+    method: str = "taylor",
+    fisher_batch_size: int | None = None,
+    seed: int = 0,
 ) -> UnitImportance:
-    """One pass of forward+backward over ``windows`` with a Lightning Trainer; Taylor importance."""
-    module = CalibrationModule(model, total_target_tokens=windows[:, 1:].numel())
-    taylor = TaylorImportance(layout)
+    """Per-unit importance of ``model`` by ``method``; ``windows`` may be None for data-free methods."""
+    if method == "magnitude":
+        return magnitude_importance(model, layout)
+    if method == "random":
+        return random_importance(layout, seed)
+    if method not in ("taylor", "taylor_2nd", "wanda"):
+        raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
+    assert windows is not None, f"{method} needs calibration windows"
+    collector: TaylorImportance | WandaImportance
+    if method == "wanda":
+        collector = WandaImportance(layout)
+    else:
+        collector = TaylorImportance(layout, second_order=method == "taylor_2nd")
+    module = CalibrationModule(
+        model, total_target_tokens=windows[:, 1:].numel(), compute_gradients=method != "wanda",
+        backward_windows=fisher_batch_size if method == "taylor_2nd" else None,
+    )
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_epochs=1,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, callbacks=[taylor], default_root_dir=default_root_dir,
+        enable_progress_bar=progress, callbacks=[collector], default_root_dir=default_root_dir,
     )
     trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
-    assert taylor.importance is not None
-    return taylor.importance
+    assert collector.importance is not None
+    return collector.importance

@@ -1,44 +1,62 @@
-"""First-order Taylor importance, collected by a Lightning callback.
+"""Taylor importance (first and second order), collected by a Lightning callback.
 
-``I_u = sum over the unit's weights of |w * dL/dw|`` with ``dL/dw`` the gradient of the mean token
-loss over the whole calibration set. Gradients accumulate in place across batches (the optimizer
-never steps); when parameters are not float32 they accumulate in float32 buffers instead, so bf16
-runs lose no precision. Only the projection weights of pruning units get gradients at all.
-Per-unit sums are taken once, at the end.
+First order: ``I_u = sum over the unit's weights of |w * g|`` with ``g`` the gradient of the mean
+token loss over the whole calibration set. Gradients accumulate in place across batches (the
+optimizer never steps); when parameters are not float32 they accumulate in float32 buffers instead,
+so bf16 runs lose no precision. Only the projection weights of pruning units get gradients at all.
+
+Second order adds ``0.5 * sum |w^2 * H_diag|`` with the Hessian diagonal approximated by the
+empirical Fisher diagonal: the mean over backward passes of the squared gradient ``g_b`` of each
+pass's own mean token loss. ``w^2 * g_b^2`` is reduced to per-unit sums inside a gradient hook as
+each pass's gradient arrives, so no second per-parameter buffer exists. The estimate depends on
+how many windows share a backward pass (``fisher_batch_size``): with 1 it is the per-sample Fisher;
+larger passes average samples before squaring and give a smaller, smoother term.
 """
 
 from __future__ import annotations
-
-import math
 
 import lightning as L
 import torch
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout
-from gp_lightning.calibration.units import UnitImportance, projection_parameters, unit_importance
+from gp_lightning.calibration.module import CalibrationModule
+from gp_lightning.calibration.units import UnitImportance, UnitParameter, per_unit, unit_importance, unit_parameters
 from gp_lightning.errors import CalibrationError
+
+_NAN_FIX = ("The calibration gradients overflowed: use precision: 32-true, a shorter seq_len, or check the "
+            "model weights.")
 
 
 class TaylorImportance(L.Callback):
     """Accumulates gradients over calibration and reduces them to per-unit Taylor importance."""
 
-    def __init__(self, layout: ModelLayout) -> None:
+    def __init__(self, layout: ModelLayout, second_order: bool = False) -> None:
         self.layout = layout
+        self.second_order = second_order
         self.importance: UnitImportance | None = None
+        #: First-order term alone, and the Fisher term alone (second order only), for auditing.
+        self.first_order: UnitImportance | None = None
+        self.fisher: UnitImportance | None = None
         self._fp32_grads: dict[nn.Parameter, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._module: CalibrationModule | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        assert isinstance(pl_module, CalibrationModule)
+        self._module = pl_module
         model = pl_module.model
-        unit_params = projection_parameters(model, self.layout)
-        wanted = {id(p) for p in unit_params}
+        items = list(unit_parameters(model, self.layout))
+        wanted = {id(item.param) for item in items}
         for param in model.parameters():
             param.requires_grad_(id(param) in wanted)
             param.grad = None
-        for param in unit_params:
-            if param.dtype != torch.float32:
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._accumulate_fp32))
+        self.fisher = UnitImportance({}, {})
+        for item in items:
+            if item.param.dtype != torch.float32:
+                self._hooks.append(item.param.register_post_accumulate_grad_hook(self._accumulate_fp32))
+            if self.second_order:
+                self._hooks.append(item.param.register_hook(self._fisher_hook(item)))
 
     def _accumulate_fp32(self, param: nn.Parameter) -> None:
         buffer = self._fp32_grads.get(param)
@@ -47,6 +65,18 @@ class TaylorImportance(L.Callback):
         else:
             buffer.add_(param.grad)
         param.grad = None
+
+    def _fisher_hook(self, item: UnitParameter):  # noqa: ANN202 - a tensor hook
+        def hook(grad: torch.Tensor) -> None:
+            module = self._module
+            assert module is not None and module.backward_tokens > 0
+            # this pass's gradient of its OWN mean loss (the module scales by the whole set's tokens)
+            scale = module.total_target_tokens / module.backward_tokens
+            squared = (item.param.detach().float() * grad.float() * scale).square()
+            assert self.fisher is not None
+            self.fisher.add(item, per_unit(squared, item.units, item.axis))
+
+        return hook
 
     def gradient(self, param: nn.Parameter) -> torch.Tensor:
         grad = self._fp32_grads.get(param, param.grad)
@@ -57,23 +87,20 @@ class TaylorImportance(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._hooks:
             handle.remove()
+        self._hooks.clear()
         model = pl_module.model
 
         def score(name: str, param: nn.Parameter) -> torch.Tensor:
             return (param.detach().float() * self.gradient(param)).abs()
 
-        self.importance = unit_importance(model, self.layout, score)
-        for kind, values in (("attention", self.importance.attention), ("mlp", self.importance.mlp)):
-            for layer, tensor in values.items():
-                if not torch.isfinite(tensor).all():
-                    raise CalibrationError(
-                        f"Taylor importance of layer {layer} {kind} is NaN/inf: the calibration gradients "
-                        "overflowed. Use precision: 32-true, a shorter seq_len, or check the model weights."
-                    )
-        total = sum(float(t.sum()) for t in self.importance.attention.values())
-        total += sum(float(t.sum()) for t in self.importance.mlp.values())
-        if total == 0.0 or math.isnan(total):
-            raise CalibrationError("All Taylor importances are zero: the calibration produced no gradient.")
+        self.first_order = unit_importance(model, self.layout, score)
+        self.importance = self.first_order
+        if self.second_order:
+            assert self.fisher is not None and isinstance(pl_module, CalibrationModule)
+            passes = max(pl_module.backward_passes, 1)
+            # 0.5 * w^2 * H_diag with H_diag = mean over passes of g_b^2
+            self.importance = self.first_order.combined(self.fisher, weight=0.5 / passes)
+        self.importance.check_finite("Taylor", _NAN_FIX)
         self.release(model)
 
     def release(self, model: nn.Module) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout, decoder_layers
+from gp_lightning.errors import CalibrationError
 
 #: ``score(module_name, parameter) -> per-element non-negative tensor`` (float32).
 ElementScore = Callable[[str, nn.Parameter], torch.Tensor]
@@ -24,6 +25,30 @@ class UnitImportance:
 
     attention: dict[int, torch.Tensor]
     mlp: dict[int, torch.Tensor]
+
+    def add(self, item: UnitParameter, contribution: torch.Tensor) -> None:
+        """Add a per-unit contribution (one value per unit of ``item``'s block)."""
+        totals = self.attention if item.kind == "attention" else self.mlp
+        previous = totals.get(item.layer_idx)
+        totals[item.layer_idx] = contribution if previous is None else previous + contribution
+
+    def combined(self, other: UnitImportance, weight: float = 1.0) -> UnitImportance:
+        """``self + weight * other``, unit by unit."""
+        return UnitImportance(
+            {k: v + weight * other.attention[k] for k, v in self.attention.items()},
+            {k: v + weight * other.mlp[k] for k, v in self.mlp.items()},
+        )
+
+    def check_finite(self, method: str, fix: str) -> None:
+        """Fail with ``fix`` in the message if any unit's importance is NaN/inf or all are zero."""
+        total = 0.0
+        for kind, values in (("attention", self.attention), ("mlp", self.mlp)):
+            for layer, tensor in values.items():
+                if not torch.isfinite(tensor).all():
+                    raise CalibrationError(f"{method} importance of layer {layer} {kind} is NaN/inf. {fix}")
+                total += float(tensor.sum())
+        if total == 0.0:
+            raise CalibrationError(f"All {method} importances are zero: the calibration produced no signal. {fix}")
 
 
 #: Per block: its attribute, the unit kind, and the projections whose rows (axis 0) or columns
@@ -45,6 +70,7 @@ class UnitParameter:
     name: str  # e.g. layers.3.self_attn.q_proj.weight
     param: nn.Parameter
     axis: int
+    module: nn.Linear  # the projection that owns ``param``
 
 
 def unit_parameters(model: nn.Module, layout: ModelLayout) -> Iterator[UnitParameter]:
@@ -58,12 +84,12 @@ def unit_parameters(model: nn.Module, layout: ModelLayout) -> Iterator[UnitParam
             for proj_name, axis in projections:
                 proj = getattr(block, proj_name)
                 prefix = f"layers.{layer.index}.{attr}.{proj_name}"
-                yield UnitParameter(layer.index, kind, units, f"{prefix}.weight", proj.weight, axis)
+                yield UnitParameter(layer.index, kind, units, f"{prefix}.weight", proj.weight, axis, proj)
                 if axis == 0 and proj.bias is not None:
-                    yield UnitParameter(layer.index, kind, units, f"{prefix}.bias", proj.bias, 0)
+                    yield UnitParameter(layer.index, kind, units, f"{prefix}.bias", proj.bias, 0, proj)
 
 
-def _per_unit(values: torch.Tensor, units: int, axis: int) -> torch.Tensor:
+def per_unit(values: torch.Tensor, units: int, axis: int) -> torch.Tensor:
     """Sum a per-element score over the other axis, then into ``units`` consecutive blocks."""
     if values.dim() == 2:
         values = values.sum(dim=1 - axis, dtype=torch.float64)
@@ -74,9 +100,7 @@ def unit_importance(model: nn.Module, layout: ModelLayout, score: ElementScore) 
     """Apply ``score`` to every unit parameter and sum the result per unit (float64)."""
     result = UnitImportance({}, {})
     for item in unit_parameters(model, layout):
-        totals = result.attention if item.kind == "attention" else result.mlp
-        contribution = _per_unit(score(item.name, item.param), item.units, item.axis)
-        totals[item.layer_idx] = totals[item.layer_idx] + contribution if item.layer_idx in totals else contribution
+        result.add(item, per_unit(score(item.name, item.param), item.units, item.axis))
     return result
 
 

@@ -1,0 +1,63 @@
+"""What selection produced: the chosen units, the plan, the budget figures and a per-layer summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from gp_lightning.architecture import ModelLayout
+from gp_lightning.plan import PruningPlan
+
+
+@dataclass
+class Selection:
+    """The chosen units and how the budget came out."""
+
+    pruned: pd.DataFrame  # rows of the table, in the order they were taken
+    plan: PruningPlan
+    total_params: int
+    prunable_params: int
+    target_params: int
+    removed_params: int
+
+    @property
+    def ratio(self) -> float:
+        """Achieved fraction of ALL parameters removed."""
+        return self.removed_params / self.total_params
+
+    @property
+    def ratio_of_prunable(self) -> float:
+        return self.removed_params / self.prunable_params
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "total_params": self.total_params,
+            "prunable_params": self.prunable_params,
+            "target_removed_params": self.target_params,
+            "removed_params": self.removed_params,
+            "achieved_ratio": self.ratio,
+            "achieved_ratio_of_prunable": self.ratio_of_prunable,
+        }
+
+
+def layer_summary(layout: ModelLayout, plan: PruningPlan) -> pd.DataFrame:
+    """Per layer: groups and channels before/after, parameters before/after, pruning rates."""
+    rows = []
+    for layer, lp in zip(layout.layers, plan.layers, strict=True):
+        before = layout.layer_params(layer)
+        after = layout.layer_params(layer, len(lp.keep_groups), len(lp.keep_channels))
+        rows.append({
+            "layer_idx": layer.index,
+            "attention_groups_before": layer.num_kv_heads,
+            "attention_groups_after": len(lp.keep_groups),
+            "mlp_channels_before": layer.intermediate_size,
+            "mlp_channels_after": len(lp.keep_channels),
+            "params_before": before,
+            "params_after": after,
+            "attention_rate": 1 - len(lp.keep_groups) / layer.num_kv_heads if layer.num_kv_heads else 0.0,
+            "mlp_rate": 1 - len(lp.keep_channels) / layer.intermediate_size if layer.intermediate_size else 0.0,
+            "layer_rate": 1 - after / before if before else 0.0,
+            "status": "dropped" if plan.dropped(layer.index) else ("empty" if lp.empty else "kept"),
+        })
+    return pd.DataFrame(rows)

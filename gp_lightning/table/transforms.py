@@ -1,0 +1,108 @@
+"""The table transforms, applied in a fixed order, each kept as a column of the table.
+
+1. clip (``importance_clipped``), 2. normalize (``importance_normalized``), 3. block temperature T
+(``B``, ``importance_block``), 4. layer tau (``L``, ``tau_factor``, ``importance_layer``),
+5. depth weight (``depth_factor``) -> ``importance`` and ``score = importance / cost``.
+A step that is off copies its input, so the columns are the same in every run and each step can
+be audited by comparing two neighbouring columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gp_lightning.errors import ConfigError
+from gp_lightning.table.build import BLOCK, rescore
+from gp_lightning.table.corrections import block_temperature, depth_factor, layer_tau
+from gp_lightning.table.normalize import Normalization, NormalizationLevel, clip_percentiles, normalize
+
+STAGE_COLUMNS = [
+    "importance_raw", "importance_clipped", "importance_normalized", "B", "importance_block",
+    "L", "tau_factor", "importance_layer", "depth_factor", "importance", "score",
+]
+
+
+@dataclass(frozen=True)
+class TableTransforms:
+    """Settings of the five table transforms (the defaults switch every one off)."""
+
+    clip_percentile_low: float | None = None
+    clip_percentile_high: float | None = None
+    normalization: Normalization = "none"
+    normalization_level: NormalizationLevel = "block"
+    temperature: float = 0.0
+    tau: float = 0.0
+    layer_depth_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("clip_percentile_low", "clip_percentile_high"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 100.0:
+                raise ConfigError(f"Config key '{key}' = {value!r} is invalid: a percentile is in [0, 100] (or null).")
+        low, high = self.clip_percentile_low, self.clip_percentile_high
+        if low is not None and high is not None and low >= high:
+            raise ConfigError(f"clip_percentile_low ({low}) must be below clip_percentile_high ({high}), e.g. 5 and 95.")
+        for key in ("temperature", "tau", "layer_depth_weight"):
+            value = getattr(self, key)
+            if value < 0:
+                raise ConfigError(f"Config key '{key}' = {value!r} is invalid: it must be >= 0 (0 turns it off).")
+
+    @property
+    def needs_block_losses(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def needs_layer_losses(self) -> bool:
+        return self.tau > 0
+
+
+def _aligned(table: pd.DataFrame, losses: pd.DataFrame | None, keys: list[str], column: str) -> pd.Series:
+    if losses is None or losses.empty:
+        return pd.Series(np.nan, index=table.index)
+    merged = table[keys].merge(losses[[*keys, column]], on=keys, how="left")
+    return pd.Series(merged[column].to_numpy(), index=table.index)
+
+
+def transform_table(table: pd.DataFrame, transforms: TableTransforms, num_layers: int,
+                    block_loss: pd.DataFrame | None = None,
+                    layer_loss: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Apply the transforms to ``importance_raw``; return the table with every stage column and a report.
+
+    ``block_loss`` has columns ``layer_idx, group_type, B``; ``layer_loss`` ``layer_idx, L``.
+    """
+    t = transforms
+    table = table.copy()
+    report: dict[str, Any] = {"settings": asdict(t)}
+    values = table["importance_raw"].astype(np.float64)
+    if t.clip_percentile_low is not None or t.clip_percentile_high is not None:
+        values, report["clip"] = clip_percentiles(values, t.clip_percentile_low, t.clip_percentile_high)
+    table["importance_clipped"] = values
+    values, report["normalization"] = normalize(table, values, t.normalization, t.normalization_level)
+    table["importance_normalized"] = values
+
+    table["B"] = _aligned(table, block_loss, BLOCK, "B")
+    if t.needs_block_losses:
+        if table["B"].isna().any():
+            raise ConfigError("temperature > 0 needs the block ablation losses B for every block, and some are missing.")
+        values, report["temperature"] = block_temperature(table, values, table["B"], t.temperature)
+    table["importance_block"] = values
+
+    table["L"] = _aligned(table, layer_loss, ["layer_idx"], "L")
+    table["tau_factor"] = 1.0
+    if t.needs_layer_losses:
+        if table["L"].isna().any():
+            raise ConfigError("tau > 0 needs the layer ablation losses L for every layer, and some are missing.")
+        values, table["tau_factor"], report["tau"] = layer_tau(table, values, table["L"], t.tau)
+    table["importance_layer"] = values
+
+    table["depth_factor"] = depth_factor(table, num_layers, t.layer_depth_weight)
+    table["importance"] = values * table["depth_factor"]
+    rescore(table)
+    if not np.isfinite(table["score"]).all():
+        raise ConfigError("The table transforms produced NaN/inf scores; check the importance values and settings.")
+    identity = ["layer_idx", "group_type", "group_idx", "cost"]
+    return table[identity + STAGE_COLUMNS], report
