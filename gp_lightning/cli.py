@@ -67,9 +67,9 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
               f"(prune later with --from_table {result.run_dir}/global_group_table.csv).")
         return 0
     print(f"Pruned {ev['achieved_ratio']:.2%} of all parameters ({ev['total_params']:,} -> {ev['params_after']:,}).")
-    if "ppl_before" in ev or "ppl_after" in ev:
-        print(f"Perplexity: before {ev.get('ppl_before', float('nan')):.3f}, after {ev.get('ppl_after', float('nan')):.3f}"
-              f" ({ev['eval_windows']} windows of {config.eval_seq_len} tokens).")
+    measured = [f"{key} {ev['ppl_' + key]:.3f}" for key in ("before", "after") if ev.get(f"ppl_{key}") is not None]
+    if measured:
+        print(f"Perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {config.eval_seq_len} tokens).")
     print(f"Results in {result.run_dir}/")
     return 0
 

@@ -134,6 +134,9 @@ class PruneRecipe:
         self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
         log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
+        if importance.details:
+            self.evaluation["importance_details"] = importance.details
+            log.info("importance details: %s", importance.details)
         return importance
 
     def raw_table(self) -> pd.DataFrame:

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.cli import prune_main
 from gp_lightning.config import PruneConfig
-from gp_lightning.errors import RunDirectoryError
+from gp_lightning.errors import DataError, RunDirectoryError
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.pipeline import oneshot
 
@@ -81,3 +82,58 @@ def test_cli_prints_summary(tmp_path: Path, tiny_checkpoint: Path, wikitext: Pat
     assert code == 0
     out = capsys.readouterr().out
     assert "Pruned" in out and "Perplexity" in out
+
+
+@pytest.mark.parametrize("extra", [{}, {"temperature": 1.0, "normalization": "log", "clip_percentile_low": 5.0}])
+def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
+                                                   extra: dict) -> None:
+    quiet = dict(test_before_prune=False, test_after_prune=False, **extra)
+    one = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "one", **quiet))
+    first = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "table", table_only=True, **quiet))
+    assert first.selection is None and not (tmp_path / "table" / "pruning_plan.json").exists()
+    assert (tmp_path / "table" / "table_transforms.json").exists()
+    table_csv = tmp_path / "table" / "global_group_table.csv"
+    # the second step needs no calibration text when the saved table already has what it needs
+    second = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "second", from_table=str(table_csv),
+                             dataset=str(tmp_path / "missing.txt"), **quiet))
+    pd.testing.assert_frame_equal(second.table, one.table, check_exact=True)
+    assert second.selection.plan.to_json() == one.selection.plan.to_json()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(second.pruned_model(input_ids=ids).logits, one.pruned_model(input_ids=ids).logits)
+    saved = pd.read_csv(tmp_path / "one" / "global_group_table.csv")
+    assert saved["importance_raw"].equals(one.table["importance_raw"])  # the CSV round trip is exact
+
+
+def test_from_table_of_another_model_is_refused(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
+    table = tmp_path / "other.csv"
+    from gp_lightning.architecture import describe
+    from gp_lightning.model_source import load_model
+    from gp_lightning.table import build_table
+
+    model, _ = load_model(str(tiny_checkpoint))
+    layout = describe(model)
+    importance = UnitImportance({x.index: torch.ones(x.num_kv_heads) for x in layout.layers},
+                                {x.index: torch.ones(x.intermediate_size) for x in layout.layers})
+    good = build_table(layout, importance)
+    good[good["layer_idx"] < 2].to_csv(table, index=False)
+    with pytest.raises(DataError, match="no rows for layer 2"):
+        oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", from_table=str(table)))
+    bad_cost = good.copy()
+    bad_cost.loc[bad_cost["group_type"] == "mlp", "cost"] += 1
+    bad_cost.to_csv(table, index=False)
+    with pytest.raises(DataError, match="run --table_only on this model"):
+        oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", from_table=str(table)))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize("method", ["taylor_2nd", "wanda", "magnitude", "random"])
+def test_every_method_runs_through_the_recipe(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
+                                              method: str) -> None:
+    result = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", importance_method=method,
+                             test_before_prune=False, save_model=False, protected_layers=[0], max_rate=0.6,
+                             pruning_ratio=0.15 * PRUNABLE))
+    summary = pd.read_csv(tmp_path / "run" / "pruning_summary_by_layer.csv")
+    assert summary.loc[0, "layer_rate"] == 0 and summary["layer_rate"].max() <= 0.6 + 1e-9
+    assert result.evaluation["ppl_after"] > 1
+    assert (pd.read_csv(tmp_path / "run" / "global_group_table.csv")["importance_raw"] >= 0).all()

@@ -100,6 +100,9 @@ class TaylorImportance(L.Callback):
             passes = max(pl_module.backward_passes, 1)
             # 0.5 * w^2 * H_diag with H_diag = mean over passes of g_b^2
             self.importance = self.first_order.combined(self.fisher, weight=0.5 / passes)
+            first, second = self.first_order.total(), 0.5 / passes * self.fisher.total()
+            self.importance.details = {"backward_passes": passes, "first_order_total": first,
+                                       "second_order_total": second, "second_order_share": second / (first + second)}
         self.importance.check_finite("Taylor", _NAN_FIX)
         self.release(model)
 

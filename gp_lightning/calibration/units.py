@@ -7,7 +7,7 @@ magnitude, ...); the grouping of weights into units is the same for all, and liv
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +25,11 @@ class UnitImportance:
 
     attention: dict[int, torch.Tensor]
     mlp: dict[int, torch.Tensor]
+    #: Method-specific figures worth recording (e.g. the share of taylor_2nd's Fisher term).
+    details: dict[str, float] = field(default_factory=dict)
+
+    def total(self) -> float:
+        return sum(float(t.sum()) for t in self.attention.values()) + sum(float(t.sum()) for t in self.mlp.values())
 
     def add(self, item: UnitParameter, contribution: torch.Tensor) -> None:
         """Add a per-unit contribution (one value per unit of ``item``'s block)."""
