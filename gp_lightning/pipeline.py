@@ -8,6 +8,7 @@ directory is created, so a bad invocation leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -199,6 +200,7 @@ class PruneRecipe:
         provenance = {
             "base_model": self.cfg.model, "pruning_ratio": self.cfg.pruning_ratio,
             "achieved_ratio": selection.ratio, "importance_method": self.cfg.importance_method,
+            "table_transforms": dataclasses.asdict(self.cfg.transforms),
             "gp_lightning_version": __version__,
         }
         start = time.perf_counter()

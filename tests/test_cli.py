@@ -20,6 +20,21 @@ def test_aliases_and_bare_switches() -> None:
     assert expand_aliases(["--model_name_or_path=x"]) == ["--model=x"]
 
 
+def test_table_and_selection_keys_parse_and_validate() -> None:
+    cfg = parse_config(["--importance_method", "wanda", "--normalization", "log", "--normalization_level", "layer",
+                        "--protected_layers", "[0,5]", "--max_rate", "0.7", "--table_only"])
+    assert (cfg.importance_method, cfg.transforms.normalization, cfg.constraints.protected_layers) == (
+        "wanda", "log", (0, 5))
+    assert cfg.table_only and cfg.constraints.max_rate == 0.7 and cfg.constraints.min_mlp_channels == 1
+    assert parse_config(["--remove_empty_layers"]).constraints.min_attention_groups == 0  # depth pruning
+    with pytest.raises(SystemExit):
+        parse_config(["--importance_method", "fisher"])  # not a method: jsonargparse lists the choices
+    with pytest.raises(ConfigError, match="min_rate"):
+        parse_config(["--min_rate", "0.5", "--max_rate", "0.3"])
+    with pytest.raises(ConfigError, match="from_table"):
+        parse_config(["--table_only", "--from_table", "t.csv"])
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "-0.1", "1.5"])
 def test_ratio_out_of_range(ratio: str) -> None:
     with pytest.raises(ConfigError, match="pruning_ratio"):
@@ -47,7 +62,10 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     for flag in ("--model", "--pruning_ratio", "--importance_method", "--num_samples", "--seq_len", "--dataset",
                  "--eval_dataset", "--output", "--remove_empty_layers", "--test_before_prune",
                  "--test_after_prune", "--save_model", "--layer_start", "--layer_end", "--temperature", "--tau",
-                 "--seed", "--overwrite"):
+                 "--seed", "--overwrite", "--fisher_batch_size", "--clip_percentile_low", "--clip_percentile_high",
+                 "--normalization", "--normalization_level", "--layer_depth_weight", "--min_rate", "--max_rate",
+                 "--early_layers", "--early_layer_max_rate", "--protected_layers", "--min_attention_groups",
+                 "--min_mlp_channels", "--table_only", "--from_table"):
         assert flag in out
 
 
