@@ -144,17 +144,36 @@ def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | No
     return tokens[: count * seq_len].view(count, seq_len)
 
 
-class CalibrationData(L.LightningDataModule):
-    """Calibration windows as a LightningDataModule.
+def rank_shard(num_windows: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window indices of ``rank`` and their weights: contiguous, equal-length shards.
 
-    Under a distributed strategy Lightning wraps the loader in a DistributedSampler, so every rank
-    sees its own shard of the windows.
+    Every rank gets ``ceil(n / world_size)`` windows so all ranks run the same number of steps
+    (FSDP and DDP synchronize inside every step); the shortfall of the last ranks is filled with
+    copies of window 0 with weight 0, which contribute nothing to any statistic.
+    """
+    per_rank = -(-num_windows // world_size)
+    indices = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    weights = (indices < num_windows).to(torch.float32)
+    return torch.where(indices < num_windows, indices, torch.zeros_like(indices)), weights
+
+
+class CalibrationData(L.LightningDataModule):
+    """Calibration windows as a LightningDataModule, yielding ``(input_ids, weights)`` batches.
+
+    Each rank reads its own contiguous shard (:func:`rank_shard`); a single process reads all
+    windows. ``skip_batches`` skips the first batches of the shard (resuming an interrupted pass).
     """
 
-    def __init__(self, windows: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, windows: torch.Tensor, batch_size: int, skip_batches: int = 0) -> None:
         super().__init__()
         self.windows = windows
         self.batch_size = batch_size
+        self.skip_batches = skip_batches
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.windows), batch_size=self.batch_size, shuffle=False)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        indices, weights = rank_shard(self.windows.shape[0], rank, world)
+        start = self.skip_batches * self.batch_size
+        dataset = TensorDataset(self.windows[indices][start:], weights[start:])
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)

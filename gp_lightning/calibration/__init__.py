@@ -12,6 +12,7 @@ from torch import nn
 
 from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.baselines import magnitude_importance, random_importance
+from gp_lightning.calibration.launch import resolve_launch
 from gp_lightning.calibration.methods import METHODS, ImportanceMethod, needs_calibration_data
 from gp_lightning.calibration.module import CalibrationModule
 from gp_lightning.calibration.taylor import TaylorImportance
@@ -34,8 +35,16 @@ def run_calibration(
     method: str = "taylor",
     fisher_batch_size: int | None = None,
     seed: int = 0,
+    strategy: str = "auto",
+    devices: int | str = "auto",
+    num_nodes: int = 1,
 ) -> UnitImportance:
-    """Per-unit importance of ``model`` by ``method``; ``windows`` may be None for data-free methods."""
+    """Per-unit importance of ``model`` by ``method``; ``windows`` may be None for data-free methods.
+
+    Under a distributed strategy every rank runs this with the same arguments (``torchrun``,
+    ``srun``, ``accelerate launch``); each reads its own shard of ``windows`` and every rank returns
+    the same, complete importance.
+    """
     if method == "magnitude":
         return magnitude_importance(model, layout)
     if method == "random":
@@ -48,14 +57,16 @@ def run_calibration(
         collector = WandaImportance(layout)
     else:
         collector = TaylorImportance(layout, second_order=method == "taylor_2nd")
+    launch = resolve_launch(strategy, accelerator, devices, num_nodes, forward_only=method == "wanda")
     module = CalibrationModule(
         model, total_target_tokens=windows[:, 1:].numel(), compute_gradients=method != "wanda",
-        backward_windows=fisher_batch_size if method == "taylor_2nd" else None,
+        backward_windows=fisher_batch_size if method == "taylor_2nd" else None, shard=launch.shards_parameters,
     )
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision=precision, max_epochs=1,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        accelerator=accelerator, devices=launch.devices, num_nodes=num_nodes, strategy=launch.strategy,
+        precision=precision, max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=progress, callbacks=[collector], default_root_dir=default_root_dir,
+        use_distributed_sampler=False,  # CalibrationData shards without duplicating windows
     )
     trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
     assert collector.importance is not None

@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.module import CalibrationModule
-from gp_lightning.calibration.units import UnitImportance, UnitParameter, per_unit, unit_importance, unit_parameters
+from gp_lightning.calibration.units import (
+    UnitImportance,
+    UnitParameter,
+    local_part,
+    per_unit,
+    unit_importance,
+    unit_parameters,
+)
 from gp_lightning.errors import CalibrationError
 
 _NAN_FIX = ("The calibration gradients overflowed: use precision: 32-true, a shorter seq_len, or check the "
@@ -52,6 +60,13 @@ class TaylorImportance(L.Callback):
             param.requires_grad_(id(param) in wanted)
             param.grad = None
         self.fisher = UnitImportance({}, {})
+        distributed = trainer.world_size > 1
+        if distributed and any(item.param.dtype != torch.float32 for item in items):
+            raise CalibrationError("Distributed calibration needs float32 parameters: use precision: bf16-mixed "
+                                   "(bf16 compute over float32 weights) or 32-true, not bf16-true.")
+        if distributed and self.second_order and not isinstance(trainer.strategy, DDPStrategy):
+            raise CalibrationError("taylor_2nd collects per-pass gradients before they are synchronized, which "
+                                   "only DDP exposes: use strategy: ddp, or importance_method: taylor.")
         for item in items:
             if item.param.dtype != torch.float32:
                 self._hooks.append(item.param.register_post_accumulate_grad_hook(self._accumulate_fp32))
@@ -69,9 +84,12 @@ class TaylorImportance(L.Callback):
     def _fisher_hook(self, item: UnitParameter):  # noqa: ANN202 - a tensor hook
         def hook(grad: torch.Tensor) -> None:
             module = self._module
-            assert module is not None and module.backward_tokens > 0
-            # this pass's gradient of its OWN mean loss (the module scales by the whole set's tokens)
-            scale = module.total_target_tokens / module.backward_tokens
+            assert module is not None
+            if module.backward_tokens == 0:  # a pass of padding windows only
+                return
+            # this pass's gradient of its OWN mean loss (the module scaled it by the whole set's tokens
+            # and by the world size; the hook sees the rank-local gradient, before synchronization)
+            scale = module.total_target_tokens / (module.backward_tokens * module._gradient_scale())
             squared = (item.param.detach().float() * grad.float() * scale).square()
             assert self.fisher is not None
             self.fisher.add(item, per_unit(squared, item.units, item.axis))
@@ -91,9 +109,14 @@ class TaylorImportance(L.Callback):
         model = pl_module.model
 
         def score(name: str, param: nn.Parameter) -> torch.Tensor:
-            return (param.detach().float() * self.gradient(param)).abs()
+            return (local_part(param.detach())[0].float() * local_part(self.gradient(param))[0]).abs()
 
         self.first_order = unit_importance(model, self.layout, score)
+        if self.first_order.sharded:  # FSDP: each rank scored its own rows of every weight
+            self.first_order.all_reduce()
+        if self.second_order:  # every rank squared its own passes' gradients
+            self.fisher.all_reduce()
+            pl_module.backward_passes = _all_reduce_count(pl_module.backward_passes)
         self.importance = self.first_order
         if self.second_order:
             assert self.fisher is not None and isinstance(pl_module, CalibrationModule)
@@ -111,3 +134,13 @@ class TaylorImportance(L.Callback):
         self._fp32_grads.clear()
         for param in model.parameters():
             param.grad = None
+
+
+def _all_reduce_count(count: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    tensor = torch.tensor([count], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())

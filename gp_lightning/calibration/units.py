@@ -27,6 +27,25 @@ class UnitImportance:
     mlp: dict[int, torch.Tensor]
     #: Method-specific figures worth recording (e.g. the share of taylor_2nd's Fisher term).
     details: dict[str, float] = field(default_factory=dict)
+    #: True while the values are one rank's partial sums over its parameter shards.
+    sharded: bool = False
+
+    def all_reduce(self) -> UnitImportance:
+        """Sum partial per-unit values over all ranks, in one collective (no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        keys = [("attention", k) for k in sorted(self.attention)] + [("mlp", k) for k in sorted(self.mlp)]
+        tensors = [(self.attention if kind == "attention" else self.mlp)[k] for kind, k in keys]
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+        dist.all_reduce(flat)
+        start = 0
+        for (kind, k), t in zip(keys, tensors, strict=True):
+            (self.attention if kind == "attention" else self.mlp)[k] = flat[start : start + t.numel()].view_as(t)
+            start += t.numel()
+        self.sharded = False
+        return self
 
     def total(self) -> float:
         return sum(float(t.sum()) for t in self.attention.values()) + sum(float(t.sum()) for t in self.mlp.values())
@@ -94,18 +113,58 @@ def unit_parameters(model: nn.Module, layout: ModelLayout) -> Iterator[UnitParam
                     yield UnitParameter(layer.index, kind, units, f"{prefix}.bias", proj.bias, 0, proj)
 
 
-def per_unit(values: torch.Tensor, units: int, axis: int) -> torch.Tensor:
-    """Sum a per-element score over the other axis, then into ``units`` consecutive blocks."""
-    if values.dim() == 2:
-        values = values.sum(dim=1 - axis, dtype=torch.float64)
-    return values.double().view(units, -1).sum(dim=1)
+def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(local values, global offset of the first local row, global number of rows)``.
+
+    FSDP2 shards parameters (and their gradients) along dim 0 as DTensors; each rank holds a
+    contiguous block of rows. Statistics are computed from that local block only, never from an
+    all-gathered copy of the weight. A plain tensor is its own local part.
+    """
+    if is_sharded(tensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        return tensor.to_local(), int(offset[0]) if offset else 0, int(tensor.shape[0])
+    return tensor, 0, int(tensor.shape[0])
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2-sharded parameter or gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def per_unit(values: torch.Tensor, units: int, axis: int, row_offset: int = 0, rows: int | None = None) -> torch.Tensor:
+    """Sum a per-element score into ``units`` per-unit totals (float64).
+
+    ``values`` may be a block of rows ``[row_offset, row_offset + len)`` of a ``rows``-row tensor
+    (a local shard): the result is then this block's partial contribution to every unit.
+    """
+    if values.dim() == 2 and axis == 1:  # column units (o_proj, down_proj): every local row adds to all
+        return values.sum(dim=0, dtype=torch.float64).view(units, -1).sum(dim=1)
+    row_sums = values.sum(dim=1, dtype=torch.float64) if values.dim() == 2 else values.double()
+    rows = values.shape[0] if rows is None else rows
+    if row_offset == 0 and values.shape[0] == rows:
+        return row_sums.view(units, -1).sum(dim=1)
+    unit_of_row = (torch.arange(values.shape[0], device=values.device) + row_offset) // (rows // units)
+    return torch.zeros(units, dtype=torch.float64, device=values.device).index_add_(0, unit_of_row, row_sums)
 
 
 def unit_importance(model: nn.Module, layout: ModelLayout, score: ElementScore) -> UnitImportance:
-    """Apply ``score`` to every unit parameter and sum the result per unit (float64)."""
+    """Apply ``score`` to every unit parameter and sum the result per unit (float64).
+
+    ``score`` receives the parameter and returns per-element values of its LOCAL part (see
+    :func:`local_part`); with sharded parameters the result holds this rank's partial sums and
+    ``sharded`` is set, so the caller all-reduces it.
+    """
     result = UnitImportance({}, {})
     for item in unit_parameters(model, layout):
-        result.add(item, per_unit(score(item.name, item.param), item.units, item.axis))
+        _, offset, rows = local_part(item.param)
+        result.add(item, per_unit(score(item.name, item.param), item.units, item.axis, offset, rows))
+        result.sharded = result.sharded or is_sharded(item.param)
     return result
 
 

@@ -18,21 +18,26 @@ import torch
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout
-from gp_lightning.calibration.units import UnitImportance, unit_importance, unit_parameters
+from gp_lightning.calibration.units import UnitImportance, local_part, unit_importance, unit_parameters
 
 
 class _InputNorms:
-    """Running sum of squares of each input feature of one projection, and the token count."""
+    """Running sum of squares of each input feature of one projection, and the token count.
 
-    def __init__(self) -> None:
+    Windows of weight 0 (padding of uneven rank shards) are left out.
+    """
+
+    def __init__(self, owner: WandaImportance) -> None:
+        self.owner = owner
         self.sum_squares: torch.Tensor | None = None
-        self.tokens = 0
+        self.tokens = 0.0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        squares = x.reshape(-1, x.shape[-1]).double().square().sum(dim=0)
+        weights = self.owner.window_weights(x.shape[0], x.device)
+        squares = torch.einsum("b,btf->f", weights, x.double().square())
         self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
-        self.tokens += x.shape[:-1].numel()
+        self.tokens += float(weights.sum()) * x.shape[1]
 
 
 class WandaImportance(L.Callback):
@@ -43,14 +48,22 @@ class WandaImportance(L.Callback):
         self.importance: UnitImportance | None = None
         self._norms: dict[nn.Module, _InputNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._module: L.LightningModule | None = None
+
+    def window_weights(self, batch: int, device: torch.device) -> torch.Tensor:
+        weights = getattr(self._module, "window_weights", None)
+        if weights is None:
+            return torch.ones(batch, dtype=torch.float64, device=device)
+        return weights.to(device=device, dtype=torch.float64)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._module = pl_module
         model = pl_module.model
         for param in model.parameters():
             param.requires_grad_(False)
         for item in unit_parameters(model, self.layout):
             if item.module not in self._norms:
-                self._norms[item.module] = _InputNorms()
+                self._norms[item.module] = _InputNorms(self)
                 self._hooks.append(item.module.register_forward_pre_hook(self._norms[item.module]))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -58,14 +71,36 @@ class WandaImportance(L.Callback):
             handle.remove()
         self._hooks.clear()
         items = {id(item.param): item for item in unit_parameters(pl_module.model, self.layout)}
+        self._all_reduce_norms()
 
         def score(name: str, param: nn.Parameter) -> torch.Tensor:
             norms = self._norms[items[id(param)].module]
             assert norms.sum_squares is not None, "calibration ran no forward pass"
+            weight = local_part(param.detach())[0].double().abs()
             if param.dim() == 1:  # bias: weight on a constant input of 1
-                return param.detach().double().abs() * math.sqrt(norms.tokens)
-            return param.detach().double().abs() * norms.sum_squares.sqrt()[None, :]
+                return weight * math.sqrt(norms.tokens)
+            return weight * norms.sum_squares.sqrt()[None, :]
 
         self.importance = unit_importance(pl_module.model, self.layout, score)
+        if self.importance.sharded:  # FSDP: each rank scored its own rows of every weight
+            self.importance.all_reduce()
         self.importance.check_finite("Wanda", "The activations overflowed: use precision: 32-true.")
         self._norms.clear()
+
+    def _all_reduce_norms(self) -> None:
+        """Every rank saw its own windows: sum the input statistics over ranks (one collective)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        norms = list(self._norms.values())
+        flat = torch.cat([torch.cat([n.sum_squares.reshape(-1), torch.tensor([n.tokens], dtype=torch.float64,
+                                                                             device=n.sum_squares.device)])
+                          for n in norms])
+        dist.all_reduce(flat)
+        start = 0
+        for n in norms:
+            size = n.sum_squares.numel()
+            n.sum_squares = flat[start : start + size]
+            n.tokens = float(flat[start + size])
+            start += size + 1

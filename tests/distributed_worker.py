@@ -1,0 +1,50 @@
+"""Run calibration on a tiny model under a launcher (torchrun) and save the importance (rank 0).
+
+Used by tests/test_distributed.py: every rank builds the same seeded model and windows, so the
+result can be compared with one process on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_model  # noqa: E402
+
+from gp_lightning.architecture import describe  # noqa: E402
+from gp_lightning.calibration import run_calibration  # noqa: E402
+
+
+def windows(count: int) -> torch.Tensor:
+    return torch.randint(0, 101, (count, 16), generator=torch.Generator().manual_seed(7))
+
+
+def model(arch: str) -> torch.nn.Module:
+    return tiny_model(arch, gqa=2, num_kv=3, layers=2, seed=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--method", default="taylor")
+    parser.add_argument("--arch", default="qwen2")
+    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--fisher_batch_size", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    net = model(args.arch)
+    importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, accelerator="cpu",
+                                 progress=False, method=args.method, fisher_batch_size=args.fisher_batch_size,
+                                 strategy=args.strategy)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"attention": importance.attention, "mlp": importance.mlp}, args.out)
+
+
+if __name__ == "__main__":
+    main()
