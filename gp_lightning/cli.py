@@ -62,6 +62,8 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ev = result.evaluation
+    if "rank" in ev:  # a rank other than 0: rank 0 reports
+        return 0
     if ev.get("table_only"):
         print(f"Ranked {ev['units']:,} units; table in {result.run_dir}/global_group_table.csv "
               f"(prune later with --from_table {result.run_dir}/global_group_table.csv).")

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gp_lightning.calibration.launch import StrategyName
 from gp_lightning.calibration.methods import ImportanceMethod
 from gp_lightning.errors import ConfigError
 from gp_lightning.selection.constraints import SelectionConstraints
@@ -97,6 +98,19 @@ class PruneConfig:
             statistics always accumulate in float32.
         eval_precision: Numerics of perplexity evaluation (same choices).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        strategy: Calibration across processes: ``auto`` (one process, or DDP when a launcher
+            started several), ``ddp`` (each rank holds the model; data is sharded), ``fsdp`` (FSDP2:
+            parameters and gradients sharded over ranks, statistics from each rank's shard),
+            ``deepspeed`` (ZeRO-3). Launch with torchrun, srun or ``accelerate launch``; on CPU
+            the ranks talk over gloo.
+        devices: Processes per node (``auto``: what the launcher started, else 1).
+        num_nodes: Number of nodes.
+        checkpoint_every: Save the accumulated statistics every N calibration batches into
+            ``output/calibration_state`` (0: never), so an interrupted run can ``resume``.
+        resume: Continue the interrupted run in ``output``: its saved statistics are loaded and the
+            batches they cover are skipped. The result equals an uninterrupted run.
+        streamed_surgery: Write the pruned checkpoint by streaming the original safetensors files
+            tensor by tensor (peak memory about one shard) instead of slicing the model in memory.
         seed: Seed for the choice of calibration windows and anything random.
         cache_dir: Where the embedded model is converted and cached (default
             ``$GP_LIGHTNING_CACHE`` or ``~/.cache/gp_lightning``).
@@ -144,6 +158,12 @@ class PruneConfig:
     precision: Precision = "auto"
     eval_precision: Precision = "auto"
     accelerator: str = "auto"
+    strategy: StrategyName = "auto"
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = 1
+    checkpoint_every: int = 0
+    resume: bool = False
+    streamed_surgery: bool = False
     seed: int = 42
     cache_dir: str | None = None
 
@@ -160,6 +180,9 @@ class PruneConfig:
         if self.fisher_batch_size is not None:
             _check(self.fisher_batch_size >= 1, "fisher_batch_size", self.fisher_batch_size,
                    "must be at least 1, or null for batch_size")
+        _check(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be at least 1")
+        _check(self.devices == "auto" or int(self.devices) >= 1, "devices", self.devices, "must be at least 1, or auto")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0: never)")
         _check(not (self.table_only and self.from_table), "table_only", self.table_only,
                "cannot be combined with from_table (first --table_only, then --from_table in another run)")
         self.transforms  # noqa: B018 - the argument groups validate themselves

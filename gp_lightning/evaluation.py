@@ -16,7 +16,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, precisi
     """Perplexity of ``model`` over ``windows`` (each window predicts its tokens 2..n)."""
     model.eval()
     device = next(model.parameters()).device
-    metric = Perplexity().to(device)
+    # one process evaluates all windows (rank 0 in a distributed run): no cross-rank sync
+    metric = Perplexity(sync_on_compute=False).to(device)
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
         batch = windows[start : start + batch_size].to(device)
         with autocast(precision, device):

@@ -96,6 +96,23 @@ def resolve(source: str, cache_dir: str | None = None) -> str:
     return source
 
 
+def local_checkpoint_dir(source: str, cache_dir: str | None = None) -> Path:
+    """A local directory holding ``source``'s safetensors files (hub ids are downloaded into the HF cache)."""
+    resolved = resolve(source, cache_dir)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    if Path(resolved).suffix == ".gguf":
+        raise ModelSourceError(f"Streamed surgery reads safetensors; {resolved} is GGUF. Convert it once (load and "
+                               "save_pretrained) or set streamed_surgery: false.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, gated, unknown id
+        raise ModelSourceError(f"Could not get the safetensors files of '{resolved}' for streamed surgery ({exc}). "
+                               "Download the model to a local directory and pass that as --model.") from exc
+
+
 def load_model(
     source: str,
     *,

@@ -28,10 +28,13 @@ from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
 from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
 from gp_lightning.evaluation import perplexity
-from gp_lightning.export.checkpoint import save_pruned
+from gp_lightning.export.checkpoint import load_pruned, save_pruned
+from gp_lightning.export.streamed import stream_prune
 from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
-from gp_lightning.model_source import load_model
+from gp_lightning.model_source import load_model, local_checkpoint_dir
+from gp_lightning.plan import PruningPlan
 from gp_lightning.precision import load_dtype, resolve
+from gp_lightning.ranks import broadcast_from_zero, global_rank
 from gp_lightning.reports import describe_run, layer_summary_text
 from gp_lightning.selection import Selection, check_budget, layer_summary, select
 from gp_lightning.surgery import apply_plan
@@ -56,6 +59,7 @@ class PruneRecipe:
 
     def __init__(self, config: PruneConfig) -> None:
         self.cfg = config
+        self.rank = global_rank()
         self.run_dir = Path(config.output)
         self.timings: dict[str, float] = {}
         self.evaluation: dict[str, Any] = {}
@@ -63,7 +67,8 @@ class PruneRecipe:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        check_run_dir(self.run_dir, cfg.overwrite)
+        if self.rank == 0:
+            check_run_dir(self.run_dir, cfg.overwrite or cfg.resume)
         self.precision = resolve(cfg.precision, cfg.accelerator)
         self.eval_precision = resolve(cfg.eval_precision, cfg.accelerator)
         L.seed_everything(cfg.seed, verbose=False)
@@ -81,7 +86,7 @@ class PruneRecipe:
             cal_tokens = tokenize(load_text(cfg.dataset, "calibration"), self.tokenizer)
             self.cal_windows = calibration_windows(cal_tokens, cfg.num_samples, cfg.seq_len, cfg.seed)
         self.eval_windows = None
-        if cfg.test_before_prune or (cfg.test_after_prune and not cfg.table_only):
+        if self.rank == 0 and (cfg.test_before_prune or (cfg.test_after_prune and not cfg.table_only)):
             eval_tokens = tokenize(load_text(cfg.eval_dataset, "evaluation"), self.tokenizer)
             self.eval_windows = evaluation_windows(eval_tokens, cfg.eval_seq_len, cfg.eval_max_windows)
         self._open_run_dir()
@@ -102,6 +107,9 @@ class PruneRecipe:
             t.needs_layer_losses and self._saved_losses("L") is None)
 
     def _open_run_dir(self) -> None:
+        if self.rank != 0:  # only rank 0 writes
+            self._log_handler = logging.NullHandler()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.run_dir / "training.log", mode="w", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -130,8 +138,14 @@ class PruneRecipe:
         importance = run_calibration(
             self.model, self.layout, self.cal_windows, cfg.batch_size, self.precision, cfg.accelerator,
             default_root_dir=str(self.run_dir), method=cfg.importance_method,
-            fisher_batch_size=cfg.fisher_batch_size, seed=cfg.seed,
+            fisher_batch_size=cfg.fisher_batch_size, seed=cfg.seed, strategy=cfg.strategy, devices=cfg.devices,
+            num_nodes=cfg.num_nodes, checkpoint_dir=str(self.run_dir / "calibration_state"),
+            checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
         )
+        if cfg.strategy == "fsdp" and self.rank == 0:
+            # the calibrated model is sharded over ranks now; rank 0 continues alone on a fresh copy
+            self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
+                                       trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
         self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
         log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
@@ -169,7 +183,7 @@ class PruneRecipe:
             layers = new_layers if measure_layers else layers
         return blocks, layers
 
-    def rank(self, raw: pd.DataFrame) -> pd.DataFrame:
+    def rank_table(self, raw: pd.DataFrame) -> pd.DataFrame:
         """Apply the table transforms and write the ranked table and the transforms report."""
         blocks, layers = self.ablation()
         table, report = transform_table(raw, self.cfg.transforms, self.layout.num_layers, blocks, layers)
@@ -196,13 +210,26 @@ class PruneRecipe:
                  len(selection.pruned), selection.ratio, selection.ratio_of_prunable, cfg.pruning_ratio)
         return selection
 
-    def prune(self, selection: Selection) -> torch.nn.Module:
-        provenance = {
+    def prune_streamed(self, selection: Selection) -> torch.nn.Module:
+        """Write ``model/`` straight from the original safetensors, one tensor at a time; reload it."""
+        start = time.perf_counter()
+        source = local_checkpoint_dir(self.cfg.model, self.cfg.cache_dir)
+        del self.model
+        stream_prune(source, self.layout, selection.plan, self.provenance(selection), self.run_dir / "model",
+                     tokenizer=self.tokenizer)
+        self.timings["surgery_s"] = time.perf_counter() - start
+        return load_pruned(self.run_dir / "model")
+
+    def provenance(self, selection: Selection) -> dict[str, Any]:
+        return {
             "base_model": self.cfg.model, "pruning_ratio": self.cfg.pruning_ratio,
             "achieved_ratio": selection.ratio, "importance_method": self.cfg.importance_method,
             "table_transforms": dataclasses.asdict(self.cfg.transforms),
             "gp_lightning_version": __version__,
         }
+
+    def prune(self, selection: Selection) -> torch.nn.Module:
+        provenance = self.provenance(selection)
         start = time.perf_counter()
         pruned = apply_plan(self.model, self.layout, selection.plan, provenance)
         self.timings["surgery_s"] = time.perf_counter() - start
@@ -217,17 +244,28 @@ class PruneRecipe:
     def run(self) -> RunResult:
         self.setup()
         try:
-            if self.cfg.test_before_prune:
+            if self.cfg.test_before_prune and self.eval_windows is not None:
                 self.evaluate(self.model, "before")
-            table = self.rank(self.raw_table())
-            if self.cfg.table_only:
+            raw = self.raw_table()
+            if self.rank != 0:
+                return self._follow_rank_zero(raw)
+            try:
+                table = self.rank_table(raw)
+                selection = None if self.cfg.table_only else self.select(table)
+            except BaseException as exc:
+                broadcast_from_zero({"error": f"{type(exc).__name__}: {exc}"})
+                raise
+            broadcast_from_zero({"plan": None if selection is None else selection.plan.to_json()})
+            if selection is None:
                 return self._finish_table_only(table)
-            selection = self.select(table)
-            pruned = self.prune(selection)
-            del self.model
+            if self.cfg.streamed_surgery:
+                pruned = self.prune_streamed(selection)
+            else:
+                pruned = self.prune(selection)
+                del self.model
+                self.save(pruned)
             if self.cfg.test_after_prune:
                 self.evaluate(pruned, "after")
-            self.save(pruned)
             params_after = sum(p.numel() for p in pruned.parameters())
             results = {
                 **selection.summary(),
@@ -250,6 +288,17 @@ class PruneRecipe:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
 
+
+    def _follow_rank_zero(self, raw: pd.DataFrame) -> RunResult:
+        """Ranks other than 0: receive the plan rank 0 selected (or its error) and stop."""
+        message = broadcast_from_zero(None)
+        if "error" in message:
+            raise RuntimeError(f"rank 0 failed: {message['error']}")
+        plan = None if message["plan"] is None else PruningPlan.from_json(message["plan"])
+        log.info("rank %d: received the plan of rank 0 (%s)", self.rank,
+                 "table only" if plan is None else f"{sum(len(lp.keep_channels) for lp in plan.layers)} channels kept")
+        self.received_plan = plan
+        return RunResult(self.run_dir, raw, None, None, {"rank": self.rank})
 
     def _finish_table_only(self, table: pd.DataFrame) -> RunResult:
         results = {"table_only": True, "units": len(table), "total_params": self.layout.total_params,

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,6 +29,17 @@ def model(arch: str) -> torch.nn.Module:
     return tiny_model(arch, gqa=2, num_kv=3, layers=2, seed=3)
 
 
+class Kill(L.Callback):
+    """Simulates preemption: exit the process right after batch ``after``."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx + 1 == self.after:
+            os._exit(3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="ddp")
@@ -37,11 +49,17 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--fisher_batch_size", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint_dir", default=None)
+    parser.add_argument("--checkpoint_every", type=int, default=0)
+    parser.add_argument("--kill_after", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     net = model(args.arch)
     importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, accelerator="cpu",
                                  progress=False, method=args.method, fisher_batch_size=args.fisher_batch_size,
-                                 strategy=args.strategy)
+                                 strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,
+                                 checkpoint_every=args.checkpoint_every, resume=args.resume,
+                                 extra_callbacks=[Kill(args.kill_after)] if args.kill_after else None)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"attention": importance.attention, "mlp": importance.mlp}, args.out)
 

@@ -62,3 +62,20 @@ def test_two_ranks_equal_one_process(tmp_path: Path, strategy: str, method: str,
         a = select(build_table(layout, single), layout, ratio)
         b = select(build_table(layout, distributed), layout, ratio)
         assert a.plan.to_json() == b.plan.to_json()
+
+
+def test_fsdp_killed_and_resumed_equals_one_process(tmp_path: Path) -> None:
+    """Both ranks die after 2 batches; the restarted job loads each rank's sharded gradients."""
+    state = str(tmp_path / "state")
+    out = tmp_path / "importance.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), "--out", str(out), "--strategy", "fsdp", "--windows", "9",
+           "--checkpoint_dir", state, "--checkpoint_every", "1", "--kill_after", "2"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not out.exists()
+    resumed = _torchrun(tmp_path, "--strategy", "fsdp", "--windows", "9", "--checkpoint_dir", state, "--resume")
+    net = model("qwen2")
+    single = run_calibration(net, describe(net), windows(9), 2, accelerator="cpu", progress=False)
+    for layer, values in single.mlp.items():
+        torch.testing.assert_close(resumed.mlp[layer], values, rtol=1e-5, atol=0)
+        torch.testing.assert_close(resumed.attention[layer], single.attention[layer], rtol=1e-5, atol=0)

@@ -12,6 +12,7 @@ from torch import nn
 
 from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.baselines import magnitude_importance, random_importance
+from gp_lightning.calibration.checkpoint import StatisticsCheckpoint
 from gp_lightning.calibration.launch import resolve_launch
 from gp_lightning.calibration.methods import METHODS, ImportanceMethod, needs_calibration_data
 from gp_lightning.calibration.module import CalibrationModule
@@ -38,12 +39,17 @@ def run_calibration(
     strategy: str = "auto",
     devices: int | str = "auto",
     num_nodes: int = 1,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    extra_callbacks: list[L.Callback] | None = None,
 ) -> UnitImportance:
     """Per-unit importance of ``model`` by ``method``; ``windows`` may be None for data-free methods.
 
     Under a distributed strategy every rank runs this with the same arguments (``torchrun``,
     ``srun``, ``accelerate launch``); each reads its own shard of ``windows`` and every rank returns
-    the same, complete importance.
+    the same, complete importance. With ``checkpoint_every`` the accumulated statistics are saved
+    into ``checkpoint_dir`` every N batches; ``resume`` continues from them.
     """
     if method == "magnitude":
         return magnitude_importance(model, layout)
@@ -62,10 +68,16 @@ def run_calibration(
         model, total_target_tokens=windows[:, 1:].numel(), compute_gradients=method != "wanda",
         backward_windows=fisher_batch_size if method == "taylor_2nd" else None, shard=launch.shards_parameters,
     )
+    callbacks: list[L.Callback] = [collector]
+    if checkpoint_every or resume:
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every/resume need a checkpoint_dir")
+        callbacks.append(StatisticsCheckpoint(checkpoint_dir, checkpoint_every, collector, resume))
+    callbacks += extra_callbacks or []
     trainer = L.Trainer(
         accelerator=accelerator, devices=launch.devices, num_nodes=num_nodes, strategy=launch.strategy,
         precision=precision, max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, callbacks=[collector], default_root_dir=default_root_dir,
+        enable_progress_bar=progress, callbacks=callbacks, default_root_dir=default_root_dir,
         use_distributed_sampler=False,  # CalibrationData shards without duplicating windows
     )
     trainer.fit(module, datamodule=CalibrationData(windows, batch_size))

@@ -25,6 +25,7 @@ from gp_lightning.calibration.module import CalibrationModule
 from gp_lightning.calibration.units import (
     UnitImportance,
     UnitParameter,
+    is_sharded,
     local_part,
     per_unit,
     unit_importance,
@@ -95,6 +96,36 @@ class TaylorImportance(L.Callback):
             self.fisher.add(item, per_unit(squared, item.units, item.axis))
 
         return hook
+
+    def statistics_state(self) -> dict:
+        """This rank's accumulated gradients (local shards) and Fisher sums, for a statistics checkpoint."""
+        assert self._module is not None and self.fisher is not None
+        grads = []
+        for item in unit_parameters(self._module.model, self.layout):
+            grad = self._fp32_grads.get(item.param, item.param.grad)
+            grads.append(None if grad is None else local_part(grad.detach())[0].clone())
+        return {"grads": grads, "fisher": (dict(self.fisher.attention), dict(self.fisher.mlp))}
+
+    def load_statistics_state(self, state: dict) -> None:
+        assert self._module is not None and self.fisher is not None
+        items = list(unit_parameters(self._module.model, self.layout))
+        if len(items) != len(state["grads"]):
+            raise CalibrationError("resume: the statistics checkpoint was written for another model.")
+        for item, saved in zip(items, state["grads"], strict=True):
+            if saved is None:
+                continue
+            param = item.param
+            if param.dtype != torch.float32:
+                self._fp32_grads[param] = saved.float()
+            elif is_sharded(param):
+                from torch.distributed.tensor import DTensor
+
+                param.grad = DTensor.from_local(saved.to(param.device), param.device_mesh, param.placements,
+                                                run_check=False, shape=param.shape, stride=param.stride())
+            else:
+                param.grad = saved.to(device=param.device, dtype=param.dtype)
+        self.fisher.attention.update(state["fisher"][0])
+        self.fisher.mlp.update(state["fisher"][1])
 
     def gradient(self, param: nn.Parameter) -> torch.Tensor:
         grad = self._fp32_grads.get(param, param.grad)

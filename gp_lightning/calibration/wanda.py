@@ -66,6 +66,17 @@ class WandaImportance(L.Callback):
                 self._norms[item.module] = _InputNorms(self)
                 self._hooks.append(item.module.register_forward_pre_hook(self._norms[item.module]))
 
+    def statistics_state(self) -> dict:
+        """This rank's input-norm sums, in projection order, for a statistics checkpoint."""
+        return {"norms": [(n.sum_squares, n.tokens) for n in self._norms.values()]}
+
+    def load_statistics_state(self, state: dict) -> None:
+        norms = list(self._norms.values())
+        if len(norms) != len(state["norms"]):
+            raise ValueError("resume: the statistics checkpoint was written for another model.")
+        for target, (sum_squares, tokens) in zip(norms, state["norms"], strict=True):
+            target.sum_squares, target.tokens = sum_squares, tokens
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._hooks:
             handle.remove()

@@ -1,0 +1,404 @@
+"""Streamed surgery: prune a checkpoint on disk without ever loading the whole model.
+
+The in-memory path (:func:`gp_lightning.surgery.apply_plan` + :func:`save_pruned`) needs the dense
+model and its pruned copy in RAM at once. For a model that barely fits (or does not fit) that is
+too much, so :func:`stream_prune` instead reads the dense safetensors tensor by tensor, passes each
+one through the same :class:`TensorSlicer`, and writes output shards of at most ``max_shard_size``
+as it goes. Peak memory is then about one output shard plus one input tensor, whatever the model
+size, and the files it writes are the ones ``save_pruned`` would have written for the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
+
+from gp_lightning.architecture import ModelLayout, describe
+from gp_lightning.errors import ModelSourceError
+from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
+from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
+from gp_lightning.io import replace_dir, staging_dir
+from gp_lightning.plan import PruningPlan
+from gp_lightning.surgery import TensorSlicer, pruned_config
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+#: safetensors refuses headers larger than this; a larger length means a corrupt file.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes in ``size`` ("5GB", "500MB", or an int), read exactly as ``save_pretrained`` reads it."""
+    if isinstance(size, int):
+        return size
+    if size.strip().isdigit():
+        return int(size)
+    try:  # the parser transformers' save_pretrained hands max_shard_size to
+        from huggingface_hub.serialization._base import parse_size_to_int
+    except ImportError:  # pragma: no cover - huggingface_hub moved it
+        from transformers.utils.hub import convert_file_size_to_int as parse_size_to_int
+    return int(parse_size_to_int(size))
+
+
+def source_weight_files(source: str | Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint directory, in the order they were written.
+
+    Raises :class:`ModelSourceError` (naming the fix) when there is no safetensors checkpoint, since
+    only safetensors can be read lazily tensor by tensor.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise ModelSourceError(
+            f"Streamed surgery needs a local Hugging Face checkpoint directory, but '{source}' is not a "
+            "directory. Download the model first (e.g. `hf download <repo> --local-dir DIR`) and pass DIR."
+        )
+    index = source / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelSourceError(f"'{index}' is not a valid safetensors index ({exc}). Re-download the model.") from exc
+        files = [source / name for name in sorted(set(weight_map.values()))]
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise ModelSourceError(
+                f"'{index}' lists shard files that are missing: {', '.join(missing)}. The download is "
+                "incomplete: download the model again."
+            )
+        return files
+    single = source / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in source.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors", ".gguf"))
+    what = f"only {', '.join(found)}" if found else "no weight files at all"
+    raise ModelSourceError(
+        f"Streamed surgery reads the weights lazily from safetensors, but '{source}' has no "
+        f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} ({what}). Convert the checkpoint to "
+        "safetensors (load it with from_pretrained and save it with save_pretrained(dir, "
+        "safe_serialization=True)), or prune it in memory instead of streamed."
+    )
+
+
+def load_dense_config(source: str | Path) -> Any:
+    """The dense model's config from ``source``, as a :class:`ModelSourceError` if it is unreadable."""
+    try:
+        return AutoConfig.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"Could not read the model config from '{source}': {exc}. Point the source at an HF checkpoint "
+            "directory that has a config.json."
+        ) from exc
+
+
+def _dense_meta_model(dense_config: Any) -> torch.nn.Module:
+    """The dense model on the meta device: its modules and tensor names, without any weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(dense_config)
+
+
+def describe_checkpoint(source: str | Path, dense_config: Any = None) -> ModelLayout:
+    """The pruning layout of a checkpoint, read from a meta-device model (no weights are loaded).
+
+    Lets a caller build a plan for a model that is only ever streamed; the layout is the one
+    ``describe`` gives for the loaded model, since it depends only on module shapes.
+    """
+    return describe(_dense_meta_model(dense_config if dense_config is not None else load_dense_config(source)))
+
+
+#: A projection weight inside a decoder layer: layer index, block, projection.
+_PROJECTION = re.compile(r"^(?:.*\.)?layers\.(?P<idx>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)\.weight$")
+
+
+def _check_pruned_axis(name: str, shape: list[int], layout: ModelLayout, source: Path) -> None:
+    """Check that a stored projection is as wide as ``layout`` says along the axis the slicer cuts.
+
+    The dry run slices meta tensors, which do no bounds checks, and the other axes are compared
+    with the pruned model's shapes; so this is what catches a layout taken from another model.
+    """
+    match = _PROJECTION.match(name)
+    if match is None:
+        return
+    idx = int(match["idx"])
+    if idx >= layout.num_layers:
+        raise ModelSourceError(f"The checkpoint in '{source}' has layer {idx} ('{name}'), the layout only "
+                               f"{layout.num_layers} layers: the layout or plan does not match the checkpoint.")
+    layer = layout.layers[idx]
+    q_width, kv_width = layer.num_q_heads * layer.head_dim, layer.num_kv_heads * layer.head_dim
+    axis_width = {"q_proj": (0, q_width), "k_proj": (0, kv_width), "v_proj": (0, kv_width), "o_proj": (1, q_width),
+                  "gate_proj": (0, layer.intermediate_size), "up_proj": (0, layer.intermediate_size),
+                  "down_proj": (1, layer.intermediate_size)}.get(match["proj"])
+    if axis_width is not None and (len(shape) != 2 or shape[axis_width[0]] != axis_width[1]):
+        raise ModelSourceError(
+            f"'{name}' in '{source}' has shape {tuple(shape)}, but the layout expects {axis_width[1]} along axis "
+            f"{axis_width[0]}: the layout or plan does not match the checkpoint."
+        )
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One tensor of the output: where its dense source is stored and the name it is written under."""
+
+    name: str
+    file: Path
+    source_name: str
+    nbytes: int  # of the pruned tensor
+
+
+def _read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries (dtype, shape, data_offsets) of a safetensors file's JSON header.
+
+    Only the header is read: it gives every tensor's shape and byte size without touching the data.
+    """
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > _MAX_HEADER_BYTES:
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        for info in header.values():
+            info["shape"], info["data_offsets"]  # noqa: B018 (fail here on a malformed entry)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelSourceError(f"'{path}' is not a valid safetensors file ({exc!r}). Re-download the model.") from exc
+    return header
+
+
+def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, dense_names: set[str],
+                expected: dict[str, tuple[int, ...]], tied: set[str], source: Path) -> list[_Read]:
+    """Which stored tensor becomes which output tensor, in the pruned model's state-dict order.
+
+    Runs the slicer on meta tensors of the stored shapes (from the file headers only), so a
+    layout or plan that does not fit the checkpoint fails here, before any weight is read or any
+    file is written. Following the pruned model's order makes the shard split the one
+    ``save_pretrained`` makes for the in-memory model. Stored tensors the dense model does not have
+    (e.g. the ``rotary_emb.inv_freq`` buffers of old checkpoints) are skipped, as ``from_pretrained``
+    skips them.
+    """
+    reads: dict[str, _Read] = {}
+    unused = []
+    for path in files:
+        for source_name, info in _read_header(path).items():
+            if source_name not in dense_names:
+                unused.append(source_name)
+                continue
+            shape = info["shape"]
+            _check_pruned_axis(source_name, shape, layout, source)
+            result = slicer(source_name, torch.empty(shape, device="meta"))
+            if result is None or result[0] in tied:  # a tied lm_head stored anyway: save_pretrained drops it too
+                continue
+            name, sliced = result
+            if name not in expected or name in reads:
+                what = "twice" if name in reads else "but the pruned model has no such tensor"
+                raise ModelSourceError(f"Streamed surgery would write '{name}' (from '{source_name}') {what}: "
+                                       f"the layout or plan does not match the checkpoint in '{source}'.")
+            if tuple(sliced.shape) != expected[name]:
+                raise ModelSourceError(
+                    f"Streamed surgery would write '{name}' with shape {tuple(sliced.shape)}, the pruned model "
+                    f"expects {expected[name]}: the layout or plan does not match the checkpoint in '{source}'."
+                )
+            start, end = info["data_offsets"]
+            itemsize = (end - start) // max(math.prod(shape), 1)
+            reads[name] = _Read(name, path, source_name, sliced.numel() * itemsize)
+    if unused:
+        logger.warning("Streamed surgery ignores %d stored tensors the model does not use: %s", len(unused), unused)
+    missing = [name for name in expected if name not in reads]
+    if missing:
+        raise ModelSourceError(f"The checkpoint in '{source}' lacks tensors the pruned model needs: {missing}. "
+                               "It is incomplete or does not match the layout: download it again.")
+    return [reads[name] for name in expected]
+
+
+def _read_tensor(read: _Read) -> torch.Tensor:
+    """Read one stored tensor.
+
+    ``safe_open`` maps the whole file and returns tensors that alias the mapping, so every page read
+    stays resident for as long as the file is open. Opening the file anew for each tensor (cheap: it
+    parses only the JSON header) unmaps each input tensor once it has been sliced and written,
+    instead of letting a whole input shard accumulate in RAM next to the output shard.
+    """
+    with safe_open(str(read.file), framework="pt") as handle:
+        return handle.get_tensor(read.source_name)
+
+
+class _ShardWriter:
+    """Accumulates tensors and writes a shard whenever the next tensor would exceed ``max_bytes``.
+
+    The split follows ``huggingface_hub.split_torch_state_dict_into_shards`` (the one
+    ``save_pretrained`` uses): a tensor larger than the limit gets a shard of its own, otherwise a
+    shard is closed when the next tensor does not fit. The number of shards is known only at the
+    end, so shards are written under temporary names and renamed by :meth:`finish`.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def make_room(self, nbytes: int) -> None:
+        """Write the current shard now if a tensor of ``nbytes`` will not fit in it.
+
+        Called before the tensor is read, so the full shard and the tensor are never in memory together.
+        """
+        if nbytes <= self.max_bytes and self.current and self.current_bytes + nbytes > self.max_bytes:
+            self.flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.total_size += size
+        if size > self.max_bytes:
+            self._write({name: tensor})
+            return
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self.flush()
+        self.current[name] = tensor
+        self.current_bytes += size
+
+    def flush(self) -> None:
+        if self.current:
+            self._write(self.current)
+        self.current = {}  # drop the references so the shard's memory is freed before the next one
+        self.current_bytes = 0
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.directory / f".shard-{len(self.shards):05d}.tmp"
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(tensors)))
+
+    def finish(self, total_parameters: int) -> list[str]:
+        """Give the shards transformers' names and write the index; return the weight file names."""
+        self.flush()
+        count = len(self.shards)
+        if count == 1:
+            self.shards[0][0].rename(self.directory / SAFE_WEIGHTS_NAME)
+            return [SAFE_WEIGHTS_NAME]
+        weight_map: dict[str, str] = {}
+        names = []
+        for idx, (path, tensors) in enumerate(self.shards):
+            filename = f"model-{idx + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / filename)
+            weight_map.update(dict.fromkeys(tensors, filename))
+            names.append(filename)
+        # same content and layout as PreTrainedModel.save_pretrained's index file
+        index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
+                 "weight_map": weight_map}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(text, encoding="utf-8")
+        return names
+
+
+def _meta_model(config: GPPrunedConfig) -> GPPrunedForCausalLM:
+    """The pruned model on the meta device: its expected tensors, without allocating any weights.
+
+    Building it also leaves ``config`` in the state the in-memory path's model construction leaves
+    it in, which matters for an identical config.json.
+    """
+    with torch.device("meta"):
+        return GPPrunedForCausalLM(config)
+
+
+def _generation_config(source: Path, dense_config: Any) -> GenerationConfig:
+    """The generation config the dense model would carry after ``from_pretrained(source)``."""
+    if (source / GENERATION_CONFIG_NAME).is_file():
+        return GenerationConfig.from_pretrained(str(source))
+    return GenerationConfig.from_model_config(dense_config)
+
+
+def _model_dtype(model: GPPrunedForCausalLM, written: dict[str, torch.dtype]) -> torch.dtype:
+    """What ``model.dtype`` would be had the written tensors been loaded: the first floating parameter's."""
+    for name, _ in model.named_parameters():
+        dtype = written.get(name)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+    return next(iter(written.values()))
+
+
+def _save_config(staging: Path, config: GPPrunedConfig, model: GPPrunedForCausalLM, dtype: torch.dtype,
+                 generation_config: GenerationConfig) -> None:
+    """Write config, modeling code and generation config exactly as ``save_pruned`` does.
+
+    Mirrors ``PreTrainedModel.save_pretrained``: record dtype and architecture, copy the modeling
+    file (and the config file it imports) with ``auto_map`` entries, then save the configs.
+    """
+    GPPrunedConfig.register_for_auto_class()
+    GPPrunedForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    config.__dict__.pop("allow_global_per_layer_attribute_access", None)  # as save_pruned: not schema
+    config.dtype = str(dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, staging, config=config)
+    config.save_pretrained(staging)
+    generation_config.save_pretrained(staging)
+
+
+def stream_prune(
+    source: str | Path,
+    layout: ModelLayout,
+    plan: PruningPlan,
+    provenance: dict,
+    output: Path,
+    tokenizer: object | None = None,
+    max_shard_size: int | str = "5GB",
+    dense_config: Any = None,
+) -> Path:
+    """Apply ``plan`` to the safetensors checkpoint in ``source`` and save the pruned checkpoint to ``output``.
+
+    The result equals ``save_pruned(apply_plan(model, layout, plan, provenance), tokenizer, output)``
+    (same tensors, config, modeling files and generation config) but the dense model is never
+    loaded: tensors are read one at a time and written in shards of at most ``max_shard_size``
+    bytes, each tensor in its stored dtype. ``layout`` must describe the checkpoint
+    (:func:`describe_checkpoint` reads it without loading weights). Writing is atomic: into a
+    staging directory that is renamed onto ``output`` when complete and removed on failure.
+    """
+    source, output = Path(source), Path(output)
+    files = source_weight_files(source)
+    if dense_config is None:
+        dense_config = load_dense_config(source)
+    max_bytes = _parse_size(max_shard_size)
+    config = pruned_config(dense_config, layout, plan, provenance)
+    model = _meta_model(config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+    slicer = TensorSlicer(layout, plan)
+    dense_names = set(_dense_meta_model(dense_config).state_dict())
+    reads = _plan_reads(files, layout, slicer, dense_names, expected, tied, source)
+    generation_config = _generation_config(source, dense_config)
+
+    staging = staging_dir(output)
+    try:
+        writer = _ShardWriter(staging, max_bytes)
+        written: dict[str, torch.dtype] = {}
+        for read in reads:
+            writer.make_room(read.nbytes)
+            result = slicer(read.source_name, _read_tensor(read))
+            if result is None or result[0] != read.name:  # cannot happen: the slicer looks at names only
+                raise RuntimeError(f"TensorSlicer mapped '{read.source_name}' differently for real and meta tensors.")
+            written[read.name] = result[1].dtype
+            writer.add(read.name, result[1].contiguous())
+            del result  # a sliced input is freed now, one passed through when its shard is written
+        writer.finish(model.num_parameters())
+        _save_config(staging, config, model, _model_dtype(model, written), generation_config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        replace_dir(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
