@@ -183,6 +183,11 @@ class PruneConfig:
         _check(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be at least 1")
         _check(self.devices == "auto" or int(self.devices) >= 1, "devices", self.devices, "must be at least 1, or auto")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0: never)")
+        _check(not (self.strategy in ("fsdp", "deepspeed") and self.importance_method == "taylor_2nd"), "strategy",
+               self.strategy, "cannot run taylor_2nd: its per-pass gradients exist only before synchronization, which "
+               "only ddp exposes (use strategy: ddp, or importance_method: taylor)")
+        _check(not (self.strategy == "deepspeed" and (self.checkpoint_every or self.resume)), "strategy",
+               self.strategy, "has no statistics checkpoints yet: use fsdp (sharded, with checkpoint_every/resume)")
         _check(not (self.table_only and self.from_table), "table_only", self.table_only,
                "cannot be combined with from_table (first --table_only, then --from_table in another run)")
         self.transforms  # noqa: B018 - the argument groups validate themselves

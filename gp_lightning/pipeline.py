@@ -142,7 +142,7 @@ class PruneRecipe:
             num_nodes=cfg.num_nodes, checkpoint_dir=str(self.run_dir / "calibration_state"),
             checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
         )
-        if cfg.strategy == "fsdp" and self.rank == 0:
+        if cfg.strategy in ("fsdp", "deepspeed") and self.rank == 0:
             # the calibrated model is sharded over ranks now; rank 0 continues alone on a fresh copy
             self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
                                        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)

@@ -1,8 +1,9 @@
 """Two CPU ranks (gloo) under torchrun give the same per-unit statistics as one process on the same data.
 
 Seven windows over two ranks also exercises uneven shards (the last rank is padded with a
-zero-weight window). FSDP2 shards every weight along dim 0, so both row units (q/k/v, gate/up) and
-column units (o_proj/down_proj) are assembled from per-rank partial sums.
+zero-weight window). FSDP2 shards every weight along dim 0 and ZeRO-3 partitions its flattened
+elements, so both row units (q/k/v, gate/up) and column units (o_proj/down_proj) are assembled from
+per-rank partial sums.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _torchrun(tmp_path: Path, *args: str) -> UnitImportance:
     ("ddp", "wanda", []),
     ("fsdp", "wanda", []),
     ("ddp", "taylor_2nd", ["--fisher_batch_size", "1"]),
+    ("deepspeed", "taylor", []),
+    ("deepspeed", "wanda", []),
 ])
 def test_two_ranks_equal_one_process(tmp_path: Path, strategy: str, method: str, extra: list[str]) -> None:
     distributed = _torchrun(tmp_path, "--strategy", strategy, "--method", method, *extra)

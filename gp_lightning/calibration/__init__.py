@@ -19,6 +19,7 @@ from gp_lightning.calibration.module import CalibrationModule
 from gp_lightning.calibration.taylor import TaylorImportance
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.calibration.wanda import WandaImportance
+from gp_lightning.calibration.zero3 import zero3_calibration
 from gp_lightning.data import CalibrationData
 
 __all__ = ["METHODS", "ImportanceMethod", "UnitImportance", "needs_calibration_data", "run_calibration"]
@@ -58,6 +59,10 @@ def run_calibration(
     if method not in ("taylor", "taylor_2nd", "wanda"):
         raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
     assert windows is not None, f"{method} needs calibration windows"
+    if strategy == "deepspeed":
+        if checkpoint_every or resume:
+            raise ValueError("statistics checkpoints are not available with strategy: deepspeed yet; use fsdp")
+        return zero3_calibration(model, layout, windows, batch_size, method, accelerator, progress)
     collector: TaylorImportance | WandaImportance
     if method == "wanda":
         collector = WandaImportance(layout)

@@ -72,8 +72,6 @@ def resolve_launch(strategy: str, accelerator: str, devices: int | str, num_node
 
         return Launch(ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
                                             process_group_backend=backend), count, True)
-    if strategy == "deepspeed":
-        raise ConfigError("strategy: deepspeed is not available yet in this version; use fsdp (sharded) or ddp.")
     raise ConfigError(f"Unknown strategy '{strategy}': use auto, ddp, fsdp or deepspeed.")
 
 
