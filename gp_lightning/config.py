@@ -105,6 +105,9 @@ class PruneConfig:
             the ranks talk over gloo.
         devices: Processes per node (``auto``: what the launcher started, else 1).
         num_nodes: Number of nodes.
+        activation_checkpointing: Recompute each decoder layer's activations during backward instead of
+            keeping them (Taylor methods): activation memory of about one layer instead of all, for
+            roughly a third more compute. Needed for long seq_len on large models.
         checkpoint_every: Save the accumulated statistics every N calibration batches into
             ``output/calibration_state`` (0: never), so an interrupted run can ``resume``.
         resume: Continue the interrupted run in ``output``: its saved statistics are loaded and the
@@ -161,6 +164,7 @@ class PruneConfig:
     strategy: StrategyName = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = 1
+    activation_checkpointing: bool = False
     checkpoint_every: int = 0
     resume: bool = False
     streamed_surgery: bool = False

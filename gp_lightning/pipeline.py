@@ -141,6 +141,7 @@ class PruneRecipe:
             fisher_batch_size=cfg.fisher_batch_size, seed=cfg.seed, strategy=cfg.strategy, devices=cfg.devices,
             num_nodes=cfg.num_nodes, checkpoint_dir=str(self.run_dir / "calibration_state"),
             checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
         if cfg.strategy in ("fsdp", "deepspeed") and self.rank == 0:
             # the calibrated model is sharded over ranks now; rank 0 continues alone on a fresh copy

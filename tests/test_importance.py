@@ -181,3 +181,12 @@ def test_bf16_weights_accumulate_in_float32() -> None:
         for layer in exact.mlp:
             assert approx.mlp[layer].dtype == torch.float64
             torch.testing.assert_close(approx.mlp[layer], exact.mlp[layer], rtol=0.1, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_taylor() -> None:
+    model = tiny_model("qwen2", layers=2)
+    plain = _calibrate(model, "taylor", 3)
+    checkpointed = _calibrate(tiny_model("qwen2", layers=2), "taylor", 3, activation_checkpointing=True)
+    for layer in plain.mlp:
+        torch.testing.assert_close(checkpointed.mlp[layer], plain.mlp[layer], rtol=1e-6, atol=0)
+        torch.testing.assert_close(checkpointed.attention[layer], plain.attention[layer], rtol=1e-6, atol=0)

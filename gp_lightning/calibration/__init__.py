@@ -44,6 +44,7 @@ def run_calibration(
     checkpoint_every: int = 0,
     resume: bool = False,
     extra_callbacks: list[L.Callback] | None = None,
+    activation_checkpointing: bool = False,
 ) -> UnitImportance:
     """Per-unit importance of ``model`` by ``method``; ``windows`` may be None for data-free methods.
 
@@ -72,6 +73,7 @@ def run_calibration(
     module = CalibrationModule(
         model, total_target_tokens=windows[:, 1:].numel(), compute_gradients=method != "wanda",
         backward_windows=fisher_batch_size if method == "taylor_2nd" else None, shard=launch.shards_parameters,
+        activation_checkpointing=activation_checkpointing,
     )
     callbacks: list[L.Callback] = [collector]
     if checkpoint_every or resume:

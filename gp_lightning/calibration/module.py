@@ -43,13 +43,15 @@ class CalibrationModule(L.LightningModule):
     """Forward + backward over calibration windows, gradients left in place for the callbacks."""
 
     def __init__(self, model: nn.Module, total_target_tokens: int, compute_gradients: bool = True,
-                 backward_windows: int | None = None, shard: bool = False) -> None:
+                 backward_windows: int | None = None, shard: bool = False,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.model = model
         self.total_target_tokens = total_target_tokens
         self.compute_gradients = compute_gradients
         self.backward_windows = backward_windows
         self.shard = shard
+        self.activation_checkpointing = activation_checkpointing
         #: Real (non-padding) target tokens of the backward pass in flight, for the Fisher hooks.
         self.backward_tokens = 0
         self.backward_passes = 0
@@ -58,12 +60,23 @@ class CalibrationModule(L.LightningModule):
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
-        """FSDP2: shard every decoder layer, then the root, over the data-parallel mesh."""
+        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked).
+
+        Checkpointing keeps only each layer's input for backward and recomputes the rest, so
+        activation memory is about one layer's instead of all layers' (for roughly a third more
+        compute). It uses the composable API, which leaves module names and eval mode alone.
+        """
+        from gp_lightning.architecture import decoder_layers
+
+        if self.activation_checkpointing and self.compute_gradients and not getattr(self, "_checkpointed", False):
+            from torch.distributed._composable import checkpoint
+
+            for layer in decoder_layers(self.model):
+                checkpoint(layer)
+            self._checkpointed = True
         if not self.shard:
             return
         from torch.distributed.fsdp import fully_shard
-
-        from gp_lightning.architecture import decoder_layers
 
         mesh = self.device_mesh["data_parallel"] if self.device_mesh.ndim > 1 else self.device_mesh
         for layer in decoder_layers(self.model):
