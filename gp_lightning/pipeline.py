@@ -37,6 +37,7 @@ from gp_lightning.precision import load_dtype, resolve
 from gp_lightning.ranks import broadcast_from_zero, global_rank
 from gp_lightning.reports import describe_run, layer_summary_text
 from gp_lightning.selection import Selection, check_budget, layer_summary, select
+from gp_lightning.sharded_load import meta_model
 from gp_lightning.surgery import apply_plan
 from gp_lightning.table import BLOCK, build_table, load_table, ranked, transform_table
 
@@ -73,10 +74,18 @@ class PruneRecipe:
         self.eval_precision = resolve(cfg.eval_precision, cfg.accelerator)
         L.seed_everything(cfg.seed, verbose=False)
         start = time.perf_counter()
-        self.model, self.tokenizer = load_model(
-            cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
-            trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir,
-        )
+        if self._loads_sharded():
+            # FSDP: every rank builds the model on the meta device and later reads only its own shard
+            from transformers import AutoTokenizer
+
+            directory = local_checkpoint_dir(cfg.model, cfg.cache_dir)
+            self.model = meta_model(directory, load_dtype(self.precision))
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or directory)
+        else:
+            self.model, self.tokenizer = load_model(
+                cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
+                trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir,
+            )
         self.layout: ModelLayout = describe(self.model)
         check_budget(self.layout, cfg.pruning_ratio, cfg.constraints)
         self.timings["load_model_s"] = time.perf_counter() - start
@@ -90,6 +99,18 @@ class PruneRecipe:
             eval_tokens = tokenize(load_text(cfg.eval_dataset, "evaluation"), self.tokenizer)
             self.eval_windows = evaluation_windows(eval_tokens, cfg.eval_seq_len, cfg.eval_max_windows)
         self._open_run_dir()
+
+    def _loads_sharded(self) -> bool:
+        cfg = self.cfg
+        return cfg.strategy == "fsdp" and cfg.from_table is None and cfg.importance_method in ("taylor", "wanda")
+
+    def full_model(self) -> torch.nn.Module:
+        """The dense model, whole, on this process (reloaded when calibration left it sharded)."""
+        if self.model is None or any(p.is_meta for p in self.model.parameters()):
+            cfg = self.cfg
+            self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
+                                       trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+        return self.model
 
     def _saved_losses(self, column: str) -> pd.DataFrame | None:
         """B or L measured by the run that wrote the saved table, if it measured them."""
@@ -143,11 +164,10 @@ class PruneRecipe:
             checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
             activation_checkpointing=cfg.activation_checkpointing,
         )
-        if cfg.strategy in ("fsdp", "deepspeed") and self.rank == 0:
-            # the calibrated model is sharded over ranks now; rank 0 continues alone on a fresh copy
-            self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
-                                       trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
-        self.model = self.model.cpu()
+        if cfg.strategy in ("fsdp", "deepspeed") and cfg.importance_method not in ("magnitude", "random"):
+            self.model = None  # sharded over the ranks now; rank 0 reloads it only if it needs it whole
+        else:
+            self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
         log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
         if importance.details:
@@ -173,7 +193,7 @@ class PruneRecipe:
             assert self.cal_windows is not None
             start = time.perf_counter()
             base, new_blocks, new_layers = ablation_losses(
-                self.model, self.layout, self.cal_windows[: cfg.block_eval_samples], cfg.batch_size,
+                self.full_model(), self.layout, self.cal_windows[: cfg.block_eval_samples], cfg.batch_size,
                 blocks=measure_blocks, layers=measure_layers,
             )
             self.timings["ablation_s"] = time.perf_counter() - start
@@ -215,7 +235,7 @@ class PruneRecipe:
         """Write ``model/`` straight from the original safetensors, one tensor at a time; reload it."""
         start = time.perf_counter()
         source = local_checkpoint_dir(self.cfg.model, self.cfg.cache_dir)
-        del self.model
+        self.model = None  # the weights are read from disk instead
         stream_prune(source, self.layout, selection.plan, self.provenance(selection), self.run_dir / "model",
                      tokenizer=self.tokenizer)
         self.timings["surgery_s"] = time.perf_counter() - start
@@ -232,7 +252,7 @@ class PruneRecipe:
     def prune(self, selection: Selection) -> torch.nn.Module:
         provenance = self.provenance(selection)
         start = time.perf_counter()
-        pruned = apply_plan(self.model, self.layout, selection.plan, provenance)
+        pruned = apply_plan(self.full_model(), self.layout, selection.plan, provenance)
         self.timings["surgery_s"] = time.perf_counter() - start
         return pruned
 
@@ -246,7 +266,7 @@ class PruneRecipe:
         self.setup()
         try:
             if self.cfg.test_before_prune and self.eval_windows is not None:
-                self.evaluate(self.model, "before")
+                self.evaluate(self.full_model(), "before")
             raw = self.raw_table()
             if self.rank != 0:
                 return self._follow_rank_zero(raw)
@@ -263,7 +283,7 @@ class PruneRecipe:
                 pruned = self.prune_streamed(selection)
             else:
                 pruned = self.prune(selection)
-                del self.model
+                self.model = None
                 self.save(pruned)
             if self.cfg.test_after_prune:
                 self.evaluate(pruned, "after")

@@ -53,8 +53,14 @@ def main() -> None:
     parser.add_argument("--checkpoint_every", type=int, default=0)
     parser.add_argument("--kill_after", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--from_dir", default=None, help="build on the meta device and load each rank's shard")
     args = parser.parse_args()
-    net = model(args.arch)
+    if args.from_dir:
+        from gp_lightning.sharded_load import meta_model
+
+        net = meta_model(Path(args.from_dir), torch.float32)
+    else:
+        net = model(args.arch)
     importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, accelerator="cpu",
                                  progress=False, method=args.method, fisher_batch_size=args.fisher_batch_size,
                                  strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,

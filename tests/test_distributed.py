@@ -82,3 +82,17 @@ def test_fsdp_killed_and_resumed_equals_one_process(tmp_path: Path) -> None:
     for layer, values in single.mlp.items():
         torch.testing.assert_close(resumed.mlp[layer], values, rtol=1e-5, atol=0)
         torch.testing.assert_close(resumed.attention[layer], single.attention[layer], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["taylor", "wanda"])
+def test_fsdp_sharded_load_reads_only_local_rows(tmp_path: Path, method: str) -> None:
+    """Ranks build the model on the meta device and read their own rows from a multi-shard checkpoint."""
+    checkpoint = tmp_path / "checkpoint"
+    model("qwen2").save_pretrained(checkpoint, max_shard_size="20KB")
+    assert len(list(checkpoint.glob("*.safetensors"))) > 2
+    distributed = _torchrun(tmp_path, "--strategy", "fsdp", "--method", method, "--from_dir", str(checkpoint))
+    net = model("qwen2")
+    single = run_calibration(net, describe(net), windows(7), 2, accelerator="cpu", progress=False, method=method)
+    for kind in ("attention", "mlp"):
+        for layer, values in getattr(single, kind).items():
+            torch.testing.assert_close(getattr(distributed, kind)[layer], values, rtol=1e-5, atol=0)

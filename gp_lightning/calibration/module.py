@@ -82,6 +82,10 @@ class CalibrationModule(L.LightningModule):
         for layer in decoder_layers(self.model):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
+        if getattr(self.model, "gp_weights_dir", None) and any(p.is_meta for p in self.model.parameters()):
+            from gp_lightning.sharded_load import load_local_shards
+
+            load_local_shards(self.model, self.trainer.strategy.root_device)
 
     def on_train_epoch_start(self) -> None:
         self.model.eval()  # calibration measures the model as it is used: no dropout

@@ -1,0 +1,69 @@
+"""Load a model already sharded: each FSDP2 rank reads only its own rows of every weight.
+
+Loading a 70B model whole into every rank's CPU memory (282 GB in float32, times 8 ranks per
+node) is impossible. Instead every rank builds the model on the meta device (no memory), shards it
+with ``fully_shard``, allocates only its local shard and fills it from the checkpoint's
+safetensors with ``get_slice`` (rows ``[offset, offset + n)``), so each rank reads and holds about
+``1 / world_size`` of the weights. Buffers computed at construction (rotary frequencies) are built
+for real, since ``init_empty_weights`` leaves buffers alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from gp_lightning.architecture import check_supported
+from gp_lightning.calibration.units import local_part
+from gp_lightning.errors import ModelSourceError
+
+
+def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of ``directory`` with parameters on the meta device; remembers where its weights are."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    check_supported(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.gp_weights_dir = str(directory)
+    return model.eval()
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise ModelSourceError(f"Sharded loading reads safetensors, and {directory} has none. Convert the "
+                               "checkpoint (from_pretrained + save_pretrained) or use strategy: ddp.")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+@torch.no_grad()
+def load_local_shards(model: nn.Module, device: torch.device) -> None:
+    """Allocate this rank's shard of every (already ``fully_shard``-ed) parameter and read it from disk."""
+    directory = Path(model.gp_weights_dir)
+    files = _tensor_files(directory)
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
+    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if name not in files:
+            raise ModelSourceError(f"{directory} has no tensor '{name}': the checkpoint does not match its config.")
+        by_file.setdefault(files[name], []).append((name, param))
+    for path, params in by_file.items():
+        with safe_open(path, framework="pt") as handle:
+            for name, param in params:
+                local, offset, _ = local_part(param.data)
+                rows = handle.get_slice(name)[offset : offset + local.shape[0]]
+                local.copy_(rows.to(dtype=local.dtype, device=local.device))
