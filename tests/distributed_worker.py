@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--checkpoint_every", type=int, default=0)
     parser.add_argument("--kill_after", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--precision", default="32-true")
     parser.add_argument("--from_dir", default=None, help="build on the meta device and load each rank's shard")
     args = parser.parse_args()
     if args.from_dir:
@@ -61,7 +62,7 @@ def main() -> None:
         net = meta_model(Path(args.from_dir), torch.float32)
     else:
         net = model(args.arch)
-    importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, accelerator="cpu",
+    importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, args.precision, "cpu",
                                  progress=False, method=args.method, fisher_batch_size=args.fisher_batch_size,
                                  strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,
                                  checkpoint_every=args.checkpoint_every, resume=args.resume,

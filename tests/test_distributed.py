@@ -96,3 +96,14 @@ def test_fsdp_sharded_load_reads_only_local_rows(tmp_path: Path, method: str) ->
     for kind in ("attention", "mlp"):
         for layer, values in getattr(single, kind).items():
             torch.testing.assert_close(getattr(distributed, kind)[layer], values, rtol=1e-5, atol=0)
+
+
+def test_fsdp_bf16_mixed_accumulates_in_float32(tmp_path: Path) -> None:
+    """Layers gathered and run in bf16 (MixedPrecisionPolicy); gradients reduced into float32 shards."""
+    distributed = _torchrun(tmp_path, "--strategy", "fsdp", "--precision", "bf16-mixed")
+    net = model("qwen2")
+    exact = run_calibration(net, describe(net), windows(7), 2, accelerator="cpu", progress=False)
+    for layer, values in exact.mlp.items():
+        assert distributed.mlp[layer].dtype == torch.float64
+        torch.testing.assert_close(distributed.mlp[layer], values, rtol=0.05, atol=0)
+        torch.testing.assert_close(distributed.attention[layer], exact.attention[layer], rtol=0.05, atol=0)

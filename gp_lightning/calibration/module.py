@@ -76,12 +76,16 @@ class CalibrationModule(L.LightningModule):
             self._checkpointed = True
         if not self.shard:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = self.device_mesh["data_parallel"] if self.device_mesh.ndim > 1 else self.device_mesh
+        # bf16-mixed: layers are gathered and computed in bf16 (half the traffic and memory of the
+        # float32 shards); gradients are reduced and accumulated in float32 shards
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if str(self.trainer.precision).startswith("bf16") else MixedPrecisionPolicy())
         for layer in decoder_layers(self.model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
         if getattr(self.model, "gp_weights_dir", None) and any(p.is_meta for p in self.model.parameters()):
             from gp_lightning.sharded_load import load_local_shards
 
