@@ -22,9 +22,9 @@ weights/GPU
     The sharded copy of ALL parameters, 1/N per rank, in the storage dtype of ``--precision``
     (bf16-true: 2 bytes; bf16-mixed and 32-true: float32 master weights, 4 bytes), plus the
     all-gathered (unsharded) parameters in flight, in the compute dtype (bf16 for both bf16 modes:
-    FSDP's mixed-precision policy gathers in bf16). The default is bf16-true (bf16 parameters);
-    ``configs/llama3-70b.yaml`` runs bf16-mixed (float32 master weights, which distributed Taylor
-    currently requires): ``--precision bf16-mixed`` gives its figures.
+    FSDP's mixed-precision policy gathers in bf16). The default is bf16-mixed, what distributed
+    calibration runs (float32 shards for exact gradient accumulation, bf16 gathers and compute);
+    ``--precision bf16-true`` shows what bf16 shards would save.
 
     * FSDP2 (``fully_shard`` on every decoder block and on the root model): one block is gathered for
       the running forward/backward and the next one is prefetched, so ``--fsdp_blocks_in_flight`` (2)
@@ -489,8 +489,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration window (default 2048)")
     parser.add_argument("--micro_batch", type=int, default=1, help="windows per forward/backward pass per GPU")
-    parser.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="bf16-true",
-                        help="bf16-true: bf16 parameters (default); bf16-mixed: float32 master parameters gathered "
+    parser.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="bf16-mixed",
+                        help="bf16-true: bf16 parameters; bf16-mixed (default): float32 master parameters gathered "
                              "and computed in bf16; 32-true: float32 everywhere")
     parser.add_argument("--activation_checkpointing", choices=("on", "off"), default="on",
                         help="checkpoint every decoder block (default on)")
