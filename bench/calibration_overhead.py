@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gp_lightning.io import write_text
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SEED = 42
@@ -185,18 +187,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) ->
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the result the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Through a temporary file in the same directory and a rename (``gp_lightning.io``)."""
+    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:

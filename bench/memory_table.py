@@ -101,14 +101,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from gp_lightning.io import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "memory_table.md"
@@ -470,19 +470,8 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the result the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Through a temporary file in the same directory and a rename (``gp_lightning.io``)."""
+    write_text(path, text)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
