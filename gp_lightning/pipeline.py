@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gp_lightning import __version__
 from gp_lightning.architecture import ModelLayout, describe
 from gp_lightning.calibration import needs_calibration_data, run_calibration
 from gp_lightning.calibration.ablation import ablation_losses
+from gp_lightning.calibration.launch import launcher_warning
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
 from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
@@ -70,6 +72,9 @@ class PruneRecipe:
         cfg = self.cfg
         if self.rank == 0:
             check_run_dir(self.run_dir, cfg.overwrite or cfg.resume)
+        warning = launcher_warning()
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         self.precision = resolve(cfg.precision, cfg.accelerator)
         self.eval_precision = resolve(cfg.eval_precision, cfg.accelerator)
         L.seed_everything(cfg.seed, verbose=False)

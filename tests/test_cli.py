@@ -102,3 +102,13 @@ def test_too_little_calibration_text(tmp_path: Path, tiny_checkpoint: Path, caps
     assert code == 2
     assert "too short" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_accelerate_cpu_single_process_trap_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gp_lightning.calibration.launch import launcher_warning
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "--multi_gpu" in launcher_warning()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launcher_warning() is None

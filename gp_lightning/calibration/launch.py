@@ -26,6 +26,14 @@ class Launch:
     shards_parameters: bool
 
 
+def launcher_warning() -> str | None:
+    """A known launcher trap: ``accelerate launch --cpu --num_processes N`` starts ONE process."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in os.environ:
+        return ("accelerate launch --cpu started a single process (it ignores --num_processes on CPU). For N CPU "
+                "processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`.")
+    return None
+
+
 def launched_processes_per_node() -> int:
     for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
         value = os.environ.get(key, "")
