@@ -175,6 +175,8 @@ class PruneRecipe:
             self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
         log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
+        if importance.gradient_statistics is not None and self.rank == 0:
+            write_json(self.run_dir / "analysis" / "gradient_statistics.json", importance.gradient_statistics)
         if importance.details:
             self.evaluation["importance_details"] = importance.details
             log.info("importance details: %s", importance.details)

@@ -68,7 +68,8 @@ def main() -> None:
                                  checkpoint_every=args.checkpoint_every, resume=args.resume,
                                  extra_callbacks=[Kill(args.kill_after)] if args.kill_after else None)
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"attention": importance.attention, "mlp": importance.mlp}, args.out)
+        torch.save({"attention": importance.attention, "mlp": importance.mlp,
+                    "gradient_statistics": importance.gradient_statistics}, args.out)
 
 
 if __name__ == "__main__":

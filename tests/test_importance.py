@@ -190,3 +190,20 @@ def test_activation_checkpointing_gives_the_same_taylor() -> None:
     for layer in plain.mlp:
         torch.testing.assert_close(checkpointed.mlp[layer], plain.mlp[layer], rtol=1e-6, atol=0)
         torch.testing.assert_close(checkpointed.attention[layer], plain.attention[layer], rtol=1e-6, atol=0)
+
+
+def test_gradient_statistics_match_autograd() -> None:
+    model = tiny_model("qwen2", gqa=2, num_kv=2, layers=2)
+    grads = _gradients(model, WINDOWS)
+    stats = _calibrate(model, "taylor", 3).gradient_statistics
+    for row in stats["blocks"]:
+        prefix = f"model.layers.{row['layer_idx']}.{'self_attn' if row['block'] == 'attention' else 'mlp'}."
+        g = torch.cat([v.reshape(-1).double() for n, v in grads.items() if n.startswith(prefix)])
+        assert row["count"] == g.numel()
+        for key, expected in (("mean_abs", g.abs().mean()), ("std", g.std(unbiased=False)), ("l2_norm", g.norm()),
+                              ("max", g.max()), ("min", g.min()), ("max_abs", g.abs().max())):
+            assert row[key] == pytest.approx(float(expected), rel=1e-5), key
+    layer0 = torch.cat([v.reshape(-1).double() for n, v in grads.items() if n.startswith("model.layers.0.")])
+    assert stats["layers"][0]["l2_norm"] == pytest.approx(float(layer0.norm()), rel=1e-5)
+    means = [row["mean_abs"] for row in stats["layers"]]
+    assert stats["ratios"]["mean_ratio"] == pytest.approx(max(means) / min(means))

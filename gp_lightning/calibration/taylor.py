@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from gp_lightning.architecture import ModelLayout
+from gp_lightning.calibration.gradient_stats import gradient_statistics
 from gp_lightning.calibration.module import CalibrationModule
 from gp_lightning.calibration.units import (
     UnitImportance,
@@ -47,6 +48,7 @@ class TaylorImportance(L.Callback):
         #: First-order term alone, and the Fisher term alone (second order only), for auditing.
         self.first_order: UnitImportance | None = None
         self.fisher: UnitImportance | None = None
+        self.gradient_statistics: dict | None = None
         self._fp32_grads: dict[nn.Parameter, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._module: CalibrationModule | None = None
@@ -143,6 +145,7 @@ class TaylorImportance(L.Callback):
             return (local_part(param.detach())[0].float() * local_part(self.gradient(param))[0]).abs()
 
         self.first_order = unit_importance(model, self.layout, score)
+        self.gradient_statistics = gradient_statistics(unit_parameters(model, self.layout), self.gradient)
         if self.first_order.sharded:  # FSDP: each rank scored its own rows of every weight
             self.first_order.all_reduce()
         if self.second_order:  # every rank squared its own passes' gradients
@@ -158,6 +161,7 @@ class TaylorImportance(L.Callback):
             self.importance.details = {"backward_passes": passes, "first_order_total": first,
                                        "second_order_total": second, "second_order_share": second / (first + second)}
         self.importance.check_finite("Taylor", _NAN_FIX)
+        self.importance.gradient_statistics = self.gradient_statistics
         self.release(model)
 
     def release(self, model: nn.Module) -> None:

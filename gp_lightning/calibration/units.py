@@ -29,6 +29,8 @@ class UnitImportance:
     details: dict[str, float] = field(default_factory=dict)
     #: True while the values are one rank's partial sums over its parameter shards.
     sharded: bool = False
+    #: Per layer/block figures of the calibration gradients (gradient methods only).
+    gradient_statistics: dict | None = None
 
     def all_reduce(self) -> UnitImportance:
         """Sum partial per-unit values over all ranks, in one collective (no-op in one process)."""
