@@ -105,6 +105,8 @@ class PruneConfig:
             the ranks talk over gloo.
         devices: Processes per node (``auto``: what the launcher started, else 1).
         num_nodes: Number of nodes.
+        extreme_rate: A layer (or one of its blocks) losing more than this fraction is reported as
+            extreme in ``analysis/gradient_diagnosis.json``, with recommendations.
         activation_checkpointing: Recompute each decoder layer's activations during backward instead of
             keeping them (Taylor methods): activation memory of about one layer instead of all, for
             roughly a third more compute. Needed for long seq_len on large models.
@@ -164,6 +166,7 @@ class PruneConfig:
     strategy: StrategyName = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = 1
+    extreme_rate: float = 0.9
     activation_checkpointing: bool = False
     checkpoint_every: int = 0
     resume: bool = False
@@ -184,6 +187,7 @@ class PruneConfig:
         if self.fisher_batch_size is not None:
             _check(self.fisher_batch_size >= 1, "fisher_batch_size", self.fisher_batch_size,
                    "must be at least 1, or null for batch_size")
+        _check(0.0 < self.extreme_rate <= 1.0, "extreme_rate", self.extreme_rate, "must be in (0, 1]")
         _check(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be at least 1")
         _check(self.devices == "auto" or int(self.devices) >= 1, "devices", self.devices, "must be at least 1, or auto")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0: never)")

@@ -29,6 +29,7 @@ from gp_lightning.calibration.launch import launcher_warning
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
 from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
+from gp_lightning.diagnostics import diagnose
 from gp_lightning.evaluation import perplexity
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.export.streamed import stream_prune
@@ -175,6 +176,7 @@ class PruneRecipe:
             self.model = self.model.cpu()
         self.timings["calibration_s"] = time.perf_counter() - start
         log.info("calibration (%s) in %.1f s", cfg.importance_method, self.timings["calibration_s"])
+        self.gradient_statistics = importance.gradient_statistics
         if importance.gradient_statistics is not None and self.rank == 0:
             write_json(self.run_dir / "analysis" / "gradient_statistics.json", importance.gradient_statistics)
         if importance.details:
@@ -234,6 +236,14 @@ class PruneRecipe:
         write_csv(self.run_dir / "pruning_summary_by_layer.csv", summary)
         write_text(self.run_dir / "pruning_summary_by_layer.txt", layer_summary_text(summary))
         write_text(self.run_dir / "pruning_plan.json", selection.plan.to_json())
+        diagnosis = diagnose(summary, table, getattr(self, "gradient_statistics", None), cfg.extreme_rate,
+                             self.layout.num_layers)
+        write_json(self.run_dir / "analysis" / "gradient_diagnosis.json", diagnosis)
+        for issue in diagnosis["issues"]:
+            log.warning("diagnosis (%s): %s", issue["severity"], issue["message"])
+        if diagnosis["recommendations"]:
+            log.warning("recommended: %s (see analysis/gradient_diagnosis.json)",
+                        ", ".join(f"{r['key']}: {r['value']}" for r in diagnosis["recommendations"]))
         log.info("selected %d units: %.4f of all params (%.4f of prunable), target %.4f",
                  len(selection.pruned), selection.ratio, selection.ratio_of_prunable, cfg.pruning_ratio)
         return selection
