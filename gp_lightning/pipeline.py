@@ -36,6 +36,7 @@ from gp_lightning.export.streamed import stream_prune
 from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
 from gp_lightning.model_source import load_model, local_checkpoint_dir
 from gp_lightning.plan import PruningPlan
+from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure, save_png
 from gp_lightning.precision import load_dtype, resolve
 from gp_lightning.ranks import broadcast_from_zero, global_rank
 from gp_lightning.reports import describe_run, layer_summary_text
@@ -239,6 +240,10 @@ class PruneRecipe:
         diagnosis = diagnose(summary, table, getattr(self, "gradient_statistics", None), cfg.extreme_rate,
                              self.layout.num_layers)
         write_json(self.run_dir / "analysis" / "gradient_diagnosis.json", diagnosis)
+        visuals = self.run_dir / "visualization"
+        save_png(pruning_rates_figure(summary), visuals / "pruning_rates.png")
+        if getattr(self, "gradient_statistics", None):
+            save_png(gradient_analysis_figure(self.gradient_statistics, summary, table), visuals / "gradient_analysis.png")
         for issue in diagnosis["issues"]:
             log.warning("diagnosis (%s): %s", issue["severity"], issue["message"])
         if diagnosis["recommendations"]:

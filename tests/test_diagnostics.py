@@ -77,3 +77,23 @@ def test_analysis_json_schema(tmp_path: Path, tiny_checkpoint: Path, wikitext: P
         assert issue["severity"] in ("medium", "high", "critical")
     for rec in diagnosis["recommendations"]:
         assert set(rec) == {"key", "value", "reason"}
+
+
+def test_plots_are_written_with_their_panels(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
+    import pandas as pd
+
+    from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure
+
+    run = tmp_path / "run"
+    _run(tiny_checkpoint, wikitext, run)
+    for name in ("gradient_analysis.png", "pruning_rates.png"):
+        data = (run / "visualization" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    stats = json.loads((run / "analysis" / "gradient_statistics.json").read_text())
+    summary = pd.read_csv(run / "pruning_summary_by_layer.csv")
+    table = pd.read_csv(run / "global_group_table.csv")
+    figure = gradient_analysis_figure(stats, summary, table)
+    assert len(figure.axes) == 3
+    assert [len(line.get_xdata()) for line in figure.axes[0].get_lines()] == [3, 3, 3]  # mean, std, norm per layer
+    rates = pruning_rates_figure(summary)
+    assert len(rates.axes) == 1 and len(rates.axes[0].patches) == 2 * len(summary)  # attention + MLP bars

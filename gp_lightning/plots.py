@@ -1,0 +1,71 @@
+"""Plots people would rather see than read: gradient scales per layer and pruning rates per layer.
+
+Built with matplotlib's object API (``Figure``, Agg canvas), so no display or pyplot state is
+needed on headless nodes. PNGs are written atomically next to the JSON/CSV they illustrate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from gp_lightning.io import atomic_write
+
+
+def save_png(figure: Figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def pruning_rates_figure(summary: pd.DataFrame, title: str = "Pruning rate per layer") -> Figure:
+    """Attention and MLP rate of every layer, side by side, with the layer's overall rate as a line."""
+    figure = Figure(figsize=(max(6.0, 0.28 * len(summary) + 2), 3.6))
+    axes = figure.add_subplot(1, 1, 1)
+    x = summary["layer_idx"].to_numpy()
+    axes.bar(x - 0.2, summary["attention_rate"], width=0.4, label="attention (GQA groups)", color="#4C72B0")
+    axes.bar(x + 0.2, summary["mlp_rate"], width=0.4, label="MLP (channels)", color="#DD8452")
+    axes.plot(x, summary["layer_rate"], color="black", marker=".", linewidth=1, label="layer (parameters)")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("fraction removed")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(title)
+    axes.legend(loc="upper right", fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def gradient_analysis_figure(statistics: dict[str, Any], summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
+    """Three panels: gradient scale per layer (log), its max/min range, and gradient vs importance vs rate."""
+    layers = pd.DataFrame(statistics["layers"]).set_index("layer_idx")
+    x = layers.index.to_numpy()
+    figure = Figure(figsize=(max(7.0, 0.3 * len(x) + 3), 9.0))
+    scale, spread, compare = (figure.add_subplot(3, 1, i) for i in (1, 2, 3))
+    for key, label in (("mean_abs", "mean |g|"), ("std", "std"), ("l2_norm", "L2 norm")):
+        scale.semilogy(x, layers[key].clip(lower=1e-30), marker="o", markersize=3, label=label)
+    ratios = statistics.get("ratios", {})
+    scale.set_title(f"Gradient scale per layer (mean |g| spread {ratios.get('mean_ratio', float('nan')):.1f}x)")
+    scale.legend(fontsize=8)
+    spread.fill_between(x, layers["min_abs"].clip(lower=1e-30), layers["max_abs"].clip(lower=1e-30), alpha=0.3,
+                        label="min |g| .. max |g|")
+    spread.semilogy(x, layers["max_abs"].clip(lower=1e-30), color="#C44E52", linewidth=1, label="max |g|")
+    spread.set_title("Gradient range per layer")
+    spread.legend(fontsize=8)
+    importance = table.groupby("layer_idx")["importance"].sum().reindex(x).fillna(0.0).to_numpy()
+    gradient = layers["mean_abs"].to_numpy()
+    rates = summary.set_index("layer_idx")["layer_rate"].reindex(x).fillna(0.0).to_numpy()
+    compare.plot(x, gradient / max(gradient.max(), 1e-300), marker="o", markersize=3, label="mean |g| / max")
+    compare.plot(x, importance / max(importance.max(), 1e-300), marker="s", markersize=3,
+                 label="importance / max")
+    compare.bar(x, rates, alpha=0.3, color="gray", label="pruning rate")
+    compare.set_ylim(0, 1.05)
+    compare.set_title("Normalized gradient vs importance vs pruning rate")
+    compare.legend(fontsize=8)
+    for axes in (scale, spread, compare):
+        axes.set_xlabel("layer")
+        axes.grid(alpha=0.3)
+        axes.set_xticks(x if len(x) <= 40 else np.arange(0, x.max() + 1, 5))
+    figure.tight_layout()
+    return figure
