@@ -72,7 +72,11 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
     measured = [f"{key} {ev['ppl_' + key]:.3f}" for key in ("before", "after") if ev.get(f"ppl_{key}") is not None]
     if measured:
         print(f"Perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {config.eval_seq_len} tokens).")
-    print(f"Results in {result.run_dir}/")
+    extreme = ev.get("extreme_layers", [])
+    if extreme:
+        print(f"Extreme layers (> {config.extreme_rate:.0%} of a block removed): {extreme}; "
+              f"see {result.run_dir}/analysis/gradient_diagnosis.json for what to change.")
+    print(f"Results in {result.run_dir}/ (tables and JSON in analysis/, plots in visualization/, model in model/)")
     return 0
 
 

@@ -39,7 +39,7 @@ from gp_lightning.plan import PruningPlan
 from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure, save_png
 from gp_lightning.precision import load_dtype, resolve
 from gp_lightning.ranks import broadcast_from_zero, global_rank
-from gp_lightning.reports import describe_run, layer_summary_text
+from gp_lightning.reports import describe_run, layer_summary_text, pruning_comparison
 from gp_lightning.selection import Selection, check_budget, layer_summary, select
 from gp_lightning.sharded_load import meta_model
 from gp_lightning.surgery import apply_plan
@@ -233,11 +233,12 @@ class PruneRecipe:
         cfg = self.cfg
         selection = select(table, self.layout, cfg.pruning_ratio, cfg.constraints, cfg.remove_empty_layers)
         write_csv(self.run_dir / "groups_to_prune.csv", selection.pruned)
-        summary = layer_summary(self.layout, selection.plan)
-        write_csv(self.run_dir / "pruning_summary_by_layer.csv", summary)
-        write_text(self.run_dir / "pruning_summary_by_layer.txt", layer_summary_text(summary))
+        summary = layer_summary(self.layout, selection.plan, table)
+        self.summary = summary
+        write_csv(self.run_dir / "analysis" / "pruning_summary_by_layer.csv", summary)
+        write_text(self.run_dir / "analysis" / "pruning_summary_by_layer.txt", layer_summary_text(summary))
         write_text(self.run_dir / "pruning_plan.json", selection.plan.to_json())
-        diagnosis = diagnose(summary, table, getattr(self, "gradient_statistics", None), cfg.extreme_rate,
+        self.diagnosis = diagnosis = diagnose(summary, table, getattr(self, "gradient_statistics", None), cfg.extreme_rate,
                              self.layout.num_layers)
         write_json(self.run_dir / "analysis" / "gradient_diagnosis.json", diagnosis)
         visuals = self.run_dir / "visualization"
@@ -310,6 +311,8 @@ class PruneRecipe:
             if self.cfg.test_after_prune:
                 self.evaluate(pruned, "after")
             params_after = sum(p.numel() for p in pruned.parameters())
+            write_json(self.run_dir / "analysis" / "pruning_comparison.json",
+                       pruning_comparison(self.layout, self.summary, params_after))
             results = {
                 **selection.summary(),
                 # the real count also drops the norms of emptied blocks
@@ -321,6 +324,7 @@ class PruneRecipe:
                 "eval_windows": 0 if self.eval_windows is None else int(self.eval_windows.shape[0]),
                 "precision": self.precision,
                 "eval_precision": self.eval_precision,
+                "extreme_layers": [e["layer_idx"] for e in self.diagnosis["extreme_layers"]],
                 "timings_s": self.timings,
             }
             write_json(self.run_dir / "evaluation_results.json", results)

@@ -13,13 +13,14 @@ from gp_lightning.config import PruneConfig
 def layer_summary_text(summary: pd.DataFrame) -> str:
     lines = [
         f"{'layer':>5}  {'attn groups':>11}  {'mlp channels':>13}  {'params before':>13}  {'params after':>12}  "
-        f"{'rate':>6}  status",
+        f"{'attn':>6}  {'mlp':>6}  {'layer':>6}  {'imp. share':>10}  status",
     ]
     for row in summary.itertuples():
         lines.append(
             f"{row.layer_idx:>5}  {row.attention_groups_before:>4} -> {row.attention_groups_after:<3}  "
             f"{row.mlp_channels_before:>5} -> {row.mlp_channels_after:<5}  {row.params_before:>13,}  "
-            f"{row.params_after:>12,}  {row.layer_rate:>6.1%}  {row.status}"
+            f"{row.params_after:>12,}  {row.attention_rate:>6.1%}  {row.mlp_rate:>6.1%}  {row.layer_rate:>6.1%}  "
+            f"{row.importance_share:>10.2%}  {row.status}"
         )
     return "\n".join(lines) + "\n"
 
@@ -55,3 +56,21 @@ def describe_run(cfg: PruneConfig, layout: ModelLayout, results: dict[str, Any])
         f"evaluation:         {results['eval_windows']} windows of {cfg.eval_seq_len} tokens of {cfg.eval_dataset}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def pruning_comparison(layout: ModelLayout, summary: pd.DataFrame, total_after: int) -> dict[str, Any]:
+    """Per-layer shapes and parameters before and after, for ``analysis/pruning_comparison.json``."""
+    layers = []
+    for layer, row in zip(layout.layers, summary.itertuples(), strict=True):
+        def shape(groups: int, channels: int, qpk: int = layer.queries_per_kv) -> dict[str, int]:
+            return {"num_key_value_heads": groups, "num_attention_heads": groups * qpk, "intermediate_size": channels}
+
+        layers.append({
+            "layer_idx": layer.index, "status": row.status,
+            "before": shape(row.attention_groups_before, row.mlp_channels_before),
+            "after": shape(row.attention_groups_after, row.mlp_channels_after),
+            "params_before": int(row.params_before), "params_after": int(row.params_after),
+        })
+    return {"total_params_before": layout.total_params, "total_params_after": total_after,
+            "prunable_params_before": int(summary["params_before"].sum()),
+            "prunable_params_after": int(summary["params_after"].sum()), "layers": layers}

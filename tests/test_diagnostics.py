@@ -90,7 +90,7 @@ def test_plots_are_written_with_their_panels(tmp_path: Path, tiny_checkpoint: Pa
         data = (run / "visualization" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     stats = json.loads((run / "analysis" / "gradient_statistics.json").read_text())
-    summary = pd.read_csv(run / "pruning_summary_by_layer.csv")
+    summary = pd.read_csv(run / "analysis" / "pruning_summary_by_layer.csv")
     table = pd.read_csv(run / "global_group_table.csv")
     figure = gradient_analysis_figure(stats, summary, table)
     assert len(figure.axes) == 3

@@ -34,7 +34,10 @@ def test_run_directory_and_reload(tmp_path: Path, tiny_checkpoint: Path, wikitex
     result = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run"))
     run = tmp_path / "run"
     for name in ("config.yaml", "description.txt", "global_group_table.csv", "groups_to_prune.csv",
-                 "pruning_summary_by_layer.csv", "pruning_summary_by_layer.txt", "evaluation_results.json",
+                 "analysis/pruning_summary_by_layer.csv", "analysis/pruning_summary_by_layer.txt",
+                 "evaluation_results.json", "analysis/pruning_comparison.json", "analysis/gradient_statistics.json",
+                 "analysis/gradient_diagnosis.json", "visualization/pruning_rates.png",
+                 "visualization/gradient_analysis.png",
                  "training.log", "pruning_plan.json", "model/config.json", "model/model.safetensors",
                  "model/modeling_gp_pruned.py", "model/tokenizer.json"):
         assert (run / name).exists(), name
@@ -49,6 +52,12 @@ def test_run_directory_and_reload(tmp_path: Path, tiny_checkpoint: Path, wikitex
     assert results["params_after"] == sum(p.numel() for p in result.pruned_model.parameters())
     assert results["params_after"] <= results["total_params"] - results["removed_params"]
     assert results["ppl_after"] > 1.0 and results["ppl_before"] > 1.0
+    comparison = json.loads((run / "analysis" / "pruning_comparison.json").read_text())
+    assert comparison["total_params_after"] == results["params_after"]
+    assert comparison["total_params_before"] == results["total_params"]
+    summary = pd.read_csv(run / "analysis" / "pruning_summary_by_layer.csv")
+    assert summary["importance_share"].sum() == pytest.approx(1.0)
+    assert [x["after"]["intermediate_size"] for x in comparison["layers"]] == list(summary["mlp_channels_after"])
 
     reloaded = load_pruned(run / "model")
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -133,7 +142,7 @@ def test_every_method_runs_through_the_recipe(tmp_path: Path, tiny_checkpoint: P
     result = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", importance_method=method,
                              test_before_prune=False, save_model=False, protected_layers=[0], max_rate=0.6,
                              pruning_ratio=0.15 * PRUNABLE))
-    summary = pd.read_csv(tmp_path / "run" / "pruning_summary_by_layer.csv")
+    summary = pd.read_csv(tmp_path / "run" / "analysis" / "pruning_summary_by_layer.csv")
     assert summary.loc[0, "layer_rate"] == 0 and summary["layer_rate"].max() <= 0.6 + 1e-9
     assert result.evaluation["ppl_after"] > 1
     assert (pd.read_csv(tmp_path / "run" / "global_group_table.csv")["importance_raw"] >= 0).all()

@@ -41,8 +41,13 @@ class Selection:
         }
 
 
-def layer_summary(layout: ModelLayout, plan: PruningPlan) -> pd.DataFrame:
-    """Per layer: groups and channels before/after, parameters before/after, pruning rates."""
+def layer_summary(layout: ModelLayout, plan: PruningPlan, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per layer: groups and channels before/after, parameters before/after, pruning rates, and (given
+    the table) the layer's share of the model's total importance."""
+    share = None
+    if table is not None:
+        per_layer = table.groupby("layer_idx")["importance"].sum()
+        share = per_layer / per_layer.sum()
     rows = []
     for layer, lp in zip(layout.layers, plan.layers, strict=True):
         before = layout.layer_params(layer)
@@ -58,6 +63,7 @@ def layer_summary(layout: ModelLayout, plan: PruningPlan) -> pd.DataFrame:
             "attention_rate": 1 - len(lp.keep_groups) / layer.num_kv_heads if layer.num_kv_heads else 0.0,
             "mlp_rate": 1 - len(lp.keep_channels) / layer.intermediate_size if layer.intermediate_size else 0.0,
             "layer_rate": 1 - after / before if before else 0.0,
+            "importance_share": float(share.get(layer.index, 0.0)) if share is not None else float("nan"),
             "status": "dropped" if plan.dropped(layer.index) else ("empty" if lp.empty else "kept"),
         })
     return pd.DataFrame(rows)
