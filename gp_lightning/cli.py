@@ -81,15 +81,24 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gp-lightning {prune,fetch-model} ...``"""
+    """``gp-lightning {prune,compare,evaluate,fetch-model} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"prune", "fetch-model"}
+    commands = {"prune", "compare", "evaluate", "fetch-model"}
     if not args or args[0] not in commands:
-        print("usage: gp-lightning {prune,fetch-model} [options]  (gp-lightning prune --help)", file=sys.stderr)
+        print("usage: gp-lightning {prune,compare,evaluate,fetch-model} [options]  (gp-lightning prune --help)",
+              file=sys.stderr)
         return 2
     command, rest = args[0], args[1:]
     if command == "prune":
         return prune_main(rest, prog="gp-lightning prune")
+    if command == "compare":
+        from gp_lightning.compare import main as compare_main
+
+        return compare_main(rest)
+    if command == "evaluate":
+        from gp_lightning.evaluation import evaluate_main
+
+        return evaluate_main(rest)
     from gp_lightning.model_source import EMBEDDED_MODELS, fetch_embedded
 
     name = rest[0] if rest else "smollm2-135m"

@@ -24,3 +24,55 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, precisi
             logits = model(input_ids=batch, use_cache=False).logits
         metric.update(logits[:, :-1].float(), batch[:, 1:])
     return float(metric.compute())
+
+
+def evaluate_checkpoints(checkpoints: list[str], eval_dataset: str, eval_seq_len: int = 128,
+                         eval_max_windows: int | None = None, batch_size: int = 8) -> list[dict[str, object]]:
+    """Perplexity of several checkpoints (dense or pruned) on the SAME windows, tokenized once."""
+    from gp_lightning.data import evaluation_windows, load_text, tokenize
+    from gp_lightning.model_source import load_model
+
+    windows = None
+    rows: list[dict[str, object]] = []
+    for source in checkpoints:
+        model, tokenizer = load_model(source)
+        if windows is None:
+            windows = evaluation_windows(tokenize(load_text(eval_dataset, "evaluation"), tokenizer), eval_seq_len,
+                                         eval_max_windows)
+        ppl = perplexity(model, windows, batch_size, desc=f"Perplexity ({source})")
+        rows.append({"checkpoint": source, "params": sum(p.numel() for p in model.parameters()), "ppl": ppl,
+                     "windows": int(windows.shape[0]), "seq_len": eval_seq_len})
+        del model
+    return rows
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``gp-lightning evaluate CKPT [CKPT ...] --eval_dataset X``: perplexity side by side."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from gp_lightning.errors import GPLightningError
+    from gp_lightning.io import write_json
+
+    parser = argparse.ArgumentParser(prog="gp-lightning evaluate", description=evaluate_main.__doc__)
+    parser.add_argument("checkpoints", nargs="+", help="HF directories, hub ids, smollm2-135m, or pruned run/model")
+    parser.add_argument("--eval_dataset", default="wikitext2")
+    parser.add_argument("--eval_seq_len", type=int, default=128)
+    parser.add_argument("--eval_max_windows", type=int, default=None)
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        rows = evaluate_checkpoints(args.checkpoints, args.eval_dataset, args.eval_seq_len, args.eval_max_windows,
+                                    args.eval_batch_size)
+    except GPLightningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("| checkpoint | params | PPL |\n| --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['checkpoint']} | {row['params']:,} | {row['ppl']:.3f} |")
+    print(f"({rows[0]['windows']} windows of {args.eval_seq_len} tokens of {args.eval_dataset})")
+    if args.json:
+        write_json(Path(args.json), rows)
+    return 0

@@ -1,0 +1,106 @@
+"""Compare runs side by side: ``gp-lightning compare runs/a runs/b ...`` (or ``python -m gp_lightning.compare``).
+
+Reads what each run wrote (``evaluation_results.json``, ``config.yaml``, the per-layer summary and
+the diagnosis) and prints one markdown row per run: parameters, achieved ratio, perplexity before
+and after, the highest per-layer rate and the number of extreme layers. With ``--output DIR`` it
+also writes ``comparison.csv``, ``comparison.md`` and ``pruning_rates_overlay.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from gp_lightning.errors import DataError
+from gp_lightning.io import write_csv, write_text
+from gp_lightning.plots import save_png
+
+
+def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
+    results_path = run / "evaluation_results.json"
+    if not results_path.is_file():
+        raise DataError(f"{run} is not a finished gp-lightning run (no evaluation_results.json).")
+    results = json.loads(results_path.read_text())
+    if results.get("table_only"):
+        raise DataError(f"{run} is a --table_only run: it pruned nothing to compare.")
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    summary = pd.read_csv(run / "analysis" / "pruning_summary_by_layer.csv")
+    diagnosis_path = run / "analysis" / "gradient_diagnosis.json"
+    diagnosis = json.loads(diagnosis_path.read_text()) if diagnosis_path.is_file() else {"extreme_layers": []}
+    row = {
+        "run": str(run), "model": config.get("model"), "method": config.get("importance_method"),
+        "normalization": f"{config.get('normalization', 'none')}/{config.get('normalization_level', '-')}",
+        "params_before": results["total_params"], "params_after": results["params_after"],
+        "ratio": results["achieved_ratio"], "ppl_before": results.get("ppl_before"),
+        "ppl_after": results.get("ppl_after"), "max_layer_rate": float(summary["layer_rate"].max()),
+        "extreme_layers": len(diagnosis["extreme_layers"]),
+    }
+    return row, summary
+
+
+def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    rows, summaries = [], {}
+    for run in runs:
+        row, summary = _read_run(Path(run))
+        rows.append(row)
+        summaries[row["run"]] = summary
+    return pd.DataFrame(rows), summaries
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 10 else f"{value:,.2f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def overlay_figure(summaries: dict[str, pd.DataFrame]) -> Figure:
+    """Per-layer parameter rate of every run on one axes."""
+    figure = Figure(figsize=(8.0, 3.8))
+    axes = figure.add_subplot(1, 1, 1)
+    for name, summary in summaries.items():
+        axes.plot(summary["layer_idx"], summary["layer_rate"], marker=".", label=Path(name).name)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("fraction of the layer's parameters removed")
+    axes.set_ylim(0, 1.02)
+    axes.set_title("Pruning rate per layer")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gp-lightning compare", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories written by prune.py")
+    parser.add_argument("--output", help="also write comparison.csv/.md and pruning_rates_overlay.png here")
+    args = parser.parse_args(argv)
+    try:
+        table, summaries = compare_runs(args.runs)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    markdown = to_markdown(table)
+    print(markdown, end="")
+    if args.output:
+        out = Path(args.output)
+        write_csv(out / "comparison.csv", table)
+        write_text(out / "comparison.md", markdown)
+        save_png(overlay_figure(summaries), out / "pruning_rates_overlay.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
