@@ -79,6 +79,7 @@ def overlay_figure(summaries: dict[str, pd.DataFrame]) -> Figure:
     axes.set_title("Pruning rate per layer")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    figure.tight_layout()
     return figure
 
 

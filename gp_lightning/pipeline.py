@@ -67,6 +67,7 @@ class PruneRecipe:
         self.rank = global_rank()
         self.run_dir = Path(config.output)
         self.timings: dict[str, float] = {}
+        self.gradient_statistics: dict | None = None
         self.evaluation: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -238,13 +239,15 @@ class PruneRecipe:
         write_csv(self.run_dir / "analysis" / "pruning_summary_by_layer.csv", summary)
         write_text(self.run_dir / "analysis" / "pruning_summary_by_layer.txt", layer_summary_text(summary))
         write_text(self.run_dir / "pruning_plan.json", selection.plan.to_json())
-        self.diagnosis = diagnosis = diagnose(summary, table, getattr(self, "gradient_statistics", None), cfg.extreme_rate,
+        start = time.perf_counter()
+        self.diagnosis = diagnosis = diagnose(summary, table, self.gradient_statistics, cfg.extreme_rate,
                              self.layout.num_layers)
         write_json(self.run_dir / "analysis" / "gradient_diagnosis.json", diagnosis)
         visuals = self.run_dir / "visualization"
         save_png(pruning_rates_figure(summary), visuals / "pruning_rates.png")
-        if getattr(self, "gradient_statistics", None):
+        if self.gradient_statistics:
             save_png(gradient_analysis_figure(self.gradient_statistics, summary, table), visuals / "gradient_analysis.png")
+        self.timings["analysis_s"] = time.perf_counter() - start + (self.gradient_statistics or {}).get("seconds", 0.0)
         for issue in diagnosis["issues"]:
             log.warning("diagnosis (%s): %s", issue["severity"], issue["message"])
         if diagnosis["recommendations"]:

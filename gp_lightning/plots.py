@@ -17,7 +17,8 @@ from gp_lightning.io import atomic_write
 
 
 def save_png(figure: Figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    # the figures lay themselves out (tight_layout); bbox_inches="tight" would render them twice
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
 def pruning_rates_figure(summary: pd.DataFrame, title: str = "Pruning rate per layer") -> Figure:
@@ -34,6 +35,7 @@ def pruning_rates_figure(summary: pd.DataFrame, title: str = "Pruning rate per l
     axes.set_title(title)
     axes.legend(loc="upper right", fontsize=8)
     axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
     return figure
 
 

@@ -65,7 +65,7 @@ def test_analysis_json_schema(tmp_path: Path, tiny_checkpoint: Path, wikitext: P
     stats = json.loads((tmp_path / "run" / "analysis" / "gradient_statistics.json").read_text())
     figures = {"count": int, "mean_abs": float, "mean": float, "std": float, "l2_norm": float, "max": float,
                "min": float, "max_abs": float, "min_abs": float}
-    assert set(stats) == {"layers", "blocks", "ratios"}
+    assert set(stats) == {"layers", "blocks", "ratios", "seconds"}
     for row in stats["layers"]:
         assert set(row) == {"layer_idx", *figures} and all(isinstance(row[k], t) for k, t in figures.items())
     for row in stats["blocks"]:

@@ -15,6 +15,8 @@ larger passes average samples before squaring and give a smaller, smoother term.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -145,7 +147,9 @@ class TaylorImportance(L.Callback):
             return (local_part(param.detach())[0].float() * local_part(self.gradient(param))[0]).abs()
 
         self.first_order = unit_importance(model, self.layout, score)
+        start = time.perf_counter()
         self.gradient_statistics = gradient_statistics(unit_parameters(model, self.layout), self.gradient)
+        self.gradient_statistics["seconds"] = time.perf_counter() - start
         if self.first_order.sharded:  # FSDP: each rank scored its own rows of every weight
             self.first_order.all_reduce()
         if self.second_order:  # every rank squared its own passes' gradients
