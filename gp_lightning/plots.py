@@ -17,7 +17,7 @@ from gp_lightning.io import atomic_write
 
 
 def save_png(figure: Figure, path: Path) -> None:
-    # the figures lay themselves out (tight_layout); bbox_inches="tight" would render them twice
+    # fixed layouts; tight_layout or bbox_inches="tight" would cost extra rendering passes
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
 
 
@@ -35,7 +35,7 @@ def pruning_rates_figure(summary: pd.DataFrame, title: str = "Pruning rate per l
     axes.set_title(title)
     axes.legend(loc="upper right", fontsize=8)
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.14)  # fixed layout: no layout pass
     return figure
 
 
@@ -50,8 +50,10 @@ def gradient_analysis_figure(statistics: dict[str, Any], summary: pd.DataFrame, 
     ratios = statistics.get("ratios", {})
     scale.set_title(f"Gradient scale per layer (mean |g| spread {ratios.get('mean_ratio', float('nan')):.1f}x)")
     scale.legend(fontsize=8)
-    spread.fill_between(x, layers["min_abs"].clip(lower=1e-30), layers["max_abs"].clip(lower=1e-30), alpha=0.3,
-                        label="min |g| .. max |g|")
+    # an exactly-zero gradient element would send a log axis to -inf: show at most 12 decades below the max
+    floor = (layers["max_abs"] * 1e-12).clip(lower=1e-30)
+    spread.fill_between(x, layers["min_abs"].clip(lower=floor), layers["max_abs"].clip(lower=1e-30), alpha=0.3,
+                        label="min |g| .. max |g| (floored at max x 1e-12)")
     spread.semilogy(x, layers["max_abs"].clip(lower=1e-30), color="#C44E52", linewidth=1, label="max |g|")
     spread.set_title("Gradient range per layer")
     spread.legend(fontsize=8)
@@ -69,5 +71,5 @@ def gradient_analysis_figure(statistics: dict[str, Any], summary: pd.DataFrame, 
         axes.set_xlabel("layer")
         axes.grid(alpha=0.3)
         axes.set_xticks(x if len(x) <= 40 else np.arange(0, x.max() + 1, 5))
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.96, bottom=0.06, hspace=0.45)  # fixed layout: no layout pass
     return figure
