@@ -10,7 +10,6 @@ for real, since ``init_empty_weights`` leaves buffers alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from gp_lightning.architecture import check_supported
 from gp_lightning.calibration.units import local_part
 from gp_lightning.errors import ModelSourceError
+from gp_lightning.export.streamed import source_weight_files
 
 
 def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
@@ -36,15 +36,12 @@ def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise ModelSourceError(f"Sharded loading reads safetensors, and {directory} has none. Convert the "
-                               "checkpoint (from_pretrained + save_pretrained) or use strategy: ddp.")
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    """Which safetensors file holds each tensor (checked and listed as streamed surgery does)."""
+    files: dict[str, Path] = {}
+    for path in source_weight_files(directory):
+        with safe_open(path, framework="pt") as handle:
+            files.update(dict.fromkeys(handle.keys(), path))
+    return files
 
 
 @torch.no_grad()

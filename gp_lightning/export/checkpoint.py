@@ -13,7 +13,7 @@ import torch
 
 from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
 from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
-from gp_lightning.io import replace_dir, staging_dir
+from gp_lightning.io import staged_directory
 
 
 def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory: Path,
@@ -23,17 +23,10 @@ def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory:
     GPPrunedForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     # transformers may flip this switch while building the model; it is not part of the schema
     model.config.__dict__.pop("allow_global_per_layer_attribute_access", None)
-    staging = staging_dir(directory)
-    try:
+    with staged_directory(directory) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
-        replace_dir(staging, directory)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

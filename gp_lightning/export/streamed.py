@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from gp_lightning.architecture import ModelLayout, describe
 from gp_lightning.errors import ModelSourceError
 from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
 from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
-from gp_lightning.io import replace_dir, staging_dir
+from gp_lightning.io import staged_directory
 from gp_lightning.plan import PruningPlan
 from gp_lightning.surgery import TensorSlicer, pruned_config
 
@@ -64,7 +63,7 @@ def source_weight_files(source: str | Path) -> list[Path]:
     source = Path(source)
     if not source.is_dir():
         raise ModelSourceError(
-            f"Streamed surgery needs a local Hugging Face checkpoint directory, but '{source}' is not a "
+            f"Reading weights tensor by tensor needs a local Hugging Face checkpoint directory, but '{source}' is not a "
             "directory. Download the model first (e.g. `hf download <repo> --local-dir DIR`) and pass DIR."
         )
     index = source / SAFE_WEIGHTS_INDEX_NAME
@@ -87,7 +86,7 @@ def source_weight_files(source: str | Path) -> list[Path]:
     found = sorted(p.name for p in source.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors", ".gguf"))
     what = f"only {', '.join(found)}" if found else "no weight files at all"
     raise ModelSourceError(
-        f"Streamed surgery reads the weights lazily from safetensors, but '{source}' has no "
+        f"Weights are read lazily from safetensors, but '{source}' has no "
         f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} ({what}). Convert the checkpoint to "
         "safetensors (load it with from_pretrained and save it with save_pretrained(dir, "
         "safe_serialization=True)), or prune it in memory instead of streamed."
@@ -381,8 +380,7 @@ def stream_prune(
     reads = _plan_reads(files, layout, slicer, dense_names, expected, tied, source)
     generation_config = _generation_config(source, dense_config)
 
-    staging = staging_dir(output)
-    try:
+    with staged_directory(output) as staging:
         writer = _ShardWriter(staging, max_bytes)
         written: dict[str, torch.dtype] = {}
         for read in reads:
@@ -397,8 +395,4 @@ def stream_prune(
         _save_config(staging, config, model, _model_dtype(model, written), generation_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
-        replace_dir(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
