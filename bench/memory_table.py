@@ -218,7 +218,7 @@ class Settings:
 
     seq_len: int = 2048
     micro_batch: int = 1
-    precision: str = "bf16-true"
+    precision: str = "bf16-mixed"
     activation_checkpointing: bool = True
     fsdp_blocks_in_flight: int = 2
     zero3_prefetch_bucket_size: int = 50_000_000

@@ -11,7 +11,6 @@ was already pruned (layers of different widths, skipped blocks) is described jus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -178,14 +177,3 @@ def _require_linears(block: nn.Module, names: tuple[str, ...], idx: int, where: 
                 f"Layer {idx} {where} has no nn.Linear '{name}': not a Llama-style block "
                 f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})."
             )
-
-
-def iter_units(layout: ModelLayout) -> Iterator[tuple[int, str, int, int]]:
-    """Yield ``(layer_idx, group_type, group_idx, cost)`` for every pruning unit."""
-    for layer in layout.layers:
-        cost = layout.attention_group_cost(layer)
-        for g in range(layer.num_kv_heads):
-            yield layer.index, "attention", g, cost
-        cost = layout.mlp_channel_cost(layer)
-        for c in range(layer.intermediate_size):
-            yield layer.index, "mlp", c, cost

@@ -208,22 +208,19 @@ class PruneConfig:
 
     @property
     def transforms(self) -> TableTransforms:
-        return TableTransforms(self.clip_percentile_low, self.clip_percentile_high, self.normalization,
-                               self.normalization_level, self.temperature, self.tau, self.layer_depth_weight)
+        return TableTransforms(**self._group(TableTransforms))
 
     @property
     def constraints(self) -> SelectionConstraints:
-        depth = self.remove_empty_layers
-        return SelectionConstraints(
-            self.layer_start, self.layer_end, self.min_rate, self.max_rate, self.early_layers,
-            self.early_layer_max_rate, tuple(self.protected_layers),
-            0 if depth else self.min_attention_groups, 0 if depth else self.min_mlp_channels,
-        )
+        """Depth pruning (remove_empty_layers) lifts the minimum units per block."""
+        values = self._group(SelectionConstraints) | {"protected_layers": tuple(self.protected_layers)}
+        if self.remove_empty_layers:
+            values |= {"min_attention_groups": 0, "min_mlp_channels": 0}
+        return SelectionConstraints(**values)
 
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether this run computes importance from the model (not from a saved table)."""
-        return self.from_table is None
+    def _group(self, group: type) -> dict[str, Any]:
+        """This config's values for the fields of an argument-group dataclass (same names)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(group)}
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

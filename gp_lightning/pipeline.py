@@ -110,7 +110,7 @@ class PruneRecipe:
 
     def _loads_sharded(self) -> bool:
         cfg = self.cfg
-        return cfg.strategy == "fsdp" and cfg.from_table is None and cfg.importance_method in ("taylor", "wanda")
+        return cfg.strategy == "fsdp" and cfg.from_table is None and needs_calibration_data(cfg.importance_method)
 
     def full_model(self) -> torch.nn.Module:
         """The dense model, whole, on this process (reloaded when calibration left it sharded)."""
@@ -172,7 +172,7 @@ class PruneRecipe:
             checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
             activation_checkpointing=cfg.activation_checkpointing,
         )
-        if cfg.strategy in ("fsdp", "deepspeed") and cfg.importance_method not in ("magnitude", "random"):
+        if cfg.strategy in ("fsdp", "deepspeed") and needs_calibration_data(cfg.importance_method):
             self.model = None  # sharded over the ranks now; rank 0 reloads it only if it needs it whole
         else:
             self.model = self.model.cpu()

@@ -25,10 +25,6 @@ def global_rank() -> int:
     return 0
 
 
-def is_rank_zero() -> bool:
-    return global_rank() == 0
-
-
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

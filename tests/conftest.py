@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("GP_LIGHTNING_SHARED", ROOT.parent / "shared"))
 WIKITEXT = SHARED / "data" / "wikitext-2"
 
+#: The tiny checkpoint has SmolLM2's 49k vocabulary, so its embeddings dwarf its layers: ratios of ALL
+#: parameters are small there. This is the fraction of its parameters that sit in the layers.
+TINY_CHECKPOINT_PRUNABLE = 31_104 / 4_750_128
+
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),

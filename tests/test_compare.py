@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import TINY_CHECKPOINT_PRUNABLE
 
 from gp_lightning.cli import main
 from gp_lightning.compare import compare_runs
@@ -16,7 +17,7 @@ from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.model_source import load_model
 from gp_lightning.pipeline import oneshot
 
-PRUNABLE = 31_104 / 4_750_128  # see test_pipeline.py
+PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_CHECKPOINT_PRUNABLE, tiny_model
 
 from gp_lightning.config import PruneConfig
 from gp_lightning.pipeline import oneshot
 
-PRUNABLE = 31_104 / 4_750_128  # see test_pipeline.py
+PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_CHECKPOINT_PRUNABLE
 from safetensors.torch import load_file
 
 from gp_lightning.pipeline import oneshot
 
 ROOT = Path(__file__).resolve().parent.parent
-PRUNABLE = 31_104 / 4_750_128
+PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
 
 def _settings(checkpoint: Path, wikitext: Path, output: Path) -> dict[str, object]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_CHECKPOINT_PRUNABLE
 
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.cli import prune_main
@@ -16,9 +17,7 @@ from gp_lightning.errors import DataError, RunDirectoryError
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.pipeline import oneshot
 
-# The tiny checkpoint has SmolLM2's 49k vocabulary, so its embeddings dwarf its layers: ratios
-# of ALL parameters are small here. PRUNABLE is the fraction of parameters in the layers.
-PRUNABLE = 31_104 / 4_750_128
+PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
 
 def _config(tiny_checkpoint: Path, wikitext: Path, output: Path, **overrides: object) -> PruneConfig:

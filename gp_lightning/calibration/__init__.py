@@ -57,7 +57,7 @@ def run_calibration(
         return magnitude_importance(model, layout)
     if method == "random":
         return random_importance(layout, seed)
-    if method not in ("taylor", "taylor_2nd", "wanda"):
+    if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; known: {', '.join(METHODS)}")
     assert windows is not None, f"{method} needs calibration windows"
     if strategy == "deepspeed":

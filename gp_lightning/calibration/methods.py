@@ -8,8 +8,6 @@ ImportanceMethod = Literal["taylor", "taylor_2nd", "wanda", "magnitude", "random
 METHODS: tuple[str, ...] = get_args(ImportanceMethod)
 #: Methods that need no calibration text at all.
 DATA_FREE_METHODS: tuple[str, ...] = ("magnitude", "random")
-#: Methods that run backward passes.
-GRADIENT_METHODS: tuple[str, ...] = ("taylor", "taylor_2nd")
 
 
 def needs_calibration_data(method: str) -> bool:

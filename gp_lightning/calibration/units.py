@@ -168,8 +168,3 @@ def unit_importance(model: nn.Module, layout: ModelLayout, score: ElementScore) 
         result.add(item, per_unit(score(item.name, item.param), item.units, item.axis, offset, rows))
         result.sharded = result.sharded or is_sharded(item.param)
     return result
-
-
-def projection_parameters(model: nn.Module, layout: ModelLayout) -> list[nn.Parameter]:
-    """Every parameter that belongs to some pruning unit (the only ones that need gradients)."""
-    return [item.param for item in unit_parameters(model, layout)]

@@ -66,6 +66,7 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
     indices, weights = rank_shard(windows.shape[0], rank, world)
     steps = math.ceil(len(indices) / batch_size)
     items = list(unit_parameters(model, layout))
+    projections = list(dict.fromkeys(item.module for item in items))  # model order: the same on every rank
     wanted = {id(item.param) for item in items} if method == "taylor" else set()
     for param in model.parameters():
         param.requires_grad_(id(param) in wanted)
@@ -86,7 +87,7 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
             squares = torch.einsum("b,btf->f", current["weights"].double(), x.square())
             norms[module] = norms[module] + squares if module in norms else squares
 
-        hooks = [m.register_forward_pre_hook(hook) for m in _modules(items)]
+        hooks = [m.register_forward_pre_hook(hook) for m in projections]
     total = windows[:, 1:].numel()
     engine.eval()
     for step in tqdm(range(steps), desc=f"Calibration (ZeRO-3, rank {rank})", disable=not progress or rank != 0):
@@ -102,9 +103,14 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
             engine.backward(loss, scale_wrt_gas=False)
     for handle in hooks:
         handle.remove()
-    if method == "wanda":
-        flat = torch.cat([tokens] + [norms[m] for m in _modules(items)])
+    feature_norms: dict[nn.Module, torch.Tensor] = {}
+    if method == "wanda":  # one collective for the token count and every projection's input sums
+        flat = torch.cat([tokens] + [norms[m] for m in projections])
         dist.all_reduce(flat)
+        tokens, start = flat[:1], 1
+        for m in projections:
+            feature_norms[m] = flat[start : start + norms[m].numel()].sqrt()
+            start += norms[m].numel()
     result = UnitImportance({}, {}, sharded=True)
     for item in items:
         weight = item.param.ds_tensor.detach().float().reshape(-1)
@@ -114,24 +120,17 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
                 raise CalibrationError(f"DeepSpeed returned no gradient partition for {item.name}.")
             values = (weight * grad.float().reshape(-1)).abs()
         else:
-            values = _wanda_values(item, weight, _modules(items), norms, flat, rank)
+            values = _wanda_values(item, weight, feature_norms[item.module], float(tokens.sqrt()), rank)
         result.add(item, _local_sums(item, values, rank))
     return result.all_reduce()
 
 
-def _modules(items: list[UnitParameter]) -> list[nn.Module]:
-    """The projections in model order (the same on every rank, unlike ``id``)."""
-    return list(dict.fromkeys(item.module for item in items))
-
-
-def _wanda_values(item: UnitParameter, weight: torch.Tensor, order: list[nn.Module], norms: dict, flat: torch.Tensor,
+def _wanda_values(item: UnitParameter, weight: torch.Tensor, feature_norms: torch.Tensor, bias_norm: float,
                   rank: int) -> torch.Tensor:
     """``|W_ij| * ||X_j||`` for this rank's flat slice (a bias: ``|b| * sqrt(tokens)``)."""
-    offset = 1 + sum(norms[m].numel() for m in order[: order.index(item.module)])
-    feature_norms = flat[offset : offset + norms[item.module].numel()].sqrt()
     shape = tuple(item.param.ds_shape)
     if len(shape) == 1:
-        return weight.double().abs() * flat[0].sqrt()
+        return weight.double().abs() * bias_norm
     partition = weight.numel()
-    cols = (torch.arange(rank * partition, (rank + 1) * partition, device=weight.device) % shape[1])
+    cols = torch.arange(rank * partition, (rank + 1) * partition, device=weight.device) % shape[1]
     return weight.double().abs() * feature_norms[cols]
