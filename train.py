@@ -1,13 +1,12 @@
-"""Recovery fine-tuning entry point (LoRA / full). Not implemented yet: exits with a clear message."""
+"""Recovery fine-tuning entry point: ``python train.py --config configs/finetune-lora.yaml --model runs/x/model``.
+
+LoRA (peft) or full fine-tuning of a pruned (or dense) model; works under any launcher (python,
+torchrun, accelerate launch); ``--help`` lists every option.
+"""
 
 import sys
 
-MESSAGE = (
-    "train.py: recovery fine-tuning (LoRA / full) is not implemented yet; it is tracked in the "
-    "recovery fine-tuning issue. Prune with prune.py; the pruned model in <run>/model loads with "
-    "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) for any trainer meanwhile."
-)
+from gp_lightning.cli import train_main
 
 if __name__ == "__main__":
-    print(MESSAGE, file=sys.stderr)
-    sys.exit(2)
+    sys.exit(train_main())

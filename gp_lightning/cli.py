@@ -9,47 +9,64 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from gp_lightning.config import FLAG_ALIASES, PruneConfig
 from gp_lightning.errors import GPLightningError
+from gp_lightning.finetune.config import FINETUNE_FLAG_ALIASES, FinetuneConfig
 
 
-def build_parser(prog: str = "prune.py") -> ArgumentParser:
-    parser = ArgumentParser(
-        prog=prog,
-        description="Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).",
-        default_config_files=[],
-    )
+def build_parser(config_class: type = PruneConfig, prog: str = "prune.py",
+                 description: str = "Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).",
+                 ) -> ArgumentParser:
+    """A parser whose flags are the fields of ``config_class`` (types, defaults and help from the dataclass)."""
+    parser = ArgumentParser(prog=prog, description=description, default_config_files=[])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config keys; later flags override it.")
-    parser.add_class_arguments(PruneConfig, nested_key=None, fail_untyped=True)
+    parser.add_class_arguments(config_class, nested_key=None, fail_untyped=True)
     return parser
 
 
-BOOL_FLAGS = {f"--{f.name}" for f in dataclasses.fields(PruneConfig) if f.type in (bool, "bool")}
+def bool_flags(config_class: type) -> set[str]:
+    return {f"--{f.name}" for f in dataclasses.fields(config_class) if f.type in (bool, "bool")}
+
+
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
-def expand_aliases(argv: Sequence[str]) -> list[str]:
+def expand_aliases(argv: Sequence[str], aliases: dict[str, str] = FLAG_ALIASES,
+                   switches: set[str] | None = None) -> list[str]:
     """Rewrite the guides' spellings: alias names (``--base_model``) and bare switches (``--overwrite``)."""
+    switches = bool_flags(PruneConfig) if switches is None else switches
     out: list[str] = []
     args = list(argv)
     for i, arg in enumerate(args):
         flag, sep, value = arg.partition("=")
-        flag = FLAG_ALIASES.get(flag, flag)
+        flag = aliases.get(flag, flag)
         out.append(flag + sep + value)
         following = args[i + 1].lower() if i + 1 < len(args) else None
-        if flag in BOOL_FLAGS and not sep and (following is None or following not in BOOL_WORDS):
+        if flag in switches and not sep and (following is None or following not in BOOL_WORDS):
             out.append("true")
     return out
 
 
+def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliases: dict[str, str],
+               description: str) -> Any:
+    parser = build_parser(config_class, prog, description)
+    args = sys.argv[1:] if argv is None else argv
+    namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
+    return config_class(**{f.name: namespace[f.name] for f in dataclasses.fields(config_class)})
+
+
 def parse_config(argv: Sequence[str] | None = None, prog: str = "prune.py") -> PruneConfig:
-    parser = build_parser(prog)
-    namespace = parser.parse_args(expand_aliases(sys.argv[1:] if argv is None else argv))
-    values = {f.name: namespace[f.name] for f in dataclasses.fields(PruneConfig)}
-    return PruneConfig(**values)
+    return parse_into(PruneConfig, argv, prog, FLAG_ALIASES,
+                      "Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).")
+
+
+def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.py") -> FinetuneConfig:
+    return parse_into(FinetuneConfig, argv, prog, FINETUNE_FLAG_ALIASES,
+                      "Recovery fine-tuning (LoRA or full) of a pruned or dense Llama-style LLM.")
 
 
 def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
@@ -77,20 +94,49 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
         print(f"Extreme layers (> {config.extreme_rate:.0%} of a block removed): {extreme}; "
               f"see {result.run_dir}/analysis/gradient_diagnosis.json for what to change.")
     print(f"Results in {result.run_dir}/ (tables and JSON in analysis/, plots in visualization/, model in model/)")
+    if result.finetuned is not None:
+        print_finetune_summary(result.finetuned.evaluation, result.finetuned.run_dir, config.eval_seq_len)
+    return 0
+
+
+def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) -> None:
+    measured = [f"{key} {ev['ppl_' + key]:.3f}" for key in ("before", "after") if ev.get(f"ppl_{key}") is not None]
+    if measured:
+        print(f"Held-out perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {seq_len} tokens).")
+    print(f"Fine-tuned ({ev['finetune_method']}, {ev['optimizer_steps']} optimizer steps, "
+          f"{ev['parameters']['trainable']:,} of {ev['parameters']['total']:,} parameters trained); "
+          f"results in {run_dir}/ (loss curve in visualization/finetune_loss.png"
+          f"{', model in ' + str(ev['saved']) if ev.get('saved') else ''}).")
+
+
+def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
+    """Recovery fine-tuning: ``train.py --config configs/finetune-lora.yaml --model runs/x/model``."""
+    from gp_lightning.finetune.recipe import FinetuneRecipe
+
+    try:
+        config = parse_finetune_config(argv, prog)
+        result = FinetuneRecipe(config).run()
+    except GPLightningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if "rank" not in result.evaluation:
+        print_finetune_summary(result.evaluation, result.run_dir, config.eval_seq_len)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gp-lightning {prune,compare,evaluate,fetch-model} ...``"""
+    """``gp-lightning {prune,train,compare,evaluate,fetch-model} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"prune", "compare", "evaluate", "fetch-model"}
+    commands = {"prune", "train", "compare", "evaluate", "fetch-model"}
     if not args or args[0] not in commands:
-        print("usage: gp-lightning {prune,compare,evaluate,fetch-model} [options]  (gp-lightning prune --help)",
+        print("usage: gp-lightning {prune,train,compare,evaluate,fetch-model} [options]  (gp-lightning prune --help)",
               file=sys.stderr)
         return 2
     command, rest = args[0], args[1:]
     if command == "prune":
         return prune_main(rest, prog="gp-lightning prune")
+    if command == "train":
+        return train_main(rest, prog="gp-lightning train")
     if command == "compare":
         from gp_lightning.compare import main as compare_main
 

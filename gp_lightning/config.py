@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from gp_lightning.calibration.launch import StrategyName
 from gp_lightning.calibration.methods import ImportanceMethod
-from gp_lightning.errors import ConfigError
+from gp_lightning.errors import check_config as _check
+from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
 from gp_lightning.selection.constraints import SelectionConstraints
 from gp_lightning.table.normalize import Normalization, NormalizationLevel
 from gp_lightning.table.transforms import TableTransforms
@@ -116,6 +120,11 @@ class PruneConfig:
             batches they cover are skipped. The result equals an uninterrupted run.
         streamed_surgery: Write the pruned checkpoint by streaming the original safetensors files
             tensor by tensor (peak memory about one shard) instead of slicing the model in memory.
+        finetune: After pruning, recover the pruned model with a fine-tune (LoRA by default) into
+            ``output/finetune`` (see ``train.py``). This run's data, evaluation, precision, strategy
+            and seed keys are passed on; ``finetune_config`` adds or overrides fine-tuning keys.
+        finetune_config: A ``train.py`` YAML (e.g. ``configs/finetune-lora.yaml``) with the fine-tuning
+            keys for ``finetune`` (its ``model`` and ``output`` are set by this run).
         seed: Seed for the choice of calibration windows and anything random.
         cache_dir: Where the embedded model is converted and cached (default
             ``$GP_LIGHTNING_CACHE`` or ``~/.cache/gp_lightning``).
@@ -171,6 +180,8 @@ class PruneConfig:
     checkpoint_every: int = 0
     resume: bool = False
     streamed_surgery: bool = False
+    finetune: bool = False
+    finetune_config: str | None = None
     seed: int = 42
     cache_dir: str | None = None
 
@@ -202,6 +213,12 @@ class PruneConfig:
         self.constraints  # noqa: B018
         _check(bool(self.model), "model", self.model, "must name a model")
         _check(bool(self.output), "output", self.output, "must name a run directory")
+        _check(self.finetune or not self.finetune_config, "finetune_config", self.finetune_config,
+               "only applies with finetune: true (pass --finetune)")
+        _check(not (self.finetune and self.table_only), "finetune", self.finetune,
+               "needs a pruned model, which table_only does not make")
+        if self.finetune:
+            self.finetune_settings  # noqa: B018 - read and validate the fine-tuning keys now, not after pruning
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,11 +235,24 @@ class PruneConfig:
             values |= {"min_attention_groups": 0, "min_mlp_channels": 0}
         return SelectionConstraints(**values)
 
+    @property
+    def finetune_settings(self) -> FinetuneConfig:
+        """The fine-tuning config of ``finetune``: shared keys of this run, then ``finetune_config``."""
+        values: dict[str, Any] = {key: getattr(self, key) for key in SHARED_WITH_PRUNE}
+        if self.finetune_config:
+            path = Path(self.finetune_config).expanduser()
+            _check(path.is_file(), "finetune_config", self.finetune_config, "must be an existing YAML file")
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+            unknown = sorted(set(loaded) - known)
+            _check(not unknown, "finetune_config", self.finetune_config,
+                   f"has unknown keys {unknown} (train.py --help lists the keys)")
+            values |= loaded
+        run = Path(self.output)
+        return FinetuneConfig(**(values | {"model": str(run / "model"), "output": str(run / "finetune"),
+                                           "overwrite": self.overwrite}))
+
     def _group(self, group: type) -> dict[str, Any]:
         """This config's values for the fields of an argument-group dataclass (same names)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(group)}
 
-
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"Config key '{key}' = {value!r} is invalid: it {rule}.")

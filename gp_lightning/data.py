@@ -56,11 +56,16 @@ LOCAL_HINT = "a local file works everywhere, e.g. ../shared/data/wikitext-2/vali
 
 def load_text(source: str, role: Role) -> str:
     """Return the raw text of ``source`` for the given role (calibration or evaluation)."""
+    check_source(source)
     path = Path(source).expanduser()
-    if path.is_file():
-        return _read_local(path)
-    if source in HUB_DATASETS:
-        return _read_hub(source, role)
+    return _read_local(path) if path.is_file() else _read_hub(source, role)
+
+
+def check_source(source: str) -> None:
+    """Fail now, with the fix, if ``source`` is neither an existing file nor a known dataset name."""
+    path = Path(source).expanduser()
+    if path.is_file() or source in HUB_DATASETS:
+        return
     if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or "/" in source:
         raise DataError(f"Dataset file '{source}' does not exist (looked in {path.resolve()}).")
     raise DataError(

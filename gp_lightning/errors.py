@@ -37,3 +37,9 @@ class BudgetError(GPLightningError):
 
 class CalibrationError(GPLightningError):
     """Calibration produced unusable statistics (NaN/inf gradients, no gradients)."""
+
+
+def check_config(ok: bool, key: str, value: object, rule: str) -> None:
+    """Raise a :class:`ConfigError` that names the key, its value and the rule it breaks."""
+    if not ok:
+        raise ConfigError(f"Config key '{key}' = {value!r} is invalid: it {rule}.")

@@ -18,7 +18,7 @@ from typing import Any
 from gp_lightning.errors import RunDirectoryError
 
 #: Files whose presence means a directory already holds a run.
-RUN_MARKERS = ("config.yaml", "global_group_table.csv", "evaluation_results.json", "model")
+RUN_MARKERS = ("config.yaml", "global_group_table.csv", "evaluation_results.json", "model", "adapter")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -28,17 +28,19 @@ from gp_lightning.calibration.ablation import ablation_losses
 from gp_lightning.calibration.launch import launcher_warning
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
-from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
+from gp_lightning.data import calibration_windows, check_source, evaluation_windows, load_text, tokenize
 from gp_lightning.diagnostics import diagnose
+from gp_lightning.errors import ConfigError
 from gp_lightning.evaluation import perplexity
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.export.streamed import stream_prune
+from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
 from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
 from gp_lightning.model_source import load_model, local_checkpoint_dir
 from gp_lightning.plan import PruningPlan
 from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure, save_png
 from gp_lightning.precision import load_dtype, resolve
-from gp_lightning.ranks import broadcast_from_zero, global_rank
+from gp_lightning.ranks import broadcast_from_zero, distributed, global_rank, world_size
 from gp_lightning.reports import describe_run, layer_summary_text, pruning_comparison
 from gp_lightning.selection import Selection, check_budget, layer_summary, select
 from gp_lightning.sharded_load import meta_model
@@ -46,6 +48,10 @@ from gp_lightning.surgery import apply_plan
 from gp_lightning.table import BLOCK, build_table, load_table, ranked, transform_table
 
 log = logging.getLogger("gp_lightning")
+
+#: What the pruning run's evaluation_results.json repeats of its fine-tune (the rest is in output/finetune).
+FINETUNE_SUMMARY = ("finetune_method", "ppl_before", "ppl_after", "optimizer_steps", "train_loss_first",
+                    "train_loss_last", "saved")
 
 
 @dataclass
@@ -55,8 +61,9 @@ class RunResult:
     run_dir: Path
     table: pd.DataFrame
     selection: Selection | None  # None with table_only
-    pruned_model: torch.nn.Module | None
+    pruned_model: torch.nn.Module | None  # with finetune: the same model, fine-tuned and merged
     evaluation: dict[str, Any] = field(default_factory=dict)
+    finetuned: FinetuneResult | None = None  # with finetune
 
 
 class PruneRecipe:
@@ -75,6 +82,13 @@ class PruneRecipe:
         cfg = self.cfg
         if self.rank == 0:
             check_run_dir(self.run_dir, cfg.overwrite or cfg.resume)
+        if cfg.finetune and not (cfg.save_model or cfg.streamed_surgery) and world_size() > 1:
+            raise ConfigError("finetune in a distributed run starts every rank from the saved pruned model: set "
+                              "save_model: true.")
+        if cfg.finetune:  # fail before calibration, not after pruning
+            settings = cfg.finetune_settings
+            check_source(settings.dataset)
+            check_source(settings.eval_dataset)
         warning = launcher_warning()
         if warning:
             warnings.warn(warning, stacklevel=2)
@@ -332,12 +346,39 @@ class PruneRecipe:
             }
             write_json(self.run_dir / "evaluation_results.json", results)
             write_text(self.run_dir / "description.txt", describe_run(self.cfg, self.layout, results))
+            finetuned = None
+            if self.cfg.finetune:
+                finetuned = self.finetune(pruned)
+                results["finetune"] = {key: finetuned.evaluation.get(key) for key in FINETUNE_SUMMARY}
+                write_json(self.run_dir / "evaluation_results.json", results)
             log.info("done: %s", self.run_dir)
-            return RunResult(self.run_dir, table, selection, pruned, results)
+            return RunResult(self.run_dir, table, selection, pruned, results, finetuned)
         finally:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
 
+
+    def finetune(self, pruned: torch.nn.Module | None) -> FinetuneResult:
+        """Recovery fine-tune of the pruned model into ``output/finetune``; every rank of a distributed run joins.
+
+        One process fine-tunes the pruned model in memory. Several processes all start from the
+        checkpoint rank 0 saved (the broadcast tells the other ranks it is complete).
+        """
+        settings = self.cfg.finetune_settings
+        broadcast_from_zero(str(self.run_dir / "model"))
+        model = None if distributed() else pruned
+        cfg, known = self.cfg, self.evaluation.get("ppl_after")
+        same_windows = (settings.eval_dataset, settings.eval_seq_len, settings.eval_max_windows,
+                        settings.eval_precision) == (cfg.eval_dataset, cfg.eval_seq_len, cfg.eval_max_windows,
+                                                     cfg.eval_precision)
+        reuse = self.rank == 0 and known is not None and same_windows and settings.test_before_finetune
+        if reuse:  # the pruned model's perplexity was just measured on the same windows
+            settings = dataclasses.replace(settings, test_before_finetune=False)
+        recipe = FinetuneRecipe(settings, model=model, tokenizer=None if model is None else self.tokenizer)
+        if reuse:
+            recipe.evaluation["ppl_before"] = known
+        log.info("recovery fine-tuning (%s) into %s", settings.finetune_method, settings.output)
+        return recipe.run()
 
     def _follow_rank_zero(self, raw: pd.DataFrame) -> RunResult:
         """Ranks other than 0: receive the plan rank 0 selected (or its error) and stop."""
@@ -348,7 +389,8 @@ class PruneRecipe:
         log.info("rank %d: received the plan of rank 0 (%s)", self.rank,
                  "table only" if plan is None else f"{sum(len(lp.keep_channels) for lp in plan.layers)} channels kept")
         self.received_plan = plan
-        return RunResult(self.run_dir, raw, None, None, {"rank": self.rank})
+        finetuned = self.finetune(None) if self.cfg.finetune and plan is not None else None
+        return RunResult(self.run_dir, raw, None, None, {"rank": self.rank}, finetuned)
 
     def _finish_table_only(self, table: pd.DataFrame) -> RunResult:
         results = {"table_only": True, "units": len(table), "total_params": self.layout.total_params,

@@ -73,3 +73,22 @@ def gradient_analysis_figure(statistics: dict[str, Any], summary: pd.DataFrame, 
         axes.set_xticks(x if len(x) <= 40 else np.arange(0, x.max() + 1, 5))
     figure.subplots_adjust(left=0.08, right=0.98, top=0.96, bottom=0.06, hspace=0.45)  # fixed layout: no layout pass
     return figure
+
+
+def finetune_loss_figure(curve: pd.DataFrame) -> Figure:
+    """Training loss per logged step and validation loss per epoch (step 0: before training)."""
+    figure = Figure(figsize=(7.0, 3.6))
+    axes = figure.add_subplot(1, 1, 1)
+    if "train_loss" in curve:
+        train = curve.dropna(subset=["train_loss"])
+        axes.plot(train["step"], train["train_loss"], color="#4C72B0", linewidth=1, label="training loss")
+    if "val_loss" in curve:
+        val = curve.dropna(subset=["val_loss"])
+        axes.plot(val["step"], val["val_loss"], color="#C44E52", marker="o", label="validation loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.set_title("Recovery fine-tuning")
+    axes.legend(loc="upper right", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.14)  # fixed layout: no layout pass
+    return figure

@@ -25,6 +25,15 @@ def global_rank() -> int:
     return 0
 
 
+def world_size() -> int:
+    """Processes the launcher started (``WORLD_SIZE`` / ``SLURM_NTASKS``), before any process group exists."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -33,3 +33,14 @@ def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory:
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> GPPrunedForCausalLM:
     """Load a pruned checkpoint with the project's own classes (no remote code)."""
     return GPPrunedForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer: object | None, directory: Path) -> Path:
+    """Save any supported model atomically in its own format: pruned models as pruned checkpoints."""
+    if isinstance(model, GPPrunedForCausalLM):
+        return save_pruned(model, tokenizer, directory)
+    with staged_directory(directory) as staging:
+        model.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+    return directory

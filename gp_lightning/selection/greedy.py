@@ -23,7 +23,7 @@ from gp_lightning.errors import BudgetError
 from gp_lightning.plan import PruningPlan
 from gp_lightning.selection.constraints import LayerLimits, SelectionConstraints
 from gp_lightning.selection.result import Selection
-from gp_lightning.table import ranked
+from gp_lightning.table import rank_order
 
 
 def check_budget(layout: ModelLayout, pruning_ratio: float, constraints: SelectionConstraints | None = None) -> int:
@@ -79,12 +79,14 @@ def select(
 ) -> Selection:
     constraints = constraints or SelectionConstraints()
     target = check_budget(layout, pruning_ratio, constraints)
-    candidates = ranked(table)
-    costs = candidates["cost"].to_numpy()
-    is_attention = (candidates["group_type"] == "attention").to_numpy()
-    admitted = np.zeros(len(candidates), dtype=bool)
-    forced = np.zeros(len(candidates), dtype=bool)
-    for layer_idx, positions in candidates.groupby("layer_idx").indices.items():
+    # the table in score order, as columns (only the chosen rows are gathered into a frame, at the end)
+    order = rank_order(table)
+    costs = table["cost"].to_numpy()[order]
+    is_attention = (table["group_type"] == "attention").to_numpy()[order]
+    layers = table["layer_idx"].to_numpy()[order]
+    admitted = np.zeros(len(order), dtype=bool)
+    forced = np.zeros(len(order), dtype=bool)
+    for layer_idx, positions in pd.Series(layers).groupby(layers).indices.items():
         limits = constraints.limits(layout, layout.layers[int(layer_idx)])
         ok = positions[_admissible(is_attention[positions], costs[positions], limits)]
         admitted[ok] = True
@@ -117,10 +119,12 @@ def select(
                 "pruning_ratio or relax the constraints."
             )
         count = int(np.searchsorted(cumulative, target, side="left")) + 1
-    chosen = candidates.iloc[np.r_[forced_pos, rest[:count]]].reset_index(drop=True)
+    taken = np.r_[forced_pos, rest[:count]]
+    chosen = table.take(order[taken]).reset_index(drop=True)
     groups: dict[int, set[int]] = {}
     channels: dict[int, set[int]] = {}
-    for layer_idx, kind, idx in zip(chosen["layer_idx"], chosen["group_type"], chosen["group_idx"], strict=True):
-        (groups if kind == "attention" else channels).setdefault(int(layer_idx), set()).add(int(idx))
+    units = zip(layers[taken].tolist(), is_attention[taken].tolist(), chosen["group_idx"].tolist(), strict=True)
+    for layer_idx, attention, idx in units:
+        (groups if attention else channels).setdefault(int(layer_idx), set()).add(int(idx))
     plan = PruningPlan.from_removals(layout, groups, channels, remove_empty_layers)
     return Selection(chosen, plan, layout.total_params, layout.prunable_params, target, int(chosen["cost"].sum()))

@@ -1,0 +1,130 @@
+"""The LightningModule that fine-tunes: masked causal-LM loss, AdamW, warm-up + decay, validation loss.
+
+Lightning owns the loop, so the strategies of calibration (DDP, FSDP2, DeepSpeed) and its progress
+bars, loggers, gradient accumulation and clipping apply unchanged. In LoRA mode the checkpoints of
+the best epoch hold only the trainable (adapter) tensors, a few MB instead of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from gp_lightning.architecture import decoder_layers
+from gp_lightning.finetune.data import IGNORE
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over labels that are not -100, and how many there are."""
+    mask = batch.get("attention_mask")
+    logits = model(input_ids=batch["input_ids"], attention_mask=None if mask is None or bool(mask.all()) else mask,
+                   use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, (labels != IGNORE).sum()
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (linear warm-up, then decay)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class FinetuneModule(L.LightningModule):
+    """Trains whatever in ``model`` requires grad (the adapters in LoRA mode, everything in full mode)."""
+
+    def __init__(self, model: nn.Module, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 lr_scheduler: str = "linear", shard: bool = False, activation_checkpointing: bool = False,
+                 adapter_checkpoints: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.lr_scheduler = lr_scheduler
+        self.shard = shard
+        self.activation_checkpointing = activation_checkpointing
+        self.adapter_checkpoints = adapter_checkpoints
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked)."""
+        layers = decoder_layers(base_causal_lm(self.model))
+        if self.activation_checkpointing and not getattr(self, "_checkpointed", False):
+            from torch.distributed._composable import checkpoint
+
+            for layer in layers:
+                checkpoint(layer)
+            self._checkpointed = True
+        if not self.shard:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh.ndim > 1 else self.device_mesh
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if str(self.trainer.precision).startswith("bf16") else MixedPrecisionPolicy())
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        total, count = masked_lm_loss(self.model, batch)
+        loss = total / count.clamp(min=1)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        total, count = masked_lm_loss(self.model, batch)
+        if count > 0:
+            self.val_loss.update(total / count, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        value = self.val_loss.compute()  # token-weighted mean, synchronized over ranks
+        self.val_loss.reset()
+        self.log("val_loss", value, prog_bar=True, sync_dist=False)
+        self.log("val_ppl", torch.exp(value), sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.warmup_steps, total, self.lr_scheduler))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_keys(self) -> set[str]:
+        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter_checkpoints:  # the frozen base is already on disk: keep only the adapters
+            keys = self.trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+
+    def load_trained(self, path: str) -> None:
+        """Restore the trained tensors of a checkpoint (the best epoch's) into this module."""
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        absent = self.trainable_keys() & set(missing)
+        if unexpected or absent:
+            raise RuntimeError(f"checkpoint {path} does not match the model: unexpected {unexpected[:3]}, "
+                               f"missing trained tensors {sorted(absent)[:3]}")
