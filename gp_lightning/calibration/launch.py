@@ -58,7 +58,9 @@ def _forward_only_ddp(backend: str | None) -> Any:
 
 
 def resolve_launch(strategy: str, accelerator: str, devices: int | str, num_nodes: int,
-                   forward_only: bool = False) -> Launch:
+                   forward_only: bool = False, full_checkpoints: bool = False) -> Launch:
+    """The strategy to run. ``full_checkpoints``: FSDP checkpoints are gathered into one file on rank 0
+    (small ones, such as LoRA adapters) instead of a sharded directory."""
     count = launched_processes_per_node() if devices == "auto" else int(devices)
     if count < 1 or num_nodes < 1:
         raise ConfigError(f"devices={devices} and num_nodes={num_nodes} must be at least 1.")
@@ -79,6 +81,7 @@ def resolve_launch(strategy: str, accelerator: str, devices: int | str, num_node
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return Launch(ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                            save_distributed_checkpoint=not full_checkpoints,
                                             process_group_backend=backend), count, True)
     raise ConfigError(f"Unknown strategy '{strategy}': use auto, ddp, fsdp or deepspeed.")
 

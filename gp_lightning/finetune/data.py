@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from gp_lightning.data import calibration_windows, load_text, tokenize
 from gp_lightning.errors import DataError
@@ -171,7 +172,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class FinetuneData(L.LightningDataModule):
-    """Shuffled training batches and fixed validation batches (Lightning shards both under DDP/FSDP)."""
+    """Shuffled training batches and fixed validation batches, each rank reading its share.
+
+    The order is one seeded permutation per epoch whatever the world size (``DistributedSampler``
+    with ``seed``; Lightning advances its epoch), and rank r takes every world-th example of it. So
+    N ranks with ``batch_size`` b see, step by step, exactly the examples one process sees with
+    ``batch_size`` N*b: the runs are the same training, which the tests check.
+    """
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, pad_id: int, seed: int) -> None:
         super().__init__()
@@ -179,9 +186,12 @@ class FinetuneData(L.LightningDataModule):
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, generator=generator,  # type: ignore[arg-type]
-                          collate_fn=lambda batch: collate(batch, self.pad_id))
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=shuffle,  # type: ignore[arg-type]
+                                     seed=self.seed)
+        return DataLoader(examples, batch_size=self.batch_size, sampler=sampler,  # type: ignore[arg-type]
+                          collate_fn=partial(collate, pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)

@@ -77,7 +77,7 @@ class FinetuneModule(L.LightningModule):
             for layer in layers:
                 checkpoint(layer)
             self._checkpointed = True
-        if not self.shard:
+        if not self.shard or getattr(self, "_sharded", False):  # validate() and fit() both call this
             return
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -87,11 +87,14 @@ class FinetuneModule(L.LightningModule):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        self._sharded = True
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, count = masked_lm_loss(self.model, batch)
         loss = total / count.clamp(min=1)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # averaged over ranks: for equal-length examples, the curve of one process running the whole batch
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

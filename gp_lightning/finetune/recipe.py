@@ -61,7 +61,7 @@ def training_strategy(cfg: FinetuneConfig) -> tuple[Any, int, bool]:
 
         devices = resolve_launch("ddp", cfg.accelerator, cfg.devices, cfg.num_nodes).devices
         return DeepSpeedStrategy(stage=3), devices, False
-    launch = resolve_launch(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes)
+    launch = resolve_launch(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, full_checkpoints=True)
     return launch.strategy, launch.devices, launch.shards_parameters
 
 
@@ -163,6 +163,7 @@ class FinetuneRecipe:
             callbacks=[self.best, LearningRateMonitor(logging_interval="step")],
             log_every_n_steps=cfg.log_every_n_steps, num_sanity_val_steps=0, enable_model_summary=False,
             inference_mode=False,  # validate() before fit() would leave the metric state as inference tensors
+            use_distributed_sampler=False,  # FinetuneData shards itself (same order for any world size)
             default_root_dir=str(self.run_dir),
         )
         data = FinetuneData(self.train_examples, self.val_examples, cfg.batch_size, pad_token_id(self.tokenizer),
@@ -173,11 +174,27 @@ class FinetuneRecipe:
         trainer.fit(module, datamodule=data)
         self.timings["train_s"] = time.perf_counter() - start
         self.steps = int(trainer.global_step)
+        if self.shard:
+            self.gather(module)
         if self.rank == 0 and self.best.best_model_path:  # rank 0 alone evaluates and saves
             module.load_trained(self.best.best_model_path)
             log.info("restored the best epoch: %s (val_loss %.4f)", self.best.best_model_path,
                      float(self.best.best_model_score))
         return module
+
+    def gather(self, module: FinetuneModule) -> None:
+        """FSDP: collect the trained model whole on rank 0, into a fresh unsharded copy of the input model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
+                                   trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+        whole = self.trainable_model()
+        whole.load_state_dict(state)
+        module.model = whole
 
     def save(self, model: torch.nn.Module) -> torch.nn.Module:
         """Adapter alone (peft format), or the merged model in the input's checkpoint format."""
@@ -240,8 +257,12 @@ class FinetuneRecipe:
             log.info("done: %s", self.run_dir)
             return FinetuneResult(self.run_dir, out, results)
         finally:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Detach this run's log file (the steps can also be driven one by one: setup, train, save, cleanup)."""
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
 
     def results(self) -> dict[str, Any]:
         curve = getattr(self, "curve", pd.DataFrame())

@@ -1,0 +1,263 @@
+"""Recovery fine-tuning on a tiny pruned model with uneven layers and a removed block.
+
+LoRA trains only adapters and lowers the loss; the merged model equals the unmerged peft model and
+reloads (project loader and trust_remote_code) to identical logits; full mode trains everything;
+instruction data puts the loss on the response only; the CLIs and prune.py --finetune work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gp_lightning.architecture import describe
+from gp_lightning.cli import prune_main, train_main
+from gp_lightning.errors import ConfigError, DataError
+from gp_lightning.export.checkpoint import load_pruned, save_pruned
+from gp_lightning.finetune.config import FinetuneConfig
+from gp_lightning.finetune.data import IGNORE, collate, instruction_example, load_examples, render_prompt
+from gp_lightning.finetune.module import masked_lm_loss
+from gp_lightning.finetune.recipe import FinetuneRecipe, finetune
+from gp_lightning.plan import PruningPlan
+from gp_lightning.surgery import apply_plan
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """Tiny Llama pruned unevenly: layer 1 loses its whole attention block, layers 0 and 2 lose channels."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    layout = describe(model)
+    plan = PruningPlan.from_removals(layout, {1: {0, 1}}, {0: {1, 5, 7}, 2: set(range(10))}, remove_empty_layers=True)
+    path = tmp_path_factory.mktemp("pruned") / "model"
+    save_pruned(apply_plan(model, layout, plan, {"base_model": str(tiny_checkpoint)}), tokenizer, path)
+    return path
+
+
+def settings(checkpoint: Path, output: Path, wikitext: Path, **overrides: object) -> FinetuneConfig:
+    values: dict[str, object] = dict(
+        model=str(checkpoint), output=str(output), dataset=str(wikitext / "valid.txt"),
+        eval_dataset=str(wikitext / "test.txt"), seq_len=32, eval_seq_len=32, eval_max_windows=4,
+        finetune_samples=16, val_samples=4, batch_size=4, num_epochs=2, learning_rate=1e-2, log_every_n_steps=1,
+    )
+    return FinetuneConfig(**(values | overrides))
+
+
+def mean_loss(model: torch.nn.Module, examples: list[dict[str, torch.Tensor]]) -> float:
+    with torch.no_grad():
+        total, count = masked_lm_loss(model.eval(), collate(examples, 0))
+    return float(total / count)
+
+
+def test_lora_trains_adapters_only_lowers_loss_and_merges_exactly(tmp_path: Path, pruned_checkpoint: Path,
+                                                                    wikitext: Path) -> None:
+    recipe = FinetuneRecipe(settings(pruned_checkpoint, tmp_path / "ft", wikitext))
+    recipe.setup()
+    try:
+        assert recipe.model is not None
+        loss_before = mean_loss(recipe.model, recipe.train_examples)
+        linears = {n for n, m in recipe.model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LORA_TARGETS}
+        peft_model = recipe.trainable_model()
+        trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+        assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+        adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in trainable}
+        assert adapted == linears  # every surviving projection, and only those
+        assert not any(n.startswith("model.layers.1.self_attn") for n in adapted)  # the removed block has none
+        assert any(n.startswith("model.layers.1.mlp") for n in adapted)
+
+        module = recipe.train(peft_model)
+        assert {n for n, p in module.model.named_parameters() if p.requires_grad} == trainable
+        assert mean_loss(peft_model, recipe.train_examples) < loss_before - 0.05  # training lowered the loss
+        checkpoint = torch.load(recipe.best.best_model_path, weights_only=True)["state_dict"]
+        assert {k.removeprefix("model.") for k in checkpoint} == trainable  # best-epoch checkpoint: adapters only
+
+        ids = recipe.train_examples[0]["input_ids"][None]
+        with torch.no_grad():
+            unmerged = peft_model.eval()(input_ids=ids).logits
+            merged = recipe.save(peft_model)
+            merged_logits = merged.eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged_logits, unmerged, rtol=1e-5, atol=1e-5)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+
+        saved = tmp_path / "ft" / "model"
+        with torch.no_grad():
+            reloaded = load_pruned(saved)(input_ids=ids).logits
+            remote = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True).eval()(input_ids=ids).logits
+        assert torch.equal(reloaded, merged_logits) and torch.equal(remote, merged_logits)
+        assert json.loads((saved / "config.json").read_text())["recovery"]["finetune_method"] == "lora"
+    finally:
+        recipe.cleanup()
+
+
+def test_full_finetune_updates_every_parameter(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path) -> None:
+    before = {n: p.detach().clone() for n, p in load_pruned(pruned_checkpoint).named_parameters()}
+    result = finetune(settings(pruned_checkpoint, tmp_path / "full", wikitext, finetune_method="full", num_epochs=1,
+                               learning_rate=1e-3, save_model=False, test_before_finetune=False))
+    assert result.model is not None
+    after = dict(result.model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(p.requires_grad for p in after.values())
+    unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
+    assert not unchanged
+    assert result.evaluation["parameters"]["trainable"] == result.evaluation["parameters"]["total"]
+    assert not (tmp_path / "full" / "model").exists()
+
+
+def test_run_writes_results_curve_and_adapter_that_reloads(tmp_path: Path, pruned_checkpoint: Path,
+                                                             wikitext: Path) -> None:
+    from peft import PeftModel
+
+    out = tmp_path / "adapter-run"
+    result = finetune(settings(pruned_checkpoint, out, wikitext, save_adapter_only=True, num_epochs=1))
+    ev = json.loads((out / "evaluation_results.json").read_text())
+    assert ev["ppl_before"] > 0 and ev["ppl_after"] > 0 and ev["eval_windows"] == 4
+    assert ev["optimizer_steps"] == 4 and ev["train_examples"] == 16 and ev["val_examples"] == 4
+    assert (out / "visualization" / "finetune_loss.png").stat().st_size > 1000
+    assert (out / "logs" / "csv" / "metrics.csv").is_file()
+    curve = (out / "analysis" / "finetune_loss.csv").read_text().splitlines()
+    assert curve[0].startswith("step,") and len(curve) == 1 + 4  # a row per optimizer step (step 0 = before)
+    assert not (out / "model").exists()
+
+    ids = torch.arange(3, 40)[None]
+    assert result.model is not None
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(load_pruned(pruned_checkpoint), out / "adapter").eval()(input_ids=ids)
+    torch.testing.assert_close(reloaded.logits, trained, rtol=0, atol=0)
+
+
+def test_instruction_data_puts_the_loss_on_the_response_only(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else f"numbers {i}",
+                "output": f"The sum is {2 * i + 1}."} for i in range(10)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    train, val = load_examples(str(data), "auto", tokenizer, 96, None, 2, seed=0, prompt_format="plain")
+    assert len(train) == 8 and len(val) == 2
+    from gp_lightning.finetune.data import Instruction
+
+    for fmt in ("chat", "plain"):
+        record = Instruction("Add 2 and 3.", "numbers 2", "The sum is 5.")
+        example = instruction_example(record, tokenizer, fmt, 96)
+        assert example is not None
+        prompt = render_prompt(record, tokenizer, fmt)
+        response = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert example["input_ids"].tolist() == prompt + response
+        assert (example["labels"][: len(prompt)] == IGNORE).all()
+        assert example["labels"][len(prompt):].tolist() == response
+    # the masked loss equals cross-entropy over response tokens alone (padding ignored too)
+    model = tiny_model("llama", vocab=len(tokenizer))
+    batch = collate(train[:3], pad_id=0)
+    total, count = masked_lm_loss(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected, n = torch.zeros(()), 0
+    for row in range(3):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            target = int(batch["labels"][row, t + 1])
+            if target != IGNORE:
+                expected = expected + F.cross_entropy(logits[row, t][None], torch.tensor([target]))
+                n += 1
+    assert int(count) == n == sum(int((e["labels"] != IGNORE).sum()) for e in train[:3])
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_names_the_fix(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path) -> None:
+    with pytest.raises(DataError, match="finetune_samples"):
+        FinetuneRecipe(settings(pruned_checkpoint, tmp_path / "a", wikitext, finetune_samples=10**6)).setup()
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        finetune(settings(pruned_checkpoint, tmp_path / "b", wikitext, lora_target_modules=["c_attn"],
+                          test_before_finetune=False))
+    with pytest.raises(ConfigError, match="GPUs only"):
+        FinetuneRecipe(settings(pruned_checkpoint, tmp_path / "c", wikitext, strategy="deepspeed",
+                                accelerator="cpu")).setup()
+    with pytest.raises(ConfigError, match="save_adapter_only"):
+        FinetuneConfig(finetune_method="full", save_adapter_only=True)
+    bad = tmp_path / "ft.yaml"
+    bad.write_text("lora_rank: 8\n")
+    assert prune_main(["--finetune", "--finetune_config", str(bad), "--output", str(tmp_path / "p")]) == 2
+    assert prune_main(["--finetune_config", str(bad), "--output", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
+
+
+def test_train_cli_and_prune_finetune(tmp_path: Path, pruned_checkpoint: Path, tiny_checkpoint: Path,
+                                      wikitext: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-ft"
+    args = ["--config", str(ROOT / "configs" / "finetune-lora.yaml"), "--model", str(pruned_checkpoint),
+            "--output", str(out), "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
+            str(wikitext / "test.txt"), "--seq_len", "32", "--eval_seq_len", "32", "--eval_max_windows", "4",
+            "--finetune_samples", "8", "--val_samples", "2", "--warmup_steps", "0"]
+    assert train_main(args) == 0
+    ev = json.loads((out / "evaluation_results.json").read_text())
+    assert {"ppl_before", "ppl_after"} <= ev.keys() and ev["optimizer_steps"] == 2
+    assert load_pruned(out / "model") is not None
+    # a second run into the same directory is refused (nothing overwritten), --overwrite replaces it
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+
+    run = tmp_path / "prune-ft"
+    small = tmp_path / "small-lora.yaml"
+    small.write_text("finetune_method: lora\nfinetune_samples: 8\nval_samples: 2\nlearning_rate: 0.01\n")
+    code = prune_main(["--model", str(tiny_checkpoint), "--pruning_ratio", "0.002", "--num_samples", "4",
+                       "--seq_len", "32", "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
+                       str(wikitext / "test.txt"), "--eval_seq_len", "32", "--eval_max_windows", "4", "--output",
+                       str(run), "--finetune", "--finetune_config", str(small)])
+    assert code == 0
+    pruned = json.loads((run / "evaluation_results.json").read_text())
+    tuned = json.loads((run / "finetune" / "evaluation_results.json").read_text())
+    # same held-out windows: the fine-tune starts from the pruned model's measured perplexity
+    assert tuned["ppl_before"] == pruned["ppl_after"] and tuned["eval_windows"] == pruned["eval_windows"] == 4
+    assert pruned["finetune"]["ppl_after"] == tuned["ppl_after"] and tuned["train_examples"] == 8
+    assert (run / "model").is_dir() and (run / "finetune" / "model").is_dir()
+    assert "Fine-tuned (lora" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path) -> Path:
+    out = tmp_path_factory.mktemp("single-ft") / "run"
+    assert train_main([*_distributed_args(pruned_checkpoint, wikitext), "--batch_size", "4", "--output", str(out)]) == 0
+    return out
+
+
+def _distributed_args(checkpoint: Path, wikitext: Path) -> list[str]:
+    return ["--model", str(checkpoint), "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
+            str(wikitext / "test.txt"), "--seq_len", "32", "--eval_seq_len", "32", "--eval_max_windows", "4",
+            "--finetune_samples", "8", "--val_samples", "2", "--learning_rate", "0.01", "--lora_dropout", "0",
+            "--log_every_n_steps", "1", "--test_before_finetune", "false"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_are_the_same_training_as_one_process(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path,
+                                                         single_process_run: Path, strategy: str) -> None:
+    """2 gloo ranks x batch 2 see the same examples per step as 1 process x batch 4: same losses, same weights."""
+    import socket
+
+    common = _distributed_args(pruned_checkpoint, wikitext)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", port, str(ROOT / "train.py"), *common, "--batch_size", "2",
+                           "--strategy", strategy, "--output", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
+    import pandas as pd
+
+    single = pd.read_csv(single_process_run / "analysis" / "finetune_loss.csv")
+    ddp = pd.read_csv(tmp_path / "ddp" / "analysis" / "finetune_loss.csv")
+    pd.testing.assert_frame_equal(ddp[["step", "train_loss", "val_loss"]], single[["step", "train_loss", "val_loss"]],
+                                  rtol=1e-5)
+    a, b = load_pruned(single_process_run / "model"), load_pruned(tmp_path / "ddp" / "model")
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
