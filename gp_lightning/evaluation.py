@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any
+
 import torch
 from torch import nn
 from torchmetrics.text import Perplexity
@@ -24,6 +28,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, precisi
             logits = model(input_ids=batch, use_cache=False).logits
         metric.update(logits[:, :-1].float(), batch[:, 1:])
     return float(metric.compute())
+
+
+def measure_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, precision: str, key: str,
+                       results: dict[str, Any], timings: dict[str, float]) -> float:
+    """Perplexity into ``results["ppl_<key>"]``, its seconds into ``timings["eval_<key>_s"]``, and the run log."""
+    start = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size, precision, desc=f"Perplexity ({key})")
+    timings[f"eval_{key}_s"] = time.perf_counter() - start
+    results[f"ppl_{key}"] = ppl
+    logging.getLogger("gp_lightning").info("perplexity %s: %.4f on %d windows of %d tokens", key, ppl, *windows.shape)
+    return ppl
 
 
 def evaluate_checkpoints(checkpoints: list[str], eval_dataset: str, eval_seq_len: int = 128,

@@ -7,6 +7,7 @@ crash never leaves a half-written table or model, and a run never silently repla
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gp_lightning.errors import RunDirectoryError
 
@@ -91,3 +94,14 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
             f"Output directory '{path}' already holds a run ({', '.join(found)}). Choose another "
             "--output, or pass --overwrite to replace its results."
         )
+
+
+def open_run_log(run_dir: Path, logger: logging.Logger, config: dict[str, Any]) -> logging.Handler:
+    """Start a run directory: ``config.yaml`` (the resolved config) and ``training.log`` (``logger``'s records)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "training.log", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return handler

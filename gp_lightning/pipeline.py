@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-import yaml
 
 from gp_lightning import __version__
 from gp_lightning.architecture import ModelLayout, describe
@@ -31,11 +30,11 @@ from gp_lightning.config import PruneConfig
 from gp_lightning.data import calibration_windows, check_source, evaluation_windows, load_text, tokenize
 from gp_lightning.diagnostics import diagnose
 from gp_lightning.errors import ConfigError
-from gp_lightning.evaluation import perplexity
+from gp_lightning.evaluation import measure_perplexity
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.export.streamed import stream_prune
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
-from gp_lightning.io import check_run_dir, write_csv, write_json, write_text
+from gp_lightning.io import check_run_dir, open_run_log, write_csv, write_json, write_text
 from gp_lightning.model_source import load_model, local_checkpoint_dir
 from gp_lightning.plan import PruningPlan
 from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure, save_png
@@ -153,13 +152,7 @@ class PruneRecipe:
         if self.rank != 0:  # only rank 0 writes
             self._log_handler = logging.NullHandler()
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "training.log", mode="w", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        self._log_handler = handler
-        write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self._log_handler = open_run_log(self.run_dir, log, self.cfg.to_dict())
         log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s",
                  __version__, self.cfg.model, self.layout.num_layers, self.layout.total_params,
                  self.layout.prunable_params, self.precision)
@@ -167,13 +160,8 @@ class PruneRecipe:
     # -- steps ---------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, key: str) -> float:
         assert self.eval_windows is not None
-        start = time.perf_counter()
-        ppl = perplexity(model, self.eval_windows, self.cfg.eval_batch_size, self.eval_precision,
-                         desc=f"Perplexity ({key})")
-        self.timings[f"eval_{key}_s"] = time.perf_counter() - start
-        self.evaluation[f"ppl_{key}"] = ppl
-        log.info("perplexity %s: %.4f on %d windows of %d tokens", key, ppl, *self.eval_windows.shape)
-        return ppl
+        return measure_perplexity(model, self.eval_windows, self.cfg.eval_batch_size, self.eval_precision, key,
+                                  self.evaluation, self.timings)
 
     def calibrate(self) -> UnitImportance:
         cfg = self.cfg

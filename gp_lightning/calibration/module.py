@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gp_lightning.sharding import checkpoint_layers, shard_layers
+
 
 def window_loss_sums(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-window sums of next-token cross-entropies of ``input_ids`` (float32 logits)."""
@@ -60,32 +62,15 @@ class CalibrationModule(L.LightningModule):
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
-        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked).
-
-        Checkpointing keeps only each layer's input for backward and recomputes the rest, so
-        activation memory is about one layer's instead of all layers' (for roughly a third more
-        compute). It uses the composable API, which leaves module names and eval mode alone.
-        """
+        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked)."""
         from gp_lightning.architecture import decoder_layers
 
         if self.activation_checkpointing and self.compute_gradients and not getattr(self, "_checkpointed", False):
-            from torch.distributed._composable import checkpoint
-
-            for layer in decoder_layers(self.model):
-                checkpoint(layer)
+            checkpoint_layers(decoder_layers(self.model))
             self._checkpointed = True
         if not self.shard:
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh.ndim > 1 else self.device_mesh
-        # bf16-mixed: layers are gathered and computed in bf16 (half the traffic and memory of the
-        # float32 shards); gradients are reduced and accumulated in float32 shards
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if str(self.trainer.precision).startswith("bf16") else MixedPrecisionPolicy())
-        for layer in decoder_layers(self.model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        shard_layers(self.model, decoder_layers(self.model), self.device_mesh, str(self.trainer.precision))
         if getattr(self.model, "gp_weights_dir", None) and any(p.is_meta for p in self.model.parameters()):
             from gp_lightning.sharded_load import load_local_shards
 

@@ -18,6 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from gp_lightning.architecture import decoder_layers
 from gp_lightning.finetune.data import IGNORE
+from gp_lightning.sharding import checkpoint_layers, shard_layers
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -69,25 +70,17 @@ class FinetuneModule(L.LightningModule):
         self.val_loss = MeanMetric()
 
     def configure_model(self) -> None:
-        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked)."""
+        """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked).
+
+        ``validate()`` and ``fit()`` both call this; each is applied once.
+        """
         layers = decoder_layers(base_causal_lm(self.model))
         if self.activation_checkpointing and not getattr(self, "_checkpointed", False):
-            from torch.distributed._composable import checkpoint
-
-            for layer in layers:
-                checkpoint(layer)
+            checkpoint_layers(layers)
             self._checkpointed = True
-        if not self.shard or getattr(self, "_sharded", False):  # validate() and fit() both call this
-            return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh.ndim > 1 else self.device_mesh
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if str(self.trainer.precision).startswith("bf16") else MixedPrecisionPolicy())
-        for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy)
-        self._sharded = True
+        if self.shard and not getattr(self, "_sharded", False):
+            shard_layers(self.model, layers, self.device_mesh, str(self.trainer.precision))
+            self._sharded = True
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, count = masked_lm_loss(self.model, batch)

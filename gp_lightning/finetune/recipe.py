@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
@@ -26,13 +25,13 @@ from gp_lightning import __version__
 from gp_lightning.calibration.launch import resolve_launch
 from gp_lightning.data import evaluation_windows, load_text, tokenize
 from gp_lightning.errors import ConfigError
-from gp_lightning.evaluation import perplexity
+from gp_lightning.evaluation import measure_perplexity
 from gp_lightning.export.checkpoint import save_checkpoint
 from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
 from gp_lightning.finetune.lora import add_lora, merged, trainable_parameters
 from gp_lightning.finetune.module import FinetuneModule
-from gp_lightning.io import check_run_dir, staged_directory, write_csv, write_json, write_text
+from gp_lightning.io import check_run_dir, open_run_log, staged_directory, write_csv, write_json
 from gp_lightning.model_source import load_model, resolve
 from gp_lightning.plots import finetune_loss_figure, save_png
 from gp_lightning.precision import load_dtype
@@ -105,26 +104,15 @@ class FinetuneRecipe:
             self._open_run_dir()
 
     def _open_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.run_dir / "training.log", mode="w", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        self._log_handler = handler
-        write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self._log_handler = open_run_log(self.run_dir, log, self.cfg.to_dict())
         log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples", __version__,
                  self.cfg.finetune_method, self.cfg.model, len(self.train_examples), len(self.val_examples))
 
     # -- steps ---------------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, key: str) -> float:
         assert self.eval_windows is not None
-        start = time.perf_counter()
-        ppl = perplexity(model, self.eval_windows, self.cfg.eval_batch_size, self.eval_precision,
-                         desc=f"Perplexity ({key})")
-        self.timings[f"eval_{key}_s"] = time.perf_counter() - start
-        self.evaluation[f"ppl_{key}"] = ppl
-        log.info("held-out perplexity %s: %.4f on %d windows of %d tokens", key, ppl, *self.eval_windows.shape)
-        return ppl
+        return measure_perplexity(model, self.eval_windows, self.cfg.eval_batch_size, self.eval_precision, key,
+                                  self.evaluation, self.timings)
 
     def trainable_model(self) -> torch.nn.Module:
         """LoRA: the peft model (only adapters require grad). Full: the model, everything requiring grad."""
