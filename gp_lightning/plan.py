@@ -9,7 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from gp_lightning.architecture import ModelLayout
+
+
+def _kept(count: int, removed: set[int]) -> list[int]:
+    """``[i for i in range(count) if i not in removed]`` as Python ints, without a Python loop over ``count``."""
+    keep = np.ones(count, dtype=bool)
+    gone = np.fromiter(removed, dtype=np.int64, count=len(removed))
+    keep[gone[(gone >= 0) & (gone < count)]] = False  # like range(count), ignore indices outside it
+    return np.flatnonzero(keep).tolist()
 
 
 @dataclass
@@ -49,8 +59,8 @@ class PruningPlan:
             layers.append(
                 LayerPlan(
                     index=layer.index,
-                    keep_groups=[g for g in range(layer.num_kv_heads) if g not in groups],
-                    keep_channels=[c for c in range(layer.intermediate_size) if c not in channels],
+                    keep_groups=_kept(layer.num_kv_heads, groups),
+                    keep_channels=_kept(layer.intermediate_size, channels),
                     num_groups=layer.num_kv_heads,
                     num_channels=layer.intermediate_size,
                     output_bias=layer.o_bias or layer.down_bias,

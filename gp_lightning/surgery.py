@@ -13,7 +13,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from gp_lightning.architecture import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.export import GPPrunedConfig, GPPrunedForCausalLM
@@ -146,15 +148,34 @@ def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provena
     config = pruned_config(model.config, layout, plan, provenance)
     config._attn_implementation = getattr(model.config, "_attn_implementation", None)
     dtype = next(model.parameters()).dtype
-    slicer = TensorSlicer(layout, plan)
-    state = dict(slicer.apply(model.state_dict().items()))
-    pruned = GPPrunedForCausalLM(config).to(dtype)
-    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    device = torch.get_default_device()  # where a freshly constructed model would live
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    dense = model.state_dict()
+    dense_storages = {tensor.untyped_storage().data_ptr() for tensor in dense.values()}
+    state = {}
+    for name, tensor in TensorSlicer(layout, plan).apply(dense.items()):
+        if name in tied:
+            continue  # the embedding, tied below
+        tensor = tensor.to(device=device, dtype=dtype)
+        if tensor.untyped_storage().data_ptr() in dense_storages:  # passed through unsliced: own it
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        state[name] = tensor
+    del dense
+    # Parameters on the meta device and no initialization: random weights that loading would overwrite
+    # were most of the surgery's time. Buffers computed at construction (rotary frequencies) stay real.
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        pruned = GPPrunedForCausalLM(config)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"Surgery produced a state dict that does not fit: missing={missing}, unexpected={unexpected}")
     if tied:
         pruned.tie_weights()
+        if pruned.lm_head.weight is not pruned.model.embed_tokens.weight:
+            raise RuntimeError("Surgery could not tie lm_head to the input embeddings")
+    pruned.to(dtype)  # the buffers follow the weights' dtype, as in a model built and then cast
+    left = [name for name, tensor in (*pruned.named_parameters(), *pruned.named_buffers()) if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"Surgery left tensors without data: {left}")
     pruned.generation_config = model.generation_config
     return pruned.eval()
 
