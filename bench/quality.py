@@ -1,0 +1,678 @@
+"""Pruning quality at equal size: gp-lightning's global table against simpler allocations and Torch-Pruning.
+
+Why: one global table that lets every GQA group and MLP channel of the model compete is only worth its
+machinery if, at the same parameter count, it leaves a better model than the simpler ways to decide what
+goes. This script prunes SmolLM2-135M (the embedded default) to the same sizes, 20%, 35% and 50% of ALL
+parameters removed, in every way below, and measures every pruned model's perplexity on the same tokens:
+
+- ours (global table, through ``gp_lightning.pipeline.oneshot``): ``taylor``, ``taylor_2nd``, ``wanda`` as
+  plain global rankings, and the best table settings measured so far (``taylor`` + per-layer log
+  normalization, ``wanda`` + per-layer minmax);
+- in-project baselines: a uniform per-layer allocation with Taylor importance (LLM-Pruner style: every
+  layer loses the same number of GQA groups and the same number of MLP channels, its lowest-Taylor ones),
+  global ``magnitude`` and global ``random``, and a FLAP-style allocation (fluctuation metric, standardized
+  per block, selected globally, with FLAP's bias compensation);
+- peer: Torch-Pruning, once as its LLM example configures it and once keeping the hidden size with its
+  Taylor importance and global ranking, its pruning ratio searched until its parameter count matches.
+
+Every method that calibrates sees the same windows: ``num_samples`` random non-overlapping windows of
+``seq_len`` tokens of wikitext-2 ``valid.txt`` chosen with ``seed`` (``gp_lightning.data.calibration_windows``).
+Perplexity is measured on the first ``eval_windows`` consecutive non-overlapping 128-token windows of
+wikitext-2 ``test.txt``, tokenized once (``gp_lightning.evaluation.perplexity``), all in float32.
+
+Bounded settings, sized for under 30 minutes on 2 idle CPU cores: 32 calibration windows of 128 tokens (the
+guides use 128 or more), the first 128 of the 2,438 test windows (16,384 tokens, about 5% of the test set),
+three ratios, Torch-Pruning's ratio searched to within 1% of our parameter count (at most 5 prunes per row).
+Absolute perplexities therefore differ from full-test-set numbers; the comparison is what counts. The recorded
+run (bench/results/quality.md) took 38 minutes with ``--threads 1`` on cores that other jobs kept busy (load
+average 3.5-6.9); with torch's default two threads the same contention made it about 3.4 times slower.
+
+    python bench/quality.py                       # writes bench/results/quality.md and quality.json
+    python bench/quality.py --threads 1           # on a machine other jobs share (see --help)
+    python bench/quality.py --ratios 0.2 --eval_windows 32 --no_torch_pruning     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.metadata
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gp_lightning import __version__ as gp_version
+from gp_lightning.architecture import ModelLayout, decoder_layers, describe
+from gp_lightning.calibration.module import token_loss_sum
+from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
+from gp_lightning.evaluation import perplexity
+from gp_lightning.io import write_json, write_text
+from gp_lightning.model_source import load_model
+from gp_lightning.pipeline import oneshot
+from gp_lightning.plan import PruningPlan
+from gp_lightning.selection import SelectionConstraints, select
+from gp_lightning.surgery import apply_plan
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+VALID = DATA / "valid.txt"
+TEST = DATA / "test.txt"
+RESULTS = REPO / "bench" / "results"
+COMMAND = "python bench/quality.py"  # plus the flags of this run, see command()
+
+
+@dataclass(frozen=True)
+class Ours:
+    """A row pruned by the project's own pipeline from a calibrated table."""
+
+    label: str
+    method: str  # importance_method
+    settings: dict[str, Any] = field(default_factory=dict)  # table transforms
+    kind: str = "ours"
+
+
+LAYER_LOG = {"normalization": "log", "normalization_level": "layer"}
+PIPELINE_ROWS = (
+    Ours("taylor", "taylor"),
+    Ours("taylor_2nd", "taylor_2nd"),
+    Ours("wanda", "wanda"),
+    Ours("taylor + layer log", "taylor", LAYER_LOG),
+    Ours("wanda + layer minmax", "wanda", {"normalization": "minmax", "normalization_level": "layer"}),
+    Ours("magnitude (global)", "magnitude", kind="baseline"),
+    Ours("random (global)", "random", kind="baseline"),
+)
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """How Torch-Pruning is configured for one row."""
+
+    label: str
+    taylor: bool  # GroupTaylorImportance (gradients of the calibration loss) or group L2 magnitude
+    global_pruning: bool
+    keep_hidden: bool  # embeddings ignored: the hidden size (residual width) is never pruned
+    round_to: int | None
+    first_guess: float  # the ratio search starts at this multiple of the target (measured once; searched anyway)
+
+
+TP_ROWS = (
+    PeerSettings("Torch-Pruning, its LLM example (magnitude, per layer, hidden pruned)", taylor=False,
+                 global_pruning=False, keep_hidden=False, round_to=4, first_guess=0.6),
+    PeerSettings("Torch-Pruning, global Taylor, hidden kept", taylor=True, global_pruning=True, keep_hidden=True,
+                 round_to=None, first_guess=1.65),
+)
+
+
+@dataclass
+class Row:
+    target: float
+    method: str
+    kind: str  # dense | ours | baseline | peer
+    params: int | None
+    ppl: float | None
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Bench:
+    """What every row shares: the dense model (never modified), the windows, the results so far."""
+
+    args: argparse.Namespace
+    work: Path
+    model: nn.Module
+    layout: ModelLayout
+    cal: torch.Tensor
+    test: torch.Tensor
+    dense_params: int
+    rows: list[Row] = field(default_factory=list)
+    tables: dict[str, Path] = field(default_factory=dict)
+    raw: dict[str, pd.DataFrame] = field(default_factory=dict)
+    calibration_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    max_load: float = 0.0
+
+    def target_params(self, ratio: float) -> int:
+        """The parameter count every method aims at: the dense count minus ``ratio`` of it (the pipeline's budget)."""
+        return self.dense_params - round(ratio * self.dense_params)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF directory or hub id")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5],
+                        help="fractions of ALL parameters to remove")
+    parser.add_argument("--num_samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per calibration window")
+    parser.add_argument("--batch_size", type=int, default=4, help="calibration windows per pass")
+    parser.add_argument("--eval_windows", type=int, default=128, help="first N 128-token windows of test.txt")
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core); on a machine other jobs share, 1 avoids "
+                             "oversubscribing the cores, which slows every process down far more than sharing them")
+    parser.add_argument("--no_torch_pruning", action="store_true", help="skip the Torch-Pruning rows")
+    parser.add_argument("--tp_tolerance", type=float, default=0.01,
+                        help="Torch-Pruning's parameter count must be within this fraction of ours")
+    parser.add_argument("--tp_max_trials", type=int, default=5, help="Torch-Pruning ratio search: prunes per row")
+    parser.add_argument("--output", type=Path, default=RESULTS / "quality.md", help="markdown report")
+    parser.add_argument("--json", type=Path, default=RESULTS / "quality.json", help="rows as JSON ('' to skip)")
+    return parser.parse_args(argv)
+
+
+def command(argv: list[str] | None) -> str:
+    flags = sys.argv[1:] if argv is None else argv
+    return " ".join([COMMAND, *flags])
+
+
+def log(message: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``; a tied embedding/lm_head is one tensor and counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def note_load(bench: Bench) -> None:
+    bench.max_load = max(bench.max_load, os.getloadavg()[0])
+
+
+def add_row(bench: Bench, row: Row) -> None:
+    bench.rows.append(row)
+    note_load(bench)
+    params = "-" if row.params is None else f"{row.params:,}"
+    ppl = "-" if row.ppl is None else f"{row.ppl:,.2f}"
+    log(f"{row.target:.0%} {row.method}: params {params}, PPL {ppl} ({row.seconds:.0f} s) {row.detail}")
+
+
+def measured(bench: Bench, target: float, method: str, kind: str, build: Callable[[], tuple[nn.Module, str]]) -> None:
+    """Build a pruned model, measure it on the test windows, record the row (a failure becomes a row too)."""
+    start = time.perf_counter()
+    try:
+        model, detail = build()
+        ppl = perplexity(model, bench.test, bench.args.eval_batch_size, desc=f"PPL {method} {target:.0%}")
+        row = Row(target, method, kind, count_params(model), ppl, time.perf_counter() - start, detail)
+        del model
+    except Exception as exc:  # a method that cannot do it is a result, not the end of the benchmark
+        traceback.print_exc()
+        row = Row(target, method, kind, None, None, time.perf_counter() - start, f"failed: {type(exc).__name__}: {exc}")
+    add_row(bench, row)
+
+
+# -- ours: the pipeline ---------------------------------------------------------------------------------
+
+def pipeline_args(bench: Bench) -> dict[str, Any]:
+    a = bench.args
+    return {"model": a.model, "dataset": str(VALID), "eval_dataset": str(TEST), "num_samples": a.num_samples,
+            "seq_len": a.seq_len, "batch_size": a.batch_size, "seed": a.seed, "precision": "32-true",
+            "eval_precision": "32-true", "overwrite": True, "test_before_prune": False}
+
+
+def calibrate(bench: Bench, method: str) -> None:
+    """Calibrate once per importance method (``table_only``); every ratio and setting reuses the table."""
+    start = time.perf_counter()
+    result = oneshot(**pipeline_args(bench), importance_method=method, table_only=True,
+                     output=str(bench.work / f"table-{method}"))
+    bench.tables[method] = result.run_dir / "global_group_table.csv"
+    bench.raw[method] = result.table
+    bench.calibration_s[method] = time.perf_counter() - start
+    log(f"calibrated {method} in {bench.calibration_s[method]:.1f} s")
+
+
+def ours(bench: Bench, variant: Ours, ratio: float) -> tuple[nn.Module, str]:
+    slug = "".join(c if c.isalnum() else "-" for c in variant.label)
+    result = oneshot(**pipeline_args(bench), importance_method=variant.method, from_table=str(bench.tables[variant.method]),
+                     pruning_ratio=ratio, test_after_prune=False, save_model=False,
+                     output=str(bench.work / f"{slug}-{ratio}"), **variant.settings)
+    assert result.pruned_model is not None and result.selection is not None
+    plan = result.selection.plan
+    one_group = sum(1 for lp in plan.layers if len(lp.keep_groups) <= 1)
+    return result.pruned_model, f"{one_group} layers left with 1 GQA group"
+
+
+# -- in-project baselines built from the project's plan, selection and surgery --------------------------
+
+def uniform_plan(layout: ModelLayout, table: pd.DataFrame, ratio: float) -> tuple[PruningPlan, str]:
+    """LLM-Pruner-style allocation: every layer loses the same share of its GQA groups and the same number of
+    MLP channels (the lowest Taylor importance of that layer), so that the model loses ``ratio`` of all params.
+
+    With 3 GQA groups per layer the group share moves in thirds, so it is the third nearest to the share of
+    prunable parameters the budget needs; the channel count then makes up the rest of the budget.
+    """
+    target = round(ratio * layout.total_params)
+    share = target / layout.prunable_params
+    groups = {layer.index: min(round(share * layer.num_kv_heads), layer.num_kv_heads - 1) for layer in layout.layers}
+    attention = sum(groups[layer.index] * layout.attention_group_cost(layer) for layer in layout.layers)
+    per_channel = sum(layout.mlp_channel_cost(layer) for layer in layout.layers)
+    channels = math.ceil(max(target - attention, 0) / per_channel)
+    channels = min(channels, min(layer.intermediate_size for layer in layout.layers) - 1)
+    remove_groups: dict[int, set[int]] = {}
+    remove_channels: dict[int, set[int]] = {}
+    for layer in layout.layers:
+        rows = table[table["layer_idx"] == layer.index]
+        attn = rows[rows["group_type"] == "attention"].nsmallest(groups[layer.index], "importance_raw")
+        mlp = rows[rows["group_type"] == "mlp"].nsmallest(channels, "importance_raw")
+        remove_groups[layer.index] = set(attn["group_idx"].astype(int))
+        remove_channels[layer.index] = set(mlp["group_idx"].astype(int))
+    layer0 = layout.layers[0]
+    detail = (f"every layer: {groups[0]}/{layer0.num_kv_heads} GQA groups, {channels}/{layer0.intermediate_size} "
+              f"MLP channels ({channels / layer0.intermediate_size:.1%})")
+    return PruningPlan.from_removals(layout, remove_groups, remove_channels), detail
+
+
+def uniform(bench: Bench, ratio: float) -> tuple[nn.Module, str]:
+    plan, detail = uniform_plan(bench.layout, bench.raw["taylor"], ratio)
+    return apply_plan(bench.model, bench.layout, plan, {"base_model": bench.args.model, "bench": "uniform"}), detail
+
+
+Moments = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int) -> Moments:
+    """Per input feature of every ``o_proj`` and ``down_proj``: mean and variance over all calibration tokens."""
+    sums: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def hook(key: tuple[int, str]) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            acc = sums.setdefault(key, [torch.zeros(x.shape[1], dtype=torch.float64) for _ in range(2)])
+            acc[0] += x.sum(dim=0)
+            acc[1] += x.square().sum(dim=0)
+        return record
+
+    handles = []
+    for layer, module in zip(layout.layers, decoder_layers(model), strict=True):
+        handles.append(module.self_attn.o_proj.register_forward_pre_hook(hook((layer.index, "attention"))))
+        handles.append(module.mlp.down_proj.register_forward_pre_hook(hook((layer.index, "mlp"))))
+    try:
+        model.eval()
+        for batch in windows.split(batch_size):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = windows.numel()
+    moments: Moments = {}
+    for key, (total, squares) in sums.items():
+        mean = total / tokens
+        moments[key] = (mean, (squares / tokens - mean.square()).clamp(min=0.0))
+    return moments
+
+
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    return (values - values.mean()) / values.std()
+
+
+def flap_table(model: nn.Module, layout: ModelLayout, moments: Moments) -> pd.DataFrame:
+    """FLAP's fluctuation metric, standardized within each block, as a table the project's ``select`` ranks.
+
+    MLP channel i: variance of down_proj's input feature i times ||W_down[:, i]||^2. Attention: the same per
+    o_proj input feature, standardized over the layer's features, then averaged over each GQA group's features
+    (all query heads of the group). ``score`` is the standardized metric itself, not per parameter: FLAP ranks
+    units by it and counts their cost only against the budget, which is what ``select`` does with ``cost``.
+    """
+    parts = []
+    for layer, module in zip(layout.layers, decoder_layers(model), strict=True):
+        for kind, proj, units, cost in (
+            ("attention", module.self_attn.o_proj, layer.num_kv_heads, layout.attention_group_cost(layer)),
+            ("mlp", module.mlp.down_proj, layer.intermediate_size, layout.mlp_channel_cost(layer)),
+        ):
+            metric = moments[(layer.index, kind)][1] * proj.weight.detach().double().square().sum(dim=0)
+            score = standardize(metric).view(units, -1).mean(dim=1)
+            parts.append(pd.DataFrame({
+                "layer_idx": layer.index, "group_type": kind, "group_idx": range(units), "cost": cost,
+                "importance_raw": metric.view(units, -1).sum(dim=1).numpy(), "importance": score.numpy(),
+                "score": score.numpy(),
+            }))
+    return pd.concat(parts, ignore_index=True)
+
+
+@torch.no_grad()
+def compensate_bias(pruned: nn.Module, dense: nn.Module, layout: ModelLayout, plan: PruningPlan,
+                    moments: Moments) -> None:
+    """FLAP's bias compensation: each removed input feature j of o_proj/down_proj is replaced by its mean over
+    the calibration tokens, folded into a new output bias ``W[:, removed] @ mean[removed]``."""
+    for layer, lp, before, after in zip(layout.layers, plan.layers, decoder_layers(dense), decoder_layers(pruned),
+                                        strict=True):
+        width = layer.queries_per_kv * layer.head_dim
+        kept_features = [g * width + i for g in lp.keep_groups for i in range(width)]
+        for kind, dense_proj, owner, name, kept, features in (
+            ("attention", before.self_attn.o_proj, after.self_attn, "o_proj", kept_features, layer.num_kv_heads * width),
+            ("mlp", before.mlp.down_proj, after.mlp, "down_proj", lp.keep_channels, layer.intermediate_size),
+        ):
+            removed = sorted(set(range(features)) - set(kept))
+            if not removed or owner is None:
+                continue
+            index = torch.tensor(removed, dtype=torch.long)
+            mean = moments[(layer.index, kind)][0]
+            bias = dense_proj.weight.double().index_select(1, index) @ mean.index_select(0, index)
+            old = getattr(owner, name)
+            new = nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+            new.weight.copy_(old.weight)
+            new.bias.copy_(bias.to(old.weight.dtype) + (old.bias if old.bias is not None else 0))
+            setattr(owner, name, new)
+
+
+def flap(bench: Bench, moments: Moments, ratio: float) -> tuple[nn.Module, str]:
+    table = flap_table(bench.model, bench.layout, moments)
+    selection = select(table, bench.layout, ratio, SelectionConstraints(min_attention_groups=1, min_mlp_channels=1))
+    pruned = apply_plan(bench.model, bench.layout, selection.plan, {"base_model": bench.args.model, "bench": "flap"})
+    compensate_bias(pruned, bench.model, bench.layout, selection.plan, moments)
+    attn = sum(len(lp.keep_groups) for lp in selection.plan.layers)
+    return pruned, f"{attn}/{sum(la.num_kv_heads for la in bench.layout.layers)} GQA groups kept"
+
+
+# -- peer: Torch-Pruning ---------------------------------------------------------------------------------
+
+def tp_base(bench: Bench) -> nn.Module:
+    """A copy of the dense model Torch-Pruning can trace, holding the gradient of the mean calibration token loss.
+
+    Its dependency walk does not end while the KV cache is on, and it fails on a reshape under sdpa attention;
+    eager attention computes the same function.
+    """
+    model = copy.deepcopy(bench.model)
+    model.config.use_cache = False
+    model.config._attn_implementation = "eager"
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    total = bench.cal[:, 1:].numel()
+    for batch in bench.cal.split(bench.args.batch_size):
+        (token_loss_sum(model, batch) / total).backward()
+    return model
+
+
+def tp_prune(base: nn.Module, settings: PeerSettings, ratio: float, example: torch.Tensor) -> nn.Module:
+    """Prune a copy of ``base`` with Torch-Pruning at its ``ratio`` (its channel ratio and its head ratio, as its
+    LLM example sets both), then update what HF attention reads from its attributes."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(base)
+    for mine, theirs in zip(model.parameters(), base.parameters(), strict=True):
+        mine.grad = None if theirs.grad is None or not settings.taylor else theirs.grad.clone()
+    heads: dict[nn.Module, int] = {}
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        heads[attn.q_proj] = attn.q_proj.out_features // attn.head_dim
+        heads[attn.k_proj] = attn.k_proj.out_features // attn.head_dim
+        heads[attn.v_proj] = attn.v_proj.out_features // attn.head_dim
+    importance = (tp.importance.GroupTaylorImportance() if settings.taylor
+                  else tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"))
+    ignored: list[nn.Module] = [model.lm_head]
+    if settings.keep_hidden:
+        ignored.append(model.get_input_embeddings())
+    pruner = tp.pruner.BasePruner(
+        model, example_inputs=example, importance=importance, global_pruning=settings.global_pruning,
+        pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads, prune_num_heads=True,
+        prune_head_dims=False,  # head dims would have to be pruned inside RoPE too
+        head_pruning_ratio=ratio, round_to=settings.round_to,
+    )
+    pruner.step()
+    del pruner
+    model.zero_grad(set_to_none=True)
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        q, kv = attn.q_proj.out_features, attn.k_proj.out_features
+        if q % kv or kv != attn.v_proj.out_features or q != attn.o_proj.in_features:
+            raise RuntimeError(f"Torch-Pruning left attention shapes HF cannot run: q {q}, k {kv}, "
+                               f"v {attn.v_proj.out_features}, o_proj in {attn.o_proj.in_features}")
+        attn.num_key_value_groups = q // kv
+    embedding = model.get_input_embeddings()
+    model.config.hidden_size = embedding.embedding_dim
+    if base.lm_head.weight is base.get_input_embeddings().weight and model.lm_head.weight is not embedding.weight:
+        # pruning the hidden size slices the tied tensor twice (as embedding rows and as lm_head columns), which
+        # leaves two equal copies; tie them again, as save_pretrained + from_pretrained would
+        if not torch.equal(model.lm_head.weight, embedding.weight):
+            raise RuntimeError("Torch-Pruning pruned the tied embedding and lm_head differently")
+        model.lm_head.weight = embedding.weight
+    return model
+
+
+def tp_shape(model: nn.Module) -> str:
+    layers = list(decoder_layers(model))
+    q = sorted({la.self_attn.q_proj.out_features // la.self_attn.head_dim for la in layers})
+    kv = sorted({la.self_attn.k_proj.out_features // la.self_attn.head_dim for la in layers})
+    mlp = [la.mlp.gate_proj.out_features for la in layers]
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    return (f"hidden {model.get_input_embeddings().embedding_dim}, query heads/layer {q}, KV heads/layer {kv}, "
+            f"MLP channels {min(mlp)}-{max(mlp)}, embeddings {'tied' if tied else 'UNTIED (two copies)'}")
+
+
+def tp_matched(bench: Bench, base: nn.Module, settings: PeerSettings, ratio: float,
+               found: dict[str, tuple[float, int]]) -> tuple[nn.Module, str]:
+    """Search Torch-Pruning's ratio until its parameter count is within ``tp_tolerance`` of ours.
+
+    The count is a step function of the ratio (whole channels, heads, rounding) and need not be monotone, so
+    the search keeps a bracket (regula falsi, with bisection when it stalls) and returns the closest model. The
+    first guess scales the ratio found for the previous target (``found``: ratio, parameters removed) by the
+    parameters to remove.
+    """
+    target = bench.target_params(ratio)
+    wanted = bench.dense_params - target
+    tolerance = bench.args.tp_tolerance * target
+    example = bench.cal[:1]
+    r = min(ratio * settings.first_guess, 0.95)
+    if settings.label in found:
+        previous, removed = found[settings.label]
+        r = min(previous * wanted / removed, 0.95)
+    best: tuple[int, float, nn.Module, int] | None = None
+    above: tuple[float, int] | None = None  # a ratio that left too many parameters
+    below: tuple[float, int] | None = None  # one that left too few
+    trials: list[str] = []
+    for _ in range(bench.args.tp_max_trials):
+        model = tp_prune(base, settings, r, example)
+        params = count_params(model)
+        trials.append(f"{r:.4f}->{params / 1e6:.2f}M")
+        log(f"  Torch-Pruning ratio {r:.4f}: {params:,} params (target {target:,})")
+        if best is None or abs(params - target) < best[0]:
+            best = (abs(params - target), r, model, params)
+        del model
+        if abs(params - target) <= tolerance:
+            break
+        if params > target:
+            above = (r, params) if above is None or r > above[0] else above
+        else:
+            below = (r, params) if below is None or r < below[0] else below
+        if above is not None and below is not None:
+            (r1, p1), (r2, p2) = above, below
+            guess = r1 + (p1 - target) * (r2 - r1) / (p1 - p2)
+            middle = (r1 + r2) / 2
+            r = guess if min(r1, r2) + 0.1 * abs(r2 - r1) < guess < max(r1, r2) - 0.1 * abs(r2 - r1) else middle
+        else:
+            removed = bench.dense_params - params
+            r = min(max(r * wanted / removed, 1e-3) if removed > 0 else 2 * r, 0.95)
+    assert best is not None
+    found[settings.label] = (best[1], bench.dense_params - best[3])
+    model = best[2]
+    return model, f"TP ratio {best[1]:.4f} ({len(trials)} prunes: {', '.join(trials)}); {tp_shape(model)}"
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    found = {"gp-lightning": gp_version, "python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "torch-pruning"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str) -> str:
+    a = bench.args
+    dense = next(row for row in bench.rows if row.kind == "dense")
+    assert dense.ppl is not None
+    v = versions()
+    lines = [
+        "# Pruning quality at equal size: SmolLM2-135M",
+        "",
+        f"Command: `{command(a.argv)}` (run from the repository root). Date: {started}. "
+        f"Wall time: {wall_s / 60:.1f} min for the whole script. Load average (1 min) at start {loads[0]:.2f}, "
+        f"highest seen {bench.max_load:.2f}, at end {loads[1]:.2f} on {os.cpu_count()} CPU cores "
+        "(the cores were shared with other jobs, so wall times may be inflated; quality numbers are not affected).",
+        "",
+        f"Settings: model `{a.model}` ({bench.dense_params:,} parameters, float32, CPU, {torch.get_num_threads()} "
+        f"torch threads). Calibration: "
+        f"{a.num_samples} windows x {a.seq_len} tokens of wikitext-2 `valid.txt`, seed {a.seed}, batch size "
+        f"{a.batch_size}, the same windows for every method that calibrates. Perplexity: the first "
+        f"{bench.test.shape[0]} non-overlapping windows of {bench.test.shape[1]} tokens of wikitext-2 `test.txt` "
+        f"({bench.test.numel():,} tokens, tokenized once, the same for every row). Ratio = achieved fraction of "
+        "ALL parameters removed (embeddings count in the total; a tied embedding counts once).",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        "Calibration time per table (s): " + ", ".join(f"{m} {s:.0f}" for m, s in bench.calibration_s.items()) + ".",
+        "",
+        "| target | method | kind | params | ratio | PPL | PPL / dense |",
+        "|---:|---|---|---:|---:|---:|---:|",
+        f"| 0% | dense | dense | {dense.params:,} | 0.00% | {dense.ppl:.2f} | 1.00 |",
+    ]
+    for target in a.ratios:
+        for row in (r for r in bench.rows if r.kind != "dense" and r.target == target):
+            if row.params is None or row.ppl is None:
+                lines.append(f"| {target:.0%} | {row.method} | {row.kind} | - | - | failed | - |")
+                continue
+            achieved = 1 - row.params / bench.dense_params
+            lines.append(f"| {target:.0%} | {row.method} | {row.kind} | {row.params:,} | {achieved:.2%} | "
+                         f"{row.ppl:,.2f} | {row.ppl / dense.ppl:,.2f} |")
+    lines += ["", "Per row (what was pruned, how long pruning + evaluation took):", ""]
+    for row in bench.rows:
+        if row.kind != "dense":
+            lines.append(f"- {row.target:.0%} {row.method}: {row.seconds:.0f} s; {row.detail}")
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in bench.notes] + [""]
+    return "\n".join(lines)
+
+
+NOTES = [
+    "ours: `oneshot(table_only=True)` calibrates once per importance method; every ratio and table setting is "
+    "then a `from_table` run of the same pipeline (selection, surgery), with the default selection constraints "
+    "(every layer keeps at least 1 GQA group and 1 MLP channel). `layer log` = `normalization: log, "
+    "normalization_level: layer`; `layer minmax` likewise. Plain global wanda without normalization "
+    "collapses at every ratio (earlier measurements traced it to the early layers, whose wanda scores are smaller "
+    "in scale, being emptied first).",
+    "uniform (LLM-Pruner style): from the same Taylor table, each layer loses its lowest-importance units; with 3 "
+    "GQA groups per layer the attention share can only move in thirds, so it is the third nearest the budget's "
+    "share and the MLP channel count (the same in every layer) makes up the rest. LLM-Pruner itself also leaves "
+    "the first and last layers alone and prunes within a layer range; not done here.",
+    "FLAP-style: fluctuation metric (variance of the input feature over the calibration tokens x squared norm of "
+    "its weight column) on o_proj and down_proj inputs of the dense model, standardized within each block "
+    "(attention of a layer over its o_proj features, then averaged per GQA group; MLP of a layer over its "
+    "channels), ranked globally by the standardized value, budget counted in parameters by the project's "
+    "`select`; removed features are replaced by their calibration mean folded into a new o_proj/down_proj bias "
+    "(FLAP's bias compensation, adding 576 parameters per compensated projection).",
+    "magnitude / random: the project's data-free baselines through the same global pipeline "
+    "(sum |w| per unit; random scores uniform per parameter, seeded).",
+    "Table settings tried before choosing the rows (outside this script: 32 calibration windows, first 32 test "
+    "windows, 35% removed): taylor 204, + layer log 219, + layer minmax 234, + layer zscore 245, + "
+    "clip_percentile_high 99 + layer log 32,679; wanda + layer minmax 638, wanda + layer log 10,978. At 20% "
+    "(16 windows, 64 test windows) layer log had been best for taylor (105.5 vs 116.7) and block-level "
+    "normalization destructive (39,874). taylor_2nd + layer log gave the taylor + layer log model to 0.1% "
+    "(the second-order term is tiny), so it is not a row.",
+]
+
+TP_NOTES = [
+    "Torch-Pruning: traced with `use_cache=False` (otherwise its dependency walk does not end) and eager attention "
+    "(under sdpa it fails on a reshape); after pruning each attention's `num_key_value_groups` is set from the "
+    "pruned q/k widths (HF's eager attention reads it to repeat the KV heads) and `config.hidden_size` from the "
+    "embedding width. Pruning the hidden size slices the tied embedding/lm_head tensor twice and leaves two "
+    "equal copies (134.5M would count 28.3M twice); they are tied again before counting, as saving and reloading "
+    "would. Its ratio is searched (regula falsi on its `pruning_ratio`, which it also uses as "
+    "`head_pruning_ratio`, as its LLM example does) until its parameter count is within 1% of ours; exact "
+    "counts are in the table.",
+    "Torch-Pruning cannot remove a GQA group: with GQA it removes query heads only (`prune_num_heads`), the same "
+    "number per KV head, and leaves k_proj/v_proj whole. With per-layer (local) ratios it removes one query head "
+    "per KV group up to ratio 1/3; above that it wants two per KV group, which would leave as many query as KV "
+    "heads, its GQA check then no longer clears the k/v part of the group, and the whole attention group is "
+    "silently skipped. With `global_pruning=True` it never removes heads: its global head budget counts 3 heads "
+    "per layer (the KV heads) but ranks 9 query-head scores per layer, so it asks for more heads than it allows "
+    "and every attention group is refused. Its global rows therefore prune MLP channels only.",
+    "'its LLM example' follows Torch-Pruning's examples/LLMs/prune_llm.py settings: group L2 magnitude "
+    "importance, per-layer ratios, lm_head ignored, heads pruned, head dims kept, round_to 4, and the hidden size "
+    "pruned with the same ratio (as users get it by default). 'global Taylor, hidden kept' ignores the "
+    "embedding (so the residual width, norms and lm_head keep 576), uses `GroupTaylorImportance` (default mean "
+    "normalization per group) on the gradient of the mean token loss over the same calibration windows, and ranks "
+    "all channels globally.",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.argv = argv
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    model.eval()
+    layout = describe(model)
+    cal = calibration_windows(tokenize(load_text(str(VALID), "calibration"), tokenizer), args.num_samples,
+                              args.seq_len, args.seed)
+    test = evaluation_windows(tokenize(load_text(str(TEST), "evaluation"), tokenizer), 128, args.eval_windows)
+    with tempfile.TemporaryDirectory(prefix="gp-quality-") as work:
+        bench = Bench(args, Path(work), model, layout, cal, test, count_params(model), notes=list(NOTES))
+        measured(bench, 0.0, "dense", "dense", lambda: (bench.model, ""))
+        for method in dict.fromkeys(variant.method for variant in PIPELINE_ROWS):
+            calibrate(bench, method)
+        for variant in PIPELINE_ROWS:
+            for ratio in args.ratios:
+                measured(bench, ratio, variant.label, variant.kind, lambda v=variant, r=ratio: ours(bench, v, r))
+        for ratio in args.ratios:
+            measured(bench, ratio, "uniform per layer (Taylor, LLM-Pruner style)", "baseline",
+                     lambda r=ratio: uniform(bench, r))
+        moments_start = time.perf_counter()
+        moments = input_moments(bench.model, layout, cal, args.batch_size)
+        bench.calibration_s["flap (forward)"] = time.perf_counter() - moments_start
+        for ratio in args.ratios:
+            measured(bench, ratio, "FLAP-style (fluctuation, block-standardized, bias comp.)", "baseline",
+                     lambda r=ratio, m=moments: flap(bench, m, r))
+        if args.no_torch_pruning:
+            bench.notes.append("Torch-Pruning rows skipped (--no_torch_pruning).")
+        elif versions()["torch-pruning"] == "not installed":
+            bench.notes.append("Torch-Pruning rows skipped: not installed (`pip install -e .[bench]`).")
+        else:
+            bench.notes += TP_NOTES
+            grads_start = time.perf_counter()
+            base = tp_base(bench)
+            bench.calibration_s["torch-pruning gradients"] = time.perf_counter() - grads_start
+            found: dict[str, tuple[float, int]] = {}
+            for settings in TP_ROWS:
+                for ratio in args.ratios:
+                    measured(bench, ratio, settings.label, "peer",
+                             lambda s=settings, r=ratio: tp_matched(bench, base, s, r, found))
+            del base
+    wall = time.perf_counter() - start
+    note_load(bench)
+    text = report(bench, wall, (load_start, os.getloadavg()[0]), started)
+    print(text)
+    write_text(args.output, text)
+    if args.json and str(args.json):
+        write_json(args.json, {"command": command(args.argv), "date": started, "wall_s": wall, "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "versions": versions(), "dense_params": bench.dense_params, "calibration_s": bench.calibration_s,
+            "rows": [asdict(row) for row in bench.rows]})
+    log(f"done in {wall / 60:.1f} min: {args.output}")
+
+
+if __name__ == "__main__":
+    main()
