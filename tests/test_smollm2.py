@@ -48,24 +48,24 @@ def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, w
 
 
 def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm2_dir: Path, wikitext: Path) -> None:
-    """SmolLM2 pruned 35%, then a bounded LoRA fine-tune on valid text: test-set perplexity goes down."""
+    """SmolLM2 pruned 35%, then 8 LoRA steps on valid text: test-set perplexity goes down."""
     from transformers import AutoTokenizer
 
     from gp_lightning.finetune.config import FinetuneConfig
     from gp_lightning.finetune.recipe import FinetuneRecipe
 
     pruned = oneshot(
-        model=str(smollm2_dir), output=str(tmp_path / "run"), pruning_ratio=0.35, num_samples=8, seq_len=128,
+        model=str(smollm2_dir), output=str(tmp_path / "run"), pruning_ratio=0.35, num_samples=4, seq_len=128,
         dataset=str(wikitext / "valid.txt"), test_before_prune=False, test_after_prune=False, save_model=False,
         normalization="log", normalization_level="layer",
     )
     config = FinetuneConfig(
         model=str(tmp_path / "run" / "model"), output=str(tmp_path / "ft"), dataset=str(wikitext / "valid.txt"),
-        eval_dataset=str(wikitext / "test.txt"), eval_max_windows=16, finetune_samples=48, val_samples=4,
-        seq_len=128, batch_size=4, learning_rate=5e-4, warmup_steps=2, save_model=False,
+        eval_dataset=str(wikitext / "test.txt"), eval_max_windows=16, finetune_samples=32, val_samples=4,
+        seq_len=128, batch_size=4, learning_rate=1e-3, warmup_steps=1, save_model=False,
     )
     result = FinetuneRecipe(config, model=pruned.pruned_model, tokenizer=AutoTokenizer.from_pretrained(smollm2_dir)).run()
     ev = result.evaluation
     print(f"SmolLM2 35% + LoRA ({ev['optimizer_steps']} steps): test PPL {ev['ppl_before']:.2f} -> {ev['ppl_after']:.2f}")
-    assert ev["optimizer_steps"] == 12
+    assert ev["optimizer_steps"] == 8
     assert ev["ppl_after"] < ev["ppl_before"] * 0.95
