@@ -21,11 +21,12 @@ Perplexity is measured on the first ``eval_windows`` consecutive non-overlapping
 wikitext-2 ``test.txt``, tokenized once (``gp_lightning.evaluation.perplexity``), all in float32.
 
 Bounded settings, sized for under 30 minutes on 2 idle CPU cores: 32 calibration windows of 128 tokens (the
-guides use 128 or more), the first 128 of the 2,438 test windows (16,384 tokens, about 5% of the test set),
+guides use 128 or more), the first 64 of the 2,438 test windows (8,192 tokens, about 2.6% of the test set),
 three ratios, Torch-Pruning's ratio searched to within 1% of our parameter count (at most 5 prunes per row).
-Absolute perplexities therefore differ from full-test-set numbers; the comparison is what counts. The recorded
-run (bench/results/quality.md) took 38 minutes with ``--threads 1`` on cores that other jobs kept busy (load
-average 3.5-6.9); with torch's default two threads the same contention made it about 3.4 times slower.
+Absolute perplexities therefore differ from full-test-set numbers; the comparison is what counts. Perplexity
+evaluation dominates the run time (about 35 evaluations); with 128 windows a run took 38 minutes on cores that
+other jobs kept busy. On a shared machine use ``--threads 1``: oversubscribed OpenMP threads spin, and with
+torch's default two threads the same contention made it about 3.4 times slower.
 
     python bench/quality.py                       # writes bench/results/quality.md and quality.json
     python bench/quality.py --threads 1           # on a machine other jobs share (see --help)
@@ -159,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per calibration window")
     parser.add_argument("--batch_size", type=int, default=4, help="calibration windows per pass")
-    parser.add_argument("--eval_windows", type=int, default=128, help="first N 128-token windows of test.txt")
+    parser.add_argument("--eval_windows", type=int, default=64, help="first N 128-token windows of test.txt")
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None,
