@@ -35,13 +35,17 @@ class Instruction:
     output: str
 
 
-def is_instruction_file(source: str) -> bool:
-    """A local ``.jsonl``/``.json`` whose first record has ``instruction`` and ``output`` fields."""
+def instruction_records(source: str) -> list[Any] | None:
+    """The records of a local ``.jsonl``/``.json`` whose first record has ``instruction`` and ``output``, else None.
+
+    The file is parsed once here; the records are then turned into :class:`Instruction` s.
+    """
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix.lower() not in {".jsonl", ".json"}:
-        return False
+        return None
     records = _json_records(path)
-    return bool(records) and isinstance(records[0], dict) and {"instruction", "output"} <= records[0].keys()
+    ok = bool(records) and isinstance(records[0], dict) and {"instruction", "output"} <= records[0].keys()
+    return records if ok else None
 
 
 def _json_records(path: Path) -> list[Any]:
@@ -58,13 +62,12 @@ def _json_records(path: Path) -> list[Any]:
     return records
 
 
-def read_instructions(source: str) -> list[Instruction]:
-    path = Path(source).expanduser()
+def read_instructions(records: list[Any], source: str) -> list[Instruction]:
     out = []
-    for i, record in enumerate(_json_records(path)):
+    for i, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not isinstance(
                 record.get("output"), str):
-            raise DataError(f"{path}: record {i} needs string fields 'instruction' and 'output' (and optionally "
+            raise DataError(f"{source}: record {i} needs string fields 'instruction' and 'output' (and optionally "
                             "'input'), as in alpaca-style data.")
         out.append(Instruction(record["instruction"], str(record.get("input") or ""), record["output"]))
     return out
@@ -129,10 +132,10 @@ def resolve_prompt_format(prompt_format: str, tokenizer: Any) -> str:
     return prompt_format
 
 
-def instruction_examples(source: str, tokenizer: Any, seq_len: int, finetune_samples: int | None, val_samples: int,
-                         seed: int, prompt_format: str = "auto") -> tuple[list[Example], list[Example]]:
-    """Alpaca-style records, shuffled with ``seed``: (train, validation)."""
-    records = read_instructions(source)
+def instruction_examples(source: str, raw: list[Any], tokenizer: Any, seq_len: int, finetune_samples: int | None,
+                         val_samples: int, seed: int, prompt_format: str = "auto") -> tuple[list[Example], list[Example]]:
+    """Alpaca-style records (``raw``, parsed from ``source``), shuffled with ``seed``: (train, validation)."""
+    records = read_instructions(raw, source)
     random.Random(seed).shuffle(records)
     fmt = resolve_prompt_format(prompt_format, tokenizer)
     examples = [e for e in (instruction_example(r, tokenizer, fmt, seq_len) for r in records) if e is not None]
@@ -146,12 +149,13 @@ def instruction_examples(source: str, tokenizer: Any, seq_len: int, finetune_sam
 def load_examples(source: str, data_format: str, tokenizer: Any, seq_len: int, finetune_samples: int | None,
                   val_samples: int, seed: int, prompt_format: str = "auto") -> tuple[list[Example], list[Example]]:
     """Training and validation examples of ``source`` in ``data_format`` (``auto`` looks at the records)."""
-    instruction = data_format == "instruction" or (data_format == "auto" and is_instruction_file(source))
-    if instruction:
-        if not is_instruction_file(source):
-            raise DataError(f"data_format: instruction needs a local .jsonl/.json of records with 'instruction' and "
-                            f"'output' fields; '{source}' is not one.")
-        return instruction_examples(source, tokenizer, seq_len, finetune_samples, val_samples, seed, prompt_format)
+    raw = instruction_records(source) if data_format != "text" else None
+    if data_format == "instruction" and raw is None:
+        raise DataError(f"data_format: instruction needs a local .jsonl/.json of records with 'instruction' and "
+                        f"'output' fields; '{source}' is not one.")
+    if raw is not None:
+        return instruction_examples(source, raw, tokenizer, seq_len, finetune_samples, val_samples, seed,
+                                    prompt_format)
     return text_examples(source, tokenizer, seq_len, finetune_samples, val_samples, seed)
 
 
