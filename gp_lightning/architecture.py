@@ -34,9 +34,9 @@ class LayerLayout:
     head_dim: int
     intermediate_size: int  # 0 when the MLP block is skipped
     qkv_bias: bool
-    o_bias: bool
+    o_bias: bool  # the attention output has a bias (o_proj's, or a pruned model's own output bias)
     mlp_in_bias: bool
-    down_bias: bool
+    down_bias: bool  # likewise for the MLP output
 
     @property
     def has_attention(self) -> bool:
@@ -155,6 +155,9 @@ def describe(model: nn.Module) -> ModelLayout:
             inter = mlp.gate_proj.out_features
             in_bias = mlp.gate_proj.bias is not None
             down_bias = mlp.down_proj.bias is not None
+        # a block of a pruned model may add an output bias of its own (a skipped block's, a refit's)
+        o_bias = o_bias or getattr(layer, "self_attn_output_bias", None) is not None
+        down_bias = down_bias or getattr(layer, "mlp_output_bias", None) is not None
         layers.append(LayerLayout(idx, num_kv, qpk, head_dim, inter, qkv_bias, o_bias, in_bias, down_bias))
     if not queries_per_kv:
         queries_per_kv = int(config.num_attention_heads) // int(config.num_key_value_heads or 1)

@@ -25,7 +25,8 @@ _LAYER_PARAM = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<rest
 
 #: Config keys of the dense config that must not be copied into the pruned one.
 _DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config",
-                     "base_model_type", "pruning", "quantization_config")
+                     "base_model_type", "pruning", "quantization_config", "output_bias",
+                     "allow_global_per_layer_attribute_access", "serialize_explicit_per_layer_config")
 
 
 def _rows(groups: list[int], width: int) -> torch.Tensor:
@@ -117,6 +118,7 @@ def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, pro
         per_layer[new] = entry
     base["num_hidden_layers"] = len(kept)
     base["head_dim"] = layout.head_dim
+    base["output_bias"] = _output_biases(dense_config, layout, plan)
     if isinstance(base.get("layer_types"), list):
         base["layer_types"] = [base["layer_types"][old] for old in kept]
     if "max_window_layers" in base:
@@ -125,6 +127,23 @@ def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, pro
     config = GPPrunedConfig(base_model_type=base_type, pruning=provenance, per_layer_config=per_layer, **base)
     config.architectures = ["GPPrunedForCausalLM"]
     return config
+
+
+def _output_biases(dense_config: Any, layout: ModelLayout, plan: PruningPlan) -> dict[str, list[int]]:
+    """Per block, the (new) indices of the layers whose block output carries a bias of its own.
+
+    That is a skipped block whose o_proj / down_proj had a bias, and every block that already carried
+    one in a model pruned before.
+    """
+    before = getattr(dense_config, "output_bias", None) or {}
+    biases: dict[str, list[int]] = {"self_attn": [], "mlp": []}
+    for new, old in enumerate(plan.kept_layers):
+        layer, lp = layout.layers[old], plan.layers[old]
+        if old in before.get("self_attn", []) or (not lp.keep_groups and layer.o_bias):
+            biases["self_attn"].append(new)
+        if old in before.get("mlp", []) or (not lp.keep_channels and layer.down_bias):
+            biases["mlp"].append(new)
+    return biases
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

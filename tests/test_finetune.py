@@ -49,6 +49,7 @@ def settings(checkpoint: Path, output: Path, wikitext: Path, **overrides: object
         model=str(checkpoint), output=str(output), dataset=str(wikitext / "valid.txt"),
         eval_dataset=str(wikitext / "test.txt"), seq_len=32, eval_seq_len=32, eval_max_windows=4,
         finetune_samples=16, val_samples=4, batch_size=4, num_epochs=2, learning_rate=1e-2, log_every_n_steps=1,
+        precision="32-true", eval_precision="32-true",  # exact comparisons; auto is bf16 on CPUs with AVX512-BF16
     )
     return FinetuneConfig(**(values | overrides))
 
@@ -233,7 +234,8 @@ def _distributed_args(checkpoint: Path, wikitext: Path) -> list[str]:
     return ["--model", str(checkpoint), "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
             str(wikitext / "test.txt"), "--seq_len", "32", "--eval_seq_len", "32", "--eval_max_windows", "4",
             "--finetune_samples", "8", "--val_samples", "2", "--learning_rate", "0.01", "--lora_dropout", "0",
-            "--log_every_n_steps", "1", "--test_before_finetune", "false"]
+            "--log_every_n_steps", "1", "--test_before_finetune", "false", "--precision", "32-true",
+            "--eval_precision", "32-true"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
