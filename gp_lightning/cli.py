@@ -9,19 +9,25 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
-from gp_lightning.config import FLAG_ALIASES, PruneConfig
 from gp_lightning.errors import GPLightningError
-from gp_lightning.finetune.config import FINETUNE_FLAG_ALIASES, FinetuneConfig
+
+if TYPE_CHECKING:  # the configs pull in lightning: commands that need no config start without it
+    from jsonargparse import ArgumentParser
+
+    from gp_lightning.config import PruneConfig
+    from gp_lightning.finetune.config import FinetuneConfig
 
 
-def build_parser(config_class: type = PruneConfig, prog: str = "prune.py",
+def build_parser(config_class: type | None = None, prog: str = "prune.py",
                  description: str = "Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).",
                  ) -> ArgumentParser:
     """A parser whose flags are the fields of ``config_class`` (types, defaults and help from the dataclass)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    if config_class is None:
+        from gp_lightning.config import PruneConfig as config_class
     parser = ArgumentParser(prog=prog, description=description, default_config_files=[])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config keys; later flags override it.")
     parser.add_class_arguments(config_class, nested_key=None, fail_untyped=True)
@@ -35,9 +41,12 @@ def bool_flags(config_class: type) -> set[str]:
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
-def expand_aliases(argv: Sequence[str], aliases: dict[str, str] = FLAG_ALIASES,
+def expand_aliases(argv: Sequence[str], aliases: dict[str, str] | None = None,
                    switches: set[str] | None = None) -> list[str]:
     """Rewrite the guides' spellings: alias names (``--base_model``) and bare switches (``--overwrite``)."""
+    from gp_lightning.config import FLAG_ALIASES, PruneConfig
+
+    aliases = FLAG_ALIASES if aliases is None else aliases
     switches = bool_flags(PruneConfig) if switches is None else switches
     out: list[str] = []
     args = list(argv)
@@ -60,11 +69,15 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "prune.py") -> PruneConfig:
+    from gp_lightning.config import FLAG_ALIASES, PruneConfig
+
     return parse_into(PruneConfig, argv, prog, FLAG_ALIASES,
                       "Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).")
 
 
 def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.py") -> FinetuneConfig:
+    from gp_lightning.finetune.config import FINETUNE_FLAG_ALIASES, FinetuneConfig
+
     return parse_into(FinetuneConfig, argv, prog, FINETUNE_FLAG_ALIASES,
                       "Recovery fine-tuning (LoRA or full) of a pruned or dense Llama-style LLM.")
 
@@ -125,12 +138,11 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gp-lightning {prune,train,compare,evaluate,fetch-model} ...``"""
+    """``gp-lightning {prune,train,compare,evaluate,upgrade-checkpoint,fetch-model} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"prune", "train", "compare", "evaluate", "fetch-model"}
+    commands = ("prune", "train", "compare", "evaluate", "upgrade-checkpoint", "fetch-model")
     if not args or args[0] not in commands:
-        print("usage: gp-lightning {prune,train,compare,evaluate,fetch-model} [options]  (gp-lightning prune --help)",
-              file=sys.stderr)
+        print(f"usage: gp-lightning {{{','.join(commands)}}} [options]  (gp-lightning prune --help)", file=sys.stderr)
         return 2
     command, rest = args[0], args[1:]
     if command == "prune":
@@ -145,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gp_lightning.evaluation import evaluate_main
 
         return evaluate_main(rest)
+    if command == "upgrade-checkpoint":
+        from gp_lightning.export.upgrade import main as upgrade_main
+
+        return upgrade_main(rest)
     from gp_lightning.model_source import EMBEDDED_MODELS, fetch_embedded
 
     name = rest[0] if rest else "smollm2-135m"

@@ -35,6 +35,10 @@ class BudgetError(GPLightningError):
     """The requested pruning budget cannot be met."""
 
 
+class CheckpointError(GPLightningError):
+    """A directory is not the checkpoint the command needs (e.g. not a gp-lightning pruned checkpoint)."""
+
+
 class CalibrationError(GPLightningError):
     """Calibration produced unusable statistics (NaN/inf gradients, no gradients)."""
 

@@ -124,7 +124,9 @@ def load_model(
     """Load ``(model, tokenizer)`` from any supported source, checking the architecture first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import gp_lightning.export  # noqa: F401  (registers the pruned-checkpoint classes)
+    from gp_lightning.export import register_auto_classes
+
+    register_auto_classes()  # pruned checkpoints load without remote code
 
     location = resolve(source, cache_dir)
     path = Path(location).expanduser()
@@ -143,6 +145,10 @@ def load_model(
     except Exception as exc:
         raise ModelSourceError(f"Could not read the config of model '{source}': {exc}") from exc
     check_supported(getattr(config, "model_type", "unknown"))
+    if path.is_dir():
+        from gp_lightning.export.upgrade import warn_if_stale
+
+        warn_if_stale(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location)

@@ -31,7 +31,13 @@ def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory:
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> GPPrunedForCausalLM:
-    """Load a pruned checkpoint with the project's own classes (no remote code)."""
+    """Load a pruned checkpoint with the project's own classes (no remote code).
+
+    Warns when the checkpoint's shipped modeling code is older than this release's (other tools run that copy).
+    """
+    from gp_lightning.export.upgrade import warn_if_stale
+
+    warn_if_stale(path)
     return GPPrunedForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
