@@ -38,6 +38,7 @@ def bool_flags(config_class: type) -> set[str]:
     return {f"--{f.name}" for f in dataclasses.fields(config_class) if f.type in (bool, "bool")}
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")  # = --log_level debug
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
@@ -49,7 +50,7 @@ def expand_aliases(argv: Sequence[str], aliases: dict[str, str] | None = None,
     aliases = FLAG_ALIASES if aliases is None else aliases
     switches = bool_flags(PruneConfig) if switches is None else switches
     out: list[str] = []
-    args = list(argv)
+    args = [item for arg in argv for item in (("--log_level", "debug") if arg in VERBOSE_FLAGS else (arg,))]
     for i, arg in enumerate(args):
         flag, sep, value = arg.partition("=")
         flag = aliases.get(flag, flag)
@@ -83,10 +84,13 @@ def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.
 
 
 def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
+    from gp_lightning.console import configure_console
     from gp_lightning.pipeline import PruneRecipe
+    from gp_lightning.ranks import global_rank
 
     try:
         config = parse_config(argv, prog)
+        configure_console(config.log_level, global_rank())
         result = PruneRecipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -124,10 +128,13 @@ def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) ->
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
     """Recovery fine-tuning: ``train.py --config configs/finetune-lora.yaml --model runs/x/model``."""
+    from gp_lightning.console import configure_console
     from gp_lightning.finetune.recipe import FinetuneRecipe
+    from gp_lightning.ranks import global_rank
 
     try:
         config = parse_finetune_config(argv, prog)
+        configure_console(config.log_level, global_rank())
         result = FinetuneRecipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ import yaml
 
 from gp_lightning.calibration.launch import StrategyName
 from gp_lightning.calibration.methods import ImportanceMethod
+from gp_lightning.console import LogLevel
 from gp_lightning.errors import check_config as _check
 from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
 from gp_lightning.selection.constraints import SelectionConstraints
@@ -126,6 +127,8 @@ class PruneConfig:
         finetune_config: A ``train.py`` YAML (e.g. ``configs/finetune-lora.yaml``) with the fine-tuning
             keys for ``finetune`` (its ``model`` and ``output`` are set by this run).
         seed: Seed for the choice of calibration windows and anything random.
+        log_level: Console detail: ``info`` (progress bars, gp-lightning's log lines, real warnings),
+            ``debug`` (also every line other libraries print; ``-v``), ``warning`` or ``error``.
         cache_dir: Where the embedded model is converted and cached (default
             ``$GP_LIGHTNING_CACHE`` or ``~/.cache/gp_lightning``).
     """
@@ -184,6 +187,7 @@ class PruneConfig:
     finetune_config: str | None = None
     seed: int = 42
     cache_dir: str | None = None
+    log_level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         _check(0.0 < self.pruning_ratio < 1.0, "pruning_ratio", self.pruning_ratio,

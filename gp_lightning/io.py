@@ -102,6 +102,7 @@ def open_run_log(run_dir: Path, logger: logging.Logger, config: dict[str, Any]) 
     handler = logging.FileHandler(run_dir / "training.log", mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:  # the log gets INFO; debug stays debug
+        logger.setLevel(logging.INFO)
     write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     return handler

@@ -20,6 +20,7 @@ from gp_lightning.calibration.taylor import TaylorImportance
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.calibration.wanda import WandaImportance
 from gp_lightning.calibration.zero3 import zero3_calibration
+from gp_lightning.console import calibration_warnings
 from gp_lightning.data import CalibrationData
 
 __all__ = ["METHODS", "ImportanceMethod", "UnitImportance", "needs_calibration_data", "run_calibration"]
@@ -87,6 +88,7 @@ def run_calibration(
         enable_progress_bar=progress, callbacks=callbacks, default_root_dir=default_root_dir,
         use_distributed_sampler=False,  # CalibrationData shards without duplicating windows
     )
-    trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
+    with calibration_warnings():  # eval mode and no optimizer are what calibration means
+        trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
     assert collector.importance is not None
     return collector.importance

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gp_lightning.calibration.launch import StrategyName
+from gp_lightning.console import LogLevel
 from gp_lightning.errors import check_config as _check
 
 FinetuneMethod = Literal["lora", "full"]
@@ -40,7 +41,7 @@ FINETUNE_FLAG_ALIASES: dict[str, str] = {
 SHARED_WITH_PRUNE = (
     "tokenizer", "trust_remote_code", "dataset", "seq_len", "eval_dataset", "eval_seq_len", "eval_max_windows",
     "eval_batch_size", "precision", "eval_precision", "accelerator", "strategy", "devices", "num_nodes", "seed",
-    "cache_dir", "activation_checkpointing",
+    "cache_dir", "activation_checkpointing", "log_level",
 )
 
 
@@ -106,6 +107,8 @@ class FinetuneConfig:
         activation_checkpointing: Recompute each decoder layer's activations in backward (less
             memory, about a third more compute).
         seed: Seed for data selection, shuffling and adapter initialization.
+        log_level: Console detail: ``info`` (progress bars, gp-lightning's log lines, real warnings),
+            ``debug`` (also every line other libraries print; ``-v``), ``warning`` or ``error``.
         cache_dir: Where the embedded model is cached.
     """
 
@@ -151,6 +154,7 @@ class FinetuneConfig:
     activation_checkpointing: bool = False
     seed: int = 42
     cache_dir: str | None = None
+    log_level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "gradient_accumulation_steps", "num_epochs", "eval_batch_size", "lora_r",

@@ -82,6 +82,10 @@ class FinetuneModule(L.LightningModule):
             shard_layers(self.model, layers, self.device_mesh, str(self.trainer.precision))
             self._sharded = True
 
+    def on_fit_start(self) -> None:
+        """Train mode (adapter dropout on); models come from ``from_pretrained`` in eval mode."""
+        self.model.train()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         total, count = masked_lm_loss(self.model, batch)
         loss = total / count.clamp(min=1)
