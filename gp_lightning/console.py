@@ -32,6 +32,7 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
 #: (warning module pattern, message pattern): deprecations raised inside third-party code, not by ours.
 HARMLESS_WARNINGS: tuple[tuple[str, str], ...] = (
     (r"lightning\.pytorch\.utilities\._pytree", r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (r"transformers\.modeling_utils", r"`is_gradient_checkpointing` is deprecated"),  # read by peft
 )
 
 #: Lightning's warnings about how calibration runs its loop (eval mode, no optimizer): intended there.
@@ -41,6 +42,21 @@ CALIBRATION_WARNINGS: tuple[tuple[str, str], ...] = (
 )
 
 _state = {"quiet": True}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (redirections and captures see it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - the stream StreamHandler writes to
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
 
 
 class _DropMessages(logging.Filter):
@@ -71,7 +87,7 @@ def configure_console(level: LogLevel = "info", rank: int = 0) -> None:
     numeric = logging.DEBUG if level == "debug" else getattr(logging, level.upper())
     logger.setLevel(min(numeric, logging.INFO))  # the run's training.log always gets INFO
     if not any(getattr(h, "gp_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.gp_console = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter("[gp-lightning] %(message)s" if rank == 0 else
                                                f"[gp-lightning rank {rank}] %(message)s"))

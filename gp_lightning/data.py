@@ -7,7 +7,9 @@ stream and cut into fixed windows, so every window is full and nothing is padded
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,10 +120,30 @@ def _read_hub(name: str, role: Role) -> str:
     return "\n\n".join(ds["text"])
 
 
+#: Recently tokenized texts, by (text digest, tokenizer fingerprint): one process that runs several jobs on
+#: the same text (bench/quality.py, `gp-lightning evaluate`, the tests) tokenizes it once.
+_TOKENIZED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_TOKENIZED_MAX = 4
+
+
+def _fingerprint(tokenizer: object) -> str:
+    """What makes two tokenizers tokenize alike: their class, vocabulary size and full serialized state."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))  # type: ignore[attr-defined]
+    digest = hashlib.sha1(state.encode("utf-8")).hexdigest()
+    return f"{type(tokenizer).__name__}:{len(tokenizer)}:{digest}"  # type: ignore[arg-type]
+
+
 def tokenize(text: str, tokenizer: object) -> torch.Tensor:
-    """Tokenize ``text`` as one stream (no special tokens) into a 1-D LongTensor."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
-    return torch.tensor(ids, dtype=torch.long)
+    """Tokenize ``text`` as one stream (no special tokens) into a 1-D LongTensor (a fresh copy each call)."""
+    key = (hashlib.sha1(text.encode("utf-8")).hexdigest(), _fingerprint(tokenizer))
+    if key not in _TOKENIZED:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
+        _TOKENIZED[key] = torch.tensor(ids, dtype=torch.long)
+        while len(_TOKENIZED) > _TOKENIZED_MAX:
+            _TOKENIZED.popitem(last=False)
+    _TOKENIZED.move_to_end(key)
+    return _TOKENIZED[key].clone()
 
 
 def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -1,18 +1,22 @@
 """Run calibration on a tiny model under a launcher (torchrun) and save the importance (rank 0).
 
 Used by tests/test_distributed.py: every rank builds the same seeded model and windows, so the
-result can be compared with one process on the same data.
+result can be compared with one process on the same data. ``--cases FILE`` runs several cases
+(a JSON list of option dicts, each with its own ``out``) one after the other in the same process
+group, so one launch serves many tests; otherwise the options come from the command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_model  # noqa: E402
@@ -40,22 +44,15 @@ class Kill(L.Callback):
             os._exit(3)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", default="ddp")
-    parser.add_argument("--method", default="taylor")
-    parser.add_argument("--arch", default="qwen2")
-    parser.add_argument("--windows", type=int, default=7)
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--fisher_batch_size", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--checkpoint_dir", default=None)
-    parser.add_argument("--checkpoint_every", type=int, default=0)
-    parser.add_argument("--kill_after", type=int, default=0)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--from_dir", default=None, help="build on the meta device and load each rank's shard")
-    args = parser.parse_args()
+def save_importance(importance: object, out: str) -> None:
+    """Per-unit importance as safetensors, gradient statistics as JSON next to it."""
+    tensors = {f"{kind}.{layer}": values.contiguous()
+               for kind in ("attention", "mlp") for layer, values in getattr(importance, kind).items()}
+    save_file(tensors, out)
+    Path(out).with_suffix(".json").write_text(json.dumps(importance.gradient_statistics))
+
+
+def run_case(args: argparse.Namespace) -> None:
     if args.from_dir:
         from gp_lightning.sharded_load import meta_model
 
@@ -68,8 +65,31 @@ def main() -> None:
                                  checkpoint_every=args.checkpoint_every, resume=args.resume,
                                  extra_callbacks=[Kill(args.kill_after)] if args.kill_after else None)
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"attention": importance.attention, "mlp": importance.mlp,
-                    "gradient_statistics": importance.gradient_statistics}, args.out)
+        save_importance(importance, args.out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=None, help="JSON file: a list of option dicts, run in order")
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--method", default="taylor")
+    parser.add_argument("--arch", default="qwen2")
+    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--fisher_batch_size", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--checkpoint_dir", default=None)
+    parser.add_argument("--checkpoint_every", type=int, default=0)
+    parser.add_argument("--kill_after", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--from_dir", default=None, help="build on the meta device and load each rank's shard")
+    args = parser.parse_args()
+    if args.cases is None:
+        run_case(args)
+        return
+    for case in json.loads(Path(args.cases).read_text()):
+        run_case(argparse.Namespace(**(vars(args) | case)))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,29 @@ def test_a_run_prints_no_known_noise(tmp_path: Path, tiny_checkpoint: Path, wiki
     assert "Pruned " in done.stdout
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_verbose_shows_what_is_hidden(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
-                                      capfd: pytest.CaptureFixture) -> None:
+                                      capsys: pytest.CaptureFixture) -> None:
+    lightning = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    seen = _Records()
+    lightning.addHandler(seen)
     try:
         assert prune_main(["-v", *_args(tiny_checkpoint, wikitext, tmp_path / "run"), "--save_model", "false"]) == 0
-        err = capfd.readouterr().err
-        assert "GPU available:" in err and "[gp-lightning]" in err
+        assert any(m.startswith("GPU available:") for m in seen.messages)  # Lightning's lines get through
+        assert "[gp-lightning] calibration (taylor) in" in capsys.readouterr().err
         assert logging.getLogger("gp_lightning").getEffectiveLevel() == logging.DEBUG
+        configure_console("info")
+        seen.messages.clear()
+        assert prune_main(_args(tiny_checkpoint, wikitext, tmp_path / "again")) == 0
+        assert not any(m.startswith("GPU available:") for m in seen.messages)  # and are hidden again
     finally:
+        lightning.removeHandler(seen)
         configure_console("info")

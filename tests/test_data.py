@@ -66,3 +66,21 @@ def test_windows_are_distinct_seeded_and_aligned() -> None:
     ev = evaluation_windows(tokens, 128, None)
     assert ev.shape == (7, 128) and torch.equal(ev.flatten(), tokens[:896])
     assert evaluation_windows(tokens, 128, 3).shape == (3, 128)
+
+
+def test_tokenized_text_is_reused_only_for_the_same_text_and_tokenizer(tiny_checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from gp_lightning.data import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    text = "The tower is 324 metres tall , about the same height as an 81 @-@ storey building ."
+    first = tokenize(text, tokenizer)
+    assert first.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    first[0] = -1  # a caller's changes do not reach the cache
+    again = tokenize(text, AutoTokenizer.from_pretrained(tiny_checkpoint))
+    assert again.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    other = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    other.add_tokens(["tower is"])
+    assert tokenize(text, other).tolist() == other(text, add_special_tokens=False)["input_ids"] != again.tolist()
+    assert tokenize(text + " More .", tokenizer).numel() > again.numel()

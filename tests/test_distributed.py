@@ -3,11 +3,13 @@
 Seven windows over two ranks also exercises uneven shards (the last rank is padded with a
 zero-weight window). FSDP2 shards every weight along dim 0 and ZeRO-3 partitions its flattened
 elements, so both row units (q/k/v, gate/up) and column units (o_proj/down_proj) are assembled from
-per-rank partial sums.
+per-rank partial sums. Every case of one torchrun launch runs in the same process group, one
+after the other (a launch costs more than a case); the kill-and-resume test needs launches of its own.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_worker import model, windows
+from safetensors.torch import load_file
 
 from gp_lightning.architecture import describe
 from gp_lightning.calibration import run_calibration
@@ -25,6 +28,20 @@ from gp_lightning.table import build_table
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
+#: case name -> worker options (and what the single-process reference runs with)
+CASES: dict[str, dict[str, object]] = {
+    "ddp-taylor": {"strategy": "ddp", "method": "taylor"},
+    "fsdp-taylor": {"strategy": "fsdp", "method": "taylor"},
+    "ddp-wanda": {"strategy": "ddp", "method": "wanda"},
+    "fsdp-wanda": {"strategy": "fsdp", "method": "wanda"},
+    "ddp-taylor_2nd": {"strategy": "ddp", "method": "taylor_2nd", "fisher_batch_size": 1},
+    "deepspeed-taylor": {"strategy": "deepspeed", "method": "taylor"},
+    "deepspeed-wanda": {"strategy": "deepspeed", "method": "wanda"},
+    "fsdp-sharded-load-taylor": {"strategy": "fsdp", "method": "taylor", "from_dir": "SHARDED"},
+    "fsdp-sharded-load-wanda": {"strategy": "fsdp", "method": "wanda", "from_dir": "SHARDED"},
+    "fsdp-bf16-mixed": {"strategy": "fsdp", "method": "taylor", "precision": "bf16-mixed"},
+}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -32,36 +49,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(tmp_path: Path, *args: str) -> UnitImportance:
-    out = tmp_path / "importance.pt"
+def _launch(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), "--out", str(out), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           "--master_port", str(_free_port()), str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _load(out: Path) -> UnitImportance:
+    tensors = load_file(out)
+    parts: dict[str, dict[int, torch.Tensor]] = {"attention": {}, "mlp": {}}
+    for key, values in tensors.items():
+        kind, layer = key.split(".")
+        parts[kind][int(layer)] = values
+    statistics = json.loads(out.with_suffix(".json").read_text())
+    return UnitImportance(parts["attention"], parts["mlp"], gradient_statistics=statistics)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, UnitImportance]:
+    """Every case of CASES from one torchrun launch of two ranks."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    sharded = root / "sharded-checkpoint"
+    model("qwen2").save_pretrained(sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    cases = [{**options, "from_dir": str(sharded) if options.get("from_dir") else None, "out": str(root / f"{name}.st")}
+             for name, options in CASES.items()]
+    (root / "cases.json").write_text(json.dumps(cases))
+    done = _launch("--cases", str(root / "cases.json"))
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = torch.load(out, weights_only=False)
-    return UnitImportance(saved["attention"], saved["mlp"], gradient_statistics=saved.get("gradient_statistics"))
+    return {name: _load(root / f"{name}.st") for name in CASES}
 
 
-@pytest.mark.parametrize("strategy,method,extra", [
-    ("ddp", "taylor", []),
-    ("fsdp", "taylor", []),
-    ("ddp", "wanda", []),
-    ("fsdp", "wanda", []),
-    ("ddp", "taylor_2nd", ["--fisher_batch_size", "1"]),
-    ("deepspeed", "taylor", []),
-    ("deepspeed", "wanda", []),
-])
-def test_two_ranks_equal_one_process(tmp_path: Path, strategy: str, method: str, extra: list[str]) -> None:
-    distributed = _torchrun(tmp_path, "--strategy", strategy, "--method", method, *extra)
+def _single(method: str = "taylor", fisher_batch_size: int | None = None, count: int = 7) -> UnitImportance:
     net = model("qwen2")
-    layout = describe(net)
-    fisher = int(extra[1]) if extra else None
-    single = run_calibration(net, layout, windows(7), 2, accelerator="cpu", progress=False, method=method,
-                             fisher_batch_size=fisher)
+    return run_calibration(net, describe(net), windows(count), 2, accelerator="cpu", progress=False, method=method,
+                           fisher_batch_size=fisher_batch_size)
+
+
+def _assert_equal(distributed: UnitImportance, single: UnitImportance, rtol: float = 1e-5) -> None:
     for kind in ("attention", "mlp"):
         for layer, values in getattr(single, kind).items():
-            torch.testing.assert_close(getattr(distributed, kind)[layer], values, rtol=1e-5, atol=0)
-    if single.gradient_statistics is not None and strategy != "deepspeed":  # ranks combine gradient figures exactly
+            got = getattr(distributed, kind)[layer]
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, values, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if "sharded" not in name and "bf16" not in name])
+def test_two_ranks_equal_one_process(two_ranks: dict[str, UnitImportance], name: str) -> None:
+    case = CASES[name]
+    distributed = two_ranks[name]
+    net = model("qwen2")
+    layout = describe(net)
+    single = _single(str(case["method"]), case.get("fisher_batch_size"))  # type: ignore[arg-type]
+    _assert_equal(distributed, single)
+    if single.gradient_statistics is not None and case["strategy"] != "deepspeed":  # ranks combine figures exactly
         for mine, theirs in zip(distributed.gradient_statistics["blocks"], single.gradient_statistics["blocks"],
                                 strict=True):
             assert mine.keys() == theirs.keys()
@@ -73,43 +114,24 @@ def test_two_ranks_equal_one_process(tmp_path: Path, strategy: str, method: str,
         assert a.plan.to_json() == b.plan.to_json()
 
 
+@pytest.mark.parametrize("method", ["taylor", "wanda"])
+def test_fsdp_sharded_load_reads_only_local_rows(two_ranks: dict[str, UnitImportance], method: str) -> None:
+    """Ranks build the model on the meta device and read their own rows from a multi-shard checkpoint."""
+    _assert_equal(two_ranks[f"fsdp-sharded-load-{method}"], _single(method))
+
+
+def test_fsdp_bf16_mixed_accumulates_in_float32(two_ranks: dict[str, UnitImportance]) -> None:
+    """Layers gathered and run in bf16 (MixedPrecisionPolicy); gradients reduced into float32 shards."""
+    _assert_equal(two_ranks["fsdp-bf16-mixed"], _single(), rtol=0.05)
+
+
 def test_fsdp_killed_and_resumed_equals_one_process(tmp_path: Path) -> None:
     """Both ranks die after 2 batches; the restarted job loads each rank's sharded gradients."""
     state = str(tmp_path / "state")
-    out = tmp_path / "importance.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), "--out", str(out), "--strategy", "fsdp", "--windows", "9",
-           "--checkpoint_dir", state, "--checkpoint_every", "1", "--kill_after", "2"]
-    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "importance.st"
+    common = ["--out", str(out), "--strategy", "fsdp", "--windows", "9", "--checkpoint_dir", state]
+    killed = _launch(*common, "--checkpoint_every", "1", "--kill_after", "2")
     assert killed.returncode != 0 and not out.exists()
-    resumed = _torchrun(tmp_path, "--strategy", "fsdp", "--windows", "9", "--checkpoint_dir", state, "--resume")
-    net = model("qwen2")
-    single = run_calibration(net, describe(net), windows(9), 2, accelerator="cpu", progress=False)
-    for layer, values in single.mlp.items():
-        torch.testing.assert_close(resumed.mlp[layer], values, rtol=1e-5, atol=0)
-        torch.testing.assert_close(resumed.attention[layer], single.attention[layer], rtol=1e-5, atol=0)
-
-
-@pytest.mark.parametrize("method", ["taylor", "wanda"])
-def test_fsdp_sharded_load_reads_only_local_rows(tmp_path: Path, method: str) -> None:
-    """Ranks build the model on the meta device and read their own rows from a multi-shard checkpoint."""
-    checkpoint = tmp_path / "checkpoint"
-    model("qwen2").save_pretrained(checkpoint, max_shard_size="20KB")
-    assert len(list(checkpoint.glob("*.safetensors"))) > 2
-    distributed = _torchrun(tmp_path, "--strategy", "fsdp", "--method", method, "--from_dir", str(checkpoint))
-    net = model("qwen2")
-    single = run_calibration(net, describe(net), windows(7), 2, accelerator="cpu", progress=False, method=method)
-    for kind in ("attention", "mlp"):
-        for layer, values in getattr(single, kind).items():
-            torch.testing.assert_close(getattr(distributed, kind)[layer], values, rtol=1e-5, atol=0)
-
-
-def test_fsdp_bf16_mixed_accumulates_in_float32(tmp_path: Path) -> None:
-    """Layers gathered and run in bf16 (MixedPrecisionPolicy); gradients reduced into float32 shards."""
-    distributed = _torchrun(tmp_path, "--strategy", "fsdp", "--precision", "bf16-mixed")
-    net = model("qwen2")
-    exact = run_calibration(net, describe(net), windows(7), 2, accelerator="cpu", progress=False)
-    for layer, values in exact.mlp.items():
-        assert distributed.mlp[layer].dtype == torch.float64
-        torch.testing.assert_close(distributed.mlp[layer], values, rtol=0.05, atol=0)
-        torch.testing.assert_close(distributed.attention[layer], exact.attention[layer], rtol=0.05, atol=0)
+    resumed = _launch(*common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_equal(_load(out), _single(count=9))

@@ -1,10 +1,11 @@
-"""The real model: SmolLM2-135M pruned 20% of all parameters with 16 x 128 WikiText-2 windows."""
+"""The real model: SmolLM2-135M calibrated once on 16 x 128 WikiText-2 windows, pruned 20% and 35% from that table."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from gp_lightning.architecture import describe
@@ -18,15 +19,29 @@ from gp_lightning.surgery import apply_plan
 from gp_lightning.table import build_table
 
 
-def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, wikitext: Path) -> None:
+@pytest.fixture(scope="module")
+def smollm2_table(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, wikitext: Path) -> tuple[Path, float]:
+    """One Taylor calibration of SmolLM2 (the global table) and the dense perplexity on 32 test windows."""
+    run = tmp_path_factory.mktemp("smollm2") / "table"
     result = oneshot(
-        model=str(smollm2_dir), output=str(tmp_path / "run"), pruning_ratio=0.2, num_samples=16, seq_len=128,
-        batch_size=4, dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"),
-        eval_seq_len=128, eval_max_windows=32, save_model=False,
+        model=str(smollm2_dir), output=str(run), table_only=True, num_samples=16, seq_len=128, batch_size=4,
+        dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128,
+        eval_max_windows=32,
+    )
+    return run / "global_group_table.csv", result.evaluation["ppl_before"]
+
+
+def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, wikitext: Path,
+                                            smollm2_table: tuple[Path, float]) -> None:
+    table_csv, dense_ppl = smollm2_table
+    result = oneshot(
+        model=str(smollm2_dir), output=str(tmp_path / "run"), from_table=str(table_csv), pruning_ratio=0.2,
+        eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128, eval_max_windows=32, save_model=False,
+        test_before_prune=False,
     )
     ev = result.evaluation
     assert math.isfinite(ev["ppl_after"])
-    assert ev["ppl_after"] > ev["ppl_before"]
+    assert ev["ppl_after"] > dense_ppl
     assert abs(ev["achieved_ratio"] - 0.2) < 0.001
 
     # random selection of the same size, same windows
@@ -43,11 +58,12 @@ def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, w
     random_model = apply_plan(model, layout, selection.plan, {})
     windows = evaluation_windows(tokenize(load_text(str(wikitext / "test.txt"), "evaluation"), tokenizer), 128, 32)
     random_ppl = perplexity(random_model, windows, 8)
-    print(f"SmolLM2 20%: dense {ev['ppl_before']:.2f}, global taylor {ev['ppl_after']:.2f}, random {random_ppl:.2f}")
+    print(f"SmolLM2 20%: dense {dense_ppl:.2f}, global taylor {ev['ppl_after']:.2f}, random {random_ppl:.2f}")
     assert ev["ppl_after"] * 3 < random_ppl
 
 
-def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm2_dir: Path, wikitext: Path) -> None:
+def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm2_dir: Path, wikitext: Path,
+                                                          smollm2_table: tuple[Path, float]) -> None:
     """SmolLM2 pruned 35%, then 8 LoRA steps on valid text: test-set perplexity goes down."""
     from transformers import AutoTokenizer
 
@@ -55,9 +71,9 @@ def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm
     from gp_lightning.finetune.recipe import FinetuneRecipe
 
     pruned = oneshot(
-        model=str(smollm2_dir), output=str(tmp_path / "run"), pruning_ratio=0.35, num_samples=4, seq_len=128,
-        dataset=str(wikitext / "valid.txt"), test_before_prune=False, test_after_prune=False, save_model=False,
-        normalization="log", normalization_level="layer",
+        model=str(smollm2_dir), output=str(tmp_path / "run"), from_table=str(smollm2_table[0]), pruning_ratio=0.35,
+        test_before_prune=False, test_after_prune=False, save_model=False, normalization="log",
+        normalization_level="layer",
     )
     config = FinetuneConfig(
         model=str(tmp_path / "run" / "model"), output=str(tmp_path / "ft"), dataset=str(wikitext / "valid.txt"),
