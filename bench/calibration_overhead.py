@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gp_lightning.io import write_text
+from gp_lightning.runtime.io import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -68,11 +68,12 @@ def worker(args: argparse.Namespace) -> None:
     """Load model and windows, run one method once, print one JSON line of figures."""
     import torch
 
-    from gp_lightning.architecture import describe
-    from gp_lightning.calibration import run_calibration
     from gp_lightning.calibration.module import token_loss_sum
-    from gp_lightning.data import calibration_windows, load_text, tokenize
-    from gp_lightning.model_source import load_model
+    from gp_lightning.calibration.run import run_calibration
+    from gp_lightning.data.sources import load_text
+    from gp_lightning.data.windows import calibration_windows, tokenize
+    from gp_lightning.model.layout import describe
+    from gp_lightning.model.source import load_model
 
     torch.manual_seed(SEED)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -187,7 +188,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) ->
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Through a temporary file in the same directory and a rename (``gp_lightning.io``)."""
+    """Through a temporary file in the same directory and a rename (``gp_lightning.runtime.io``)."""
     write_text(path, text)
 
 

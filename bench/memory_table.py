@@ -108,7 +108,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gp_lightning.io import write_text
+from gp_lightning.runtime.io import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "memory_table.md"
@@ -470,7 +470,7 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Through a temporary file in the same directory and a rename (``gp_lightning.io``)."""
+    """Through a temporary file in the same directory and a rename (``gp_lightning.runtime.io``)."""
     write_text(path, text)
 
 

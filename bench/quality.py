@@ -57,16 +57,18 @@ import torch
 from torch import nn
 
 from gp_lightning import __version__ as gp_version
-from gp_lightning.architecture import ModelLayout, decoder_layers, describe
 from gp_lightning.calibration.module import token_loss_sum
-from gp_lightning.data import calibration_windows, evaluation_windows, load_text, tokenize
-from gp_lightning.evaluation import perplexity
-from gp_lightning.io import write_json, write_text
-from gp_lightning.model_source import load_model
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import calibration_windows, evaluation_windows, tokenize
+from gp_lightning.evaluation.perplexity import perplexity
+from gp_lightning.model.layout import ModelLayout, decoder_layers, describe
+from gp_lightning.model.source import load_model
 from gp_lightning.pipeline import oneshot
-from gp_lightning.plan import PruningPlan
-from gp_lightning.selection import SelectionConstraints, select
-from gp_lightning.surgery import apply_plan
+from gp_lightning.runtime.io import write_json, write_text
+from gp_lightning.selection.constraints import SelectionConstraints
+from gp_lightning.selection.greedy import select
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"

@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gp_lightning.io import write_text
+from gp_lightning.runtime.io import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -181,9 +181,11 @@ def worker_table(spec: Row) -> Row:
     from transformers import LlamaConfig
 
     from gp_lightning.calibration.units import UnitImportance
-    from gp_lightning.export.streamed import describe_checkpoint
-    from gp_lightning.selection import SelectionConstraints, select
-    from gp_lightning.table import TableTransforms, build_table, ranked, transform_table
+    from gp_lightning.model.weights import describe_checkpoint
+    from gp_lightning.selection.constraints import SelectionConstraints
+    from gp_lightning.selection.greedy import select
+    from gp_lightning.table.build import build_table, ranked
+    from gp_lightning.table.transforms import TableTransforms, transform_table
 
     shape = SHAPES[spec["shape"]]
     config = LlamaConfig(**shape, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
@@ -276,10 +278,11 @@ def worker_calibrate(spec: Row) -> Row:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from gp_lightning.export.streamed import describe_checkpoint
-    from gp_lightning.model_source import local_checkpoint_dir
+    from gp_lightning.model.source import local_checkpoint_dir
+    from gp_lightning.model.weights import describe_checkpoint
     from gp_lightning.pipeline import oneshot
-    from gp_lightning.selection import SelectionConstraints, select
+    from gp_lightning.selection.constraints import SelectionConstraints
+    from gp_lightning.selection.greedy import select
 
     start = time.perf_counter()
     run = oneshot(model=MODEL, pruning_ratio=0.2, dataset=str(VALID), eval_dataset=str(TEST), num_samples=16,
@@ -299,12 +302,13 @@ def worker_surgery(spec: Row) -> Row:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from gp_lightning.architecture import describe
     from gp_lightning.export.checkpoint import save_pruned
-    from gp_lightning.export.streamed import describe_checkpoint, stream_prune
-    from gp_lightning.model_source import load_model, local_checkpoint_dir
-    from gp_lightning.plan import PruningPlan
-    from gp_lightning.surgery import apply_plan
+    from gp_lightning.model.layout import describe
+    from gp_lightning.model.source import load_model, local_checkpoint_dir
+    from gp_lightning.model.weights import describe_checkpoint
+    from gp_lightning.selection.plan import PruningPlan
+    from gp_lightning.surgery.in_memory import apply_plan
+    from gp_lightning.surgery.streamed import stream_prune
 
     plan = PruningPlan.from_json(Path(spec["plan"]).read_text(encoding="utf-8"))
     provenance = {"base_model": MODEL, "pruning_ratio": 0.2, "bench": "speed"}
@@ -404,8 +408,9 @@ def worker_inference(spec: Row) -> Row:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from gp_lightning.data import calibration_windows, load_text, tokenize
-    from gp_lightning.model_source import load_model
+    from gp_lightning.data.sources import load_text
+    from gp_lightning.data.windows import calibration_windows, tokenize
+    from gp_lightning.model.source import load_model
     from gp_lightning.pipeline import oneshot
 
     dense, tokenizer = load_model(MODEL, dtype=torch.float32)

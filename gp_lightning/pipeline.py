@@ -21,30 +21,35 @@ import pandas as pd
 import torch
 
 from gp_lightning import __version__
-from gp_lightning.architecture import ModelLayout, describe
-from gp_lightning.calibration import needs_calibration_data, run_calibration
-from gp_lightning.calibration.ablation import ablation_losses
-from gp_lightning.calibration.launch import launcher_warning
+from gp_lightning.analysis.diagnostics import diagnose
+from gp_lightning.analysis.plots import gradient_analysis_figure, pruning_rates_figure, save_png
+from gp_lightning.analysis.reports import describe_run, layer_summary_text, pruning_comparison
+from gp_lightning.calibration.methods import needs_calibration_data
+from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.config import PruneConfig
-from gp_lightning.data import calibration_windows, check_source, evaluation_windows, load_text, tokenize
-from gp_lightning.diagnostics import diagnose
-from gp_lightning.errors import ConfigError
-from gp_lightning.evaluation import measure_perplexity
+from gp_lightning.data.sources import check_source, load_text
+from gp_lightning.data.windows import calibration_windows, evaluation_windows, tokenize
+from gp_lightning.evaluation.perplexity import measure_perplexity
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
-from gp_lightning.export.streamed import stream_prune
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
-from gp_lightning.io import check_run_dir, open_run_log, write_csv, write_json, write_text
-from gp_lightning.model_source import load_model, local_checkpoint_dir
-from gp_lightning.plan import PruningPlan
-from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure, save_png
-from gp_lightning.precision import load_dtype, resolve
-from gp_lightning.ranks import broadcast_from_zero, distributed, global_rank, world_size
-from gp_lightning.reports import describe_run, layer_summary_text, pruning_comparison
-from gp_lightning.selection import Selection, check_budget, layer_summary, select
-from gp_lightning.sharded_load import meta_model
-from gp_lightning.surgery import apply_plan
-from gp_lightning.table import BLOCK, build_table, load_table, ranked, transform_table
+from gp_lightning.model.layout import ModelLayout, describe
+from gp_lightning.model.sharded import meta_model
+from gp_lightning.model.source import load_model, local_checkpoint_dir
+from gp_lightning.runtime.errors import ConfigError
+from gp_lightning.runtime.io import check_run_dir, open_run_log, write_csv, write_json, write_text
+from gp_lightning.runtime.launch import launcher_warning
+from gp_lightning.runtime.precision import load_dtype, resolve
+from gp_lightning.runtime.ranks import broadcast_from_zero, distributed, global_rank, world_size
+from gp_lightning.selection.greedy import check_budget, select
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.selection.result import Selection, layer_summary
+from gp_lightning.surgery.in_memory import apply_plan
+from gp_lightning.surgery.streamed import stream_prune
+from gp_lightning.table.ablation import ablation_losses
+from gp_lightning.table.build import BLOCK, build_table, ranked
+from gp_lightning.table.saved import load_table
+from gp_lightning.table.transforms import transform_table
 
 log = logging.getLogger("gp_lightning")
 

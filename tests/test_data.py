@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from gp_lightning.data import calibration_windows, evaluation_windows, load_text
-from gp_lightning.errors import DataError
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import calibration_windows, evaluation_windows
+from gp_lightning.runtime.errors import DataError
 
 
 def test_local_formats_read_the_same_text(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_windows_are_distinct_seeded_and_aligned() -> None:
 def test_tokenized_text_is_reused_only_for_the_same_text_and_tokenizer(tiny_checkpoint: Path) -> None:
     from transformers import AutoTokenizer
 
-    from gp_lightning.data import tokenize
+    from gp_lightning.data.windows import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     text = "The tower is 324 metres tall , about the same height as an 81 @-@ storey building ."

@@ -82,7 +82,7 @@ def test_analysis_json_schema(tmp_path: Path, tiny_checkpoint: Path, wikitext: P
 def test_plots_are_written_with_their_panels(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
     import pandas as pd
 
-    from gp_lightning.plots import gradient_analysis_figure, pruning_rates_figure
+    from gp_lightning.analysis.plots import gradient_analysis_figure, pruning_rates_figure
 
     run = tmp_path / "run"
     _run(tiny_checkpoint, wikitext, run)

@@ -20,11 +20,11 @@ import torch
 from distributed_worker import model, windows
 from safetensors.torch import load_file
 
-from gp_lightning.architecture import describe
-from gp_lightning.calibration import run_calibration
+from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
-from gp_lightning.selection import select
-from gp_lightning.table import build_table
+from gp_lightning.model.layout import describe
+from gp_lightning.selection.greedy import select
+from gp_lightning.table.build import build_table
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gp_lightning.architecture import describe
 from gp_lightning.cli import prune_main, train_main
-from gp_lightning.errors import ConfigError, DataError
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import IGNORE, collate, instruction_example, load_examples, render_prompt
 from gp_lightning.finetune.module import masked_lm_loss
 from gp_lightning.finetune.recipe import FinetuneRecipe, finetune
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import apply_plan
+from gp_lightning.model.layout import describe
+from gp_lightning.runtime.errors import ConfigError, DataError
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -19,10 +19,10 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from gp_lightning.architecture import describe
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import apply_plan
+from gp_lightning.model.layout import describe
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
 
 NEW_TOKENS = 7
 PAD = 0
@@ -153,7 +153,7 @@ def test_a_cache_under_an_unknown_name_is_an_error() -> None:
     """Should transformers rename the argument again, the model refuses instead of dropping the past."""
     from transformers.cache_utils import DynamicCache
 
-    from gp_lightning.export.modeling_gp_pruned import UnsupportedTransformersError
+    from gp_lightning.model.gp_pruned.modeling_gp_pruned import UnsupportedTransformersError
 
     model = pruned_model("llama")
     ids, mask = prompts()

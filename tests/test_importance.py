@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
-from gp_lightning.calibration import run_calibration
+from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
+from gp_lightning.model.layout import describe
 
 WINDOWS = torch.randint(0, 101, (6, 16), generator=torch.Generator().manual_seed(5))
 

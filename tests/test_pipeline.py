@@ -13,9 +13,9 @@ from conftest import TINY_CHECKPOINT_PRUNABLE
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.cli import prune_main
 from gp_lightning.config import PruneConfig
-from gp_lightning.errors import DataError, RunDirectoryError
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.pipeline import oneshot
+from gp_lightning.runtime.errors import DataError, RunDirectoryError
 
 PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
@@ -115,9 +115,9 @@ def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoi
 
 def test_from_table_of_another_model_is_refused(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
     table = tmp_path / "other.csv"
-    from gp_lightning.architecture import describe
-    from gp_lightning.model_source import load_model
-    from gp_lightning.table import build_table
+    from gp_lightning.model.layout import describe
+    from gp_lightning.model.source import load_model
+    from gp_lightning.table.build import build_table
 
     model, _ = load_model(str(tiny_checkpoint))
     layout = describe(model)

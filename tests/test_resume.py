@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
-from gp_lightning.calibration import run_calibration
-from gp_lightning.errors import CalibrationError
+from gp_lightning.calibration.run import run_calibration
+from gp_lightning.model.layout import describe
+from gp_lightning.runtime.errors import CalibrationError
 
 WINDOWS = torch.randint(0, 101, (10, 16), generator=torch.Generator().manual_seed(11))
 

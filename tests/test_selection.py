@@ -7,11 +7,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
 from gp_lightning.calibration.units import UnitImportance
-from gp_lightning.errors import BudgetError, ConfigError
-from gp_lightning.selection import SelectionConstraints, layer_summary, select
-from gp_lightning.table import build_table, ranked
+from gp_lightning.model.layout import describe
+from gp_lightning.runtime.errors import BudgetError, ConfigError
+from gp_lightning.selection.constraints import SelectionConstraints
+from gp_lightning.selection.greedy import select
+from gp_lightning.selection.result import layer_summary
+from gp_lightning.table.build import build_table, ranked
 
 
 def _random_importance(layout, seed: int = 0) -> UnitImportance:

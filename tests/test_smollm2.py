@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gp_lightning.architecture import describe
 from gp_lightning.calibration.units import UnitImportance
-from gp_lightning.data import evaluation_windows, load_text, tokenize
-from gp_lightning.evaluation import perplexity
-from gp_lightning.model_source import load_model
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import evaluation_windows, tokenize
+from gp_lightning.evaluation.perplexity import perplexity
+from gp_lightning.model.layout import describe
+from gp_lightning.model.source import load_model
 from gp_lightning.pipeline import oneshot
-from gp_lightning.selection import select
-from gp_lightning.surgery import apply_plan
-from gp_lightning.table import build_table
+from gp_lightning.selection.greedy import select
+from gp_lightning.surgery.in_memory import apply_plan
+from gp_lightning.table.build import build_table
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gp_lightning.architecture import ModelLayout, describe
-from gp_lightning.errors import ModelSourceError
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
-from gp_lightning.export.streamed import describe_checkpoint, stream_prune
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import apply_plan
+from gp_lightning.model.layout import ModelLayout, describe
+from gp_lightning.model.weights import describe_checkpoint
+from gp_lightning.runtime.errors import ModelSourceError
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
+from gp_lightning.surgery.streamed import stream_prune
 
 PROVENANCE = {"method": "test", "ratio": 0.3}
 
@@ -200,8 +201,9 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
     import numpy, safetensors.torch  # noqa: F401  (imported lazily by save_file; not surgery's memory)
 
-    from gp_lightning.export.streamed import describe_checkpoint, stream_prune
-    from gp_lightning.plan import PruningPlan
+    from gp_lightning.model.weights import describe_checkpoint
+    from gp_lightning.surgery.streamed import stream_prune
+    from gp_lightning.selection.plan import PruningPlan
 
     source, output, shard_size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     layout = describe_checkpoint(source)  # meta-device model: no weights loaded

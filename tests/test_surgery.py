@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import apply_plan, mask_units
+from gp_lightning.model.layout import describe
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan, mask_units
 
 
 def _plan(model: torch.nn.Module, remove_empty_layers: bool) -> PruningPlan:

@@ -8,15 +8,16 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from gp_lightning.architecture import describe
-from gp_lightning.calibration import run_calibration
-from gp_lightning.calibration.ablation import ablation_losses
 from gp_lightning.calibration.module import token_loss_sum
-from gp_lightning.errors import ConfigError
-from gp_lightning.selection import select
-from gp_lightning.table import STAGE_COLUMNS, TableTransforms, build_table, transform_table
+from gp_lightning.calibration.run import run_calibration
+from gp_lightning.model.layout import describe
+from gp_lightning.runtime.errors import ConfigError
+from gp_lightning.selection.greedy import select
+from gp_lightning.table.ablation import ablation_losses
+from gp_lightning.table.build import build_table
 from gp_lightning.table.corrections import ABLATION_FLOOR
 from gp_lightning.table.normalize import CONSTANT_GROUP_VALUE
+from gp_lightning.table.transforms import STAGE_COLUMNS, TableTransforms, transform_table
 
 
 def _random_table(seed: int, layers: int = 5) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from test_generation import NEW_TOKENS, PAD, prompts, recompute, run_without_gp_lightning
 
 from gp_lightning.export.checkpoint import load_pruned
-from gp_lightning.export.upgrade import CURRENT_REVISION, StaleCheckpointCodeWarning, shipped_revision
+from gp_lightning.model.gp_pruned.revision import CURRENT_REVISION, StaleCheckpointCodeWarning, shipped_revision
 
 DATA = Path(__file__).resolve().parent / "data"
 CLI = Path(sys.executable).parent / "gp-lightning"
@@ -107,6 +107,6 @@ def test_upgrade_refuses_what_is_not_a_pruned_checkpoint(tmp_path: Path) -> None
 
 
 def test_the_revision_read_from_text_is_the_module_constant() -> None:
-    from gp_lightning.export.modeling_gp_pruned import MODELING_REVISION
+    from gp_lightning.model.gp_pruned.modeling_gp_pruned import MODELING_REVISION
 
     assert CURRENT_REVISION == MODELING_REVISION >= 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.units import UnitImportance, unit_importance
+from gp_lightning.model.layout import ModelLayout
 
 
 def magnitude_importance(model: nn.Module, layout: ModelLayout) -> UnitImportance:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gp_lightning.calibration.units import UnitParameter, is_sharded, local_part
+from gp_lightning.calibration.units import UnitParameter
+from gp_lightning.runtime.sharding import is_sharded, local_part
 
 #: Sufficient statistics, in this order: count, sum, sum |g|, sum g^2, max g, min g, max |g|, min |g|.
 _SUMS, _EXTREMES = 4, 4

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gp_lightning.sharding import checkpoint_layers, shard_layers
+from gp_lightning.runtime.sharding import checkpoint_layers, shard_layers
 
 
 def window_loss_sums(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class CalibrationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked)."""
-        from gp_lightning.architecture import decoder_layers
+        from gp_lightning.model.layout import decoder_layers
 
         if self.activation_checkpointing and self.compute_gradients and not getattr(self, "_checkpointed", False):
             checkpoint_layers(decoder_layers(self.model))
@@ -72,7 +72,7 @@ class CalibrationModule(L.LightningModule):
             return
         shard_layers(self.model, decoder_layers(self.model), self.device_mesh, str(self.trainer.precision))
         if getattr(self.model, "gp_weights_dir", None) and any(p.is_meta for p in self.model.parameters()):
-            from gp_lightning.sharded_load import load_local_shards
+            from gp_lightning.model.sharded import load_local_shards
 
             load_local_shards(self.model, self.trainer.strategy.root_device)
 

@@ -22,19 +22,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.gradient_stats import gradient_statistics
 from gp_lightning.calibration.module import CalibrationModule
-from gp_lightning.calibration.units import (
-    UnitImportance,
-    UnitParameter,
-    is_sharded,
-    local_part,
-    per_unit,
-    unit_importance,
-    unit_parameters,
-)
-from gp_lightning.errors import CalibrationError
+from gp_lightning.calibration.units import UnitImportance, UnitParameter, per_unit, unit_importance, unit_parameters
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime.errors import CalibrationError
+from gp_lightning.runtime.sharding import is_sharded, local_part
 
 _NAN_FIX = ("The calibration gradients overflowed: use precision: 32-true, a shorter seq_len, or check the "
             "model weights.")

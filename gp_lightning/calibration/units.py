@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout, decoder_layers
-from gp_lightning.errors import CalibrationError
+from gp_lightning.model.layout import ModelLayout, decoder_layers
+from gp_lightning.runtime.errors import CalibrationError
+from gp_lightning.runtime.sharding import is_sharded, local_part
 
 #: ``score(module_name, parameter) -> per-element non-negative tensor`` (float32).
 ElementScore = Callable[[str, nn.Parameter], torch.Tensor]
@@ -113,30 +114,6 @@ def unit_parameters(model: nn.Module, layout: ModelLayout) -> Iterator[UnitParam
                 yield UnitParameter(layer.index, kind, units, f"{prefix}.weight", proj.weight, axis, proj)
                 if axis == 0 and proj.bias is not None:
                     yield UnitParameter(layer.index, kind, units, f"{prefix}.bias", proj.bias, 0, proj)
-
-
-def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """``(local values, global offset of the first local row, global number of rows)``.
-
-    FSDP2 shards parameters (and their gradients) along dim 0 as DTensors; each rank holds a
-    contiguous block of rows. Statistics are computed from that local block only, never from an
-    all-gathered copy of the weight. A plain tensor is its own local part.
-    """
-    if is_sharded(tensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-        return tensor.to_local(), int(offset[0]) if offset else 0, int(tensor.shape[0])
-    return tensor, 0, int(tensor.shape[0])
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (an FSDP2-sharded parameter or gradient)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def per_unit(values: torch.Tensor, units: int, axis: int, row_offset: int = 0, rows: int | None = None) -> torch.Tensor:

@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from gp_lightning.architecture import ModelLayout
-from gp_lightning.calibration.units import UnitImportance, local_part, unit_importance, unit_parameters
+from gp_lightning.calibration.units import UnitImportance, unit_importance, unit_parameters
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime.sharding import local_part
 
 
 class _InputNorms:

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.module import window_loss_sums
 from gp_lightning.calibration.units import UnitImportance, UnitParameter, unit_parameters
-from gp_lightning.data import rank_shard
-from gp_lightning.errors import CalibrationError
+from gp_lightning.data.windows import rank_shard
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime.errors import CalibrationError
 
 
 def _flat_units(item: UnitParameter, start: int, count: int, device: torch.device) -> torch.Tensor:

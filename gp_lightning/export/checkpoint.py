@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
-from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
-from gp_lightning.io import staged_directory
+from gp_lightning.model.gp_pruned.configuration_gp_pruned import GPPrunedConfig
+from gp_lightning.model.gp_pruned.modeling_gp_pruned import GPPrunedForCausalLM
+from gp_lightning.runtime.io import staged_directory
 
 
 def save_pruned(model: GPPrunedForCausalLM, tokenizer: object | None, directory: Path,
@@ -35,7 +35,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> GPPrunedF
 
     Warns when the checkpoint's shipped modeling code is older than this release's (other tools run that copy).
     """
-    from gp_lightning.export.upgrade import warn_if_stale
+    from gp_lightning.model.gp_pruned.revision import warn_if_stale
 
     warn_if_stale(path)
     return GPPrunedForCausalLM.from_pretrained(str(path), dtype=dtype).eval()

@@ -4,7 +4,3 @@ The step after surgery: :mod:`.data` turns text or instruction data into trainin
 :mod:`.lora` attaches adapters to whatever projections survived pruning, :mod:`.module` is the
 LightningModule that trains, :mod:`.recipe` runs setup -> evaluate -> train -> evaluate -> save.
 """
-
-from gp_lightning.finetune.config import FinetuneConfig
-
-__all__ = ["FinetuneConfig"]

@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gp_lightning.calibration.launch import StrategyName
-from gp_lightning.console import LogLevel
-from gp_lightning.errors import check_config as _check
+from gp_lightning.runtime.console import LogLevel
+from gp_lightning.runtime.errors import check_config as _check
+from gp_lightning.runtime.launch import StrategyName
 
 FinetuneMethod = Literal["lora", "full"]
 DataFormat = Literal["auto", "text", "instruction"]

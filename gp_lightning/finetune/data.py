@@ -19,8 +19,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gp_lightning.data import calibration_windows, load_text, tokenize
-from gp_lightning.errors import DataError
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import calibration_windows, tokenize
+from gp_lightning.runtime.errors import DataError
 
 IGNORE = -100
 Example = dict[str, torch.Tensor]

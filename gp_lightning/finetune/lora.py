@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from gp_lightning.errors import ConfigError
+from gp_lightning.runtime.errors import ConfigError
 
 
 def lora_target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from gp_lightning.architecture import decoder_layers
 from gp_lightning.finetune.data import IGNORE
-from gp_lightning.sharding import checkpoint_layers, shard_layers
+from gp_lightning.model.layout import decoder_layers
+from gp_lightning.runtime.sharding import checkpoint_layers, shard_layers
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:

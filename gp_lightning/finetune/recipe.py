@@ -22,21 +22,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from gp_lightning import __version__
-from gp_lightning.calibration.launch import resolve_launch
-from gp_lightning.data import evaluation_windows, load_text, tokenize
-from gp_lightning.errors import ConfigError
-from gp_lightning.evaluation import measure_perplexity
+from gp_lightning.analysis.plots import finetune_loss_figure, save_png
+from gp_lightning.data.sources import load_text
+from gp_lightning.data.windows import evaluation_windows, tokenize
+from gp_lightning.evaluation.perplexity import measure_perplexity
 from gp_lightning.export.checkpoint import save_checkpoint
 from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
 from gp_lightning.finetune.lora import add_lora, merged, trainable_parameters
 from gp_lightning.finetune.module import FinetuneModule
-from gp_lightning.io import check_run_dir, open_run_log, staged_directory, write_csv, write_json
-from gp_lightning.model_source import load_model, resolve
-from gp_lightning.plots import finetune_loss_figure, save_png
-from gp_lightning.precision import load_dtype
-from gp_lightning.precision import resolve as resolve_precision
-from gp_lightning.ranks import global_rank
+from gp_lightning.model.source import load_model, resolve
+from gp_lightning.runtime.errors import ConfigError
+from gp_lightning.runtime.io import check_run_dir, open_run_log, staged_directory, write_csv, write_json
+from gp_lightning.runtime.launch import resolve_launch
+from gp_lightning.runtime.precision import load_dtype
+from gp_lightning.runtime.precision import resolve as resolve_precision
+from gp_lightning.runtime.ranks import global_rank
 
 log = logging.getLogger("gp_lightning")
 

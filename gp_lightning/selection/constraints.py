@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gp_lightning.architecture import LayerLayout, ModelLayout
-from gp_lightning.errors import ConfigError
+from gp_lightning.model.layout import LayerLayout, ModelLayout
+from gp_lightning.runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gp_lightning.architecture import ModelLayout
-from gp_lightning.errors import BudgetError
-from gp_lightning.plan import PruningPlan
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime.errors import BudgetError
 from gp_lightning.selection.constraints import LayerLimits, SelectionConstraints
+from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.selection.result import Selection
-from gp_lightning.table import rank_order
+from gp_lightning.table.build import rank_order
 
 
 def check_budget(layout: ModelLayout, pruning_ratio: float, constraints: SelectionConstraints | None = None) -> int:

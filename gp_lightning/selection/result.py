@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from gp_lightning.architecture import ModelLayout
-from gp_lightning.plan import PruningPlan
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.selection.plan import PruningPlan
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gp_lightning.architecture import ModelLayout
 from gp_lightning.calibration.units import UnitImportance
+from gp_lightning.model.layout import ModelLayout
 
 #: Identify a unit.
 KEY = ["layer_idx", "group_type", "group_idx"]

@@ -1,7 +1,7 @@
 """Corrections from measured skip-ablation losses (block temperature T, layer tau) and a depth prior.
 
 ``B[l, b]``: calibration loss increase when block b of layer l is skipped; ``L[l]``: the same for
-the whole layer (see :mod:`gp_lightning.calibration.ablation`). Gradients see only a local
+the whole layer (see :mod:`gp_lightning.table.ablation`). Gradients see only a local
 linearization; these losses see what removing a whole block really costs.
 """
 

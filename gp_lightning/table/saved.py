@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from gp_lightning.architecture import ModelLayout
-from gp_lightning.errors import DataError
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime.errors import DataError
 from gp_lightning.table.build import KEY
 
 REQUIRED = [*KEY, "cost", "importance_raw"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gp_lightning.errors import ConfigError
+from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.table.build import BLOCK, rescore
 from gp_lightning.table.corrections import block_temperature, depth_factor, layer_tau
 from gp_lightning.table.normalize import Normalization, NormalizationLevel, clip_percentiles, normalize

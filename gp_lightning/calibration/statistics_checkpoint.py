@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 
-from gp_lightning.errors import CalibrationError
+from gp_lightning.runtime.errors import CalibrationError
 
 
 class Checkpointable(Protocol):

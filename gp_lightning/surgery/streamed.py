@@ -1,6 +1,6 @@
 """Streamed surgery: prune a checkpoint on disk without ever loading the whole model.
 
-The in-memory path (:func:`gp_lightning.surgery.apply_plan` + :func:`save_pruned`) needs the dense
+The in-memory path (:func:`gp_lightning.surgery.in_memory.apply_plan` + :func:`save_pruned`) needs the dense
 model and its pruned copy in RAM at once. For a model that barely fits (or does not fit) that is
 too much, so :func:`stream_prune` instead reads the dense safetensors tensor by tensor, passes each
 one through the same :class:`TensorSlicer`, and writes output shards of at most ``max_shard_size``
@@ -21,24 +21,29 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from gp_lightning.architecture import ModelLayout, describe
-from gp_lightning.errors import ModelSourceError
-from gp_lightning.export.configuration_gp_pruned import GPPrunedConfig
-from gp_lightning.export.modeling_gp_pruned import GPPrunedForCausalLM
-from gp_lightning.io import staged_directory
-from gp_lightning.plan import PruningPlan
-from gp_lightning.surgery import TensorSlicer, pruned_config
+from gp_lightning.model.gp_pruned.configuration_gp_pruned import GPPrunedConfig
+from gp_lightning.model.gp_pruned.modeling_gp_pruned import GPPrunedForCausalLM
+from gp_lightning.model.layout import ModelLayout
+from gp_lightning.model.weights import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    dense_meta_model,
+    load_dense_config,
+    read_header,
+    source_weight_files,
+)
+from gp_lightning.runtime.errors import ModelSourceError
+from gp_lightning.runtime.io import staged_directory
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.pruned_config import pruned_config
+from gp_lightning.surgery.slicer import TensorSlicer
 
 logger = logging.getLogger(__name__)
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-#: safetensors refuses headers larger than this; a larger length means a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
 
 
 def _parse_size(size: int | str) -> int:
@@ -52,71 +57,6 @@ def _parse_size(size: int | str) -> int:
     except ImportError:  # pragma: no cover - huggingface_hub moved it
         from transformers.utils.hub import convert_file_size_to_int as parse_size_to_int
     return int(parse_size_to_int(size))
-
-
-def source_weight_files(source: str | Path) -> list[Path]:
-    """The safetensors files of an HF checkpoint directory, in the order they were written.
-
-    Raises :class:`ModelSourceError` (naming the fix) when there is no safetensors checkpoint, since
-    only safetensors can be read lazily tensor by tensor.
-    """
-    source = Path(source)
-    if not source.is_dir():
-        raise ModelSourceError(
-            f"Reading weights tensor by tensor needs a local Hugging Face checkpoint directory, but '{source}' is not a "
-            "directory. Download the model first (e.g. `hf download <repo> --local-dir DIR`) and pass DIR."
-        )
-    index = source / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelSourceError(f"'{index}' is not a valid safetensors index ({exc}). Re-download the model.") from exc
-        files = [source / name for name in sorted(set(weight_map.values()))]
-        missing = [path.name for path in files if not path.is_file()]
-        if missing:
-            raise ModelSourceError(
-                f"'{index}' lists shard files that are missing: {', '.join(missing)}. The download is "
-                "incomplete: download the model again."
-            )
-        return files
-    single = source / SAFE_WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    found = sorted(p.name for p in source.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors", ".gguf"))
-    what = f"only {', '.join(found)}" if found else "no weight files at all"
-    raise ModelSourceError(
-        f"Weights are read lazily from safetensors, but '{source}' has no "
-        f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} ({what}). Convert the checkpoint to "
-        "safetensors (load it with from_pretrained and save it with save_pretrained(dir, "
-        "safe_serialization=True)), or prune it in memory instead of streamed."
-    )
-
-
-def load_dense_config(source: str | Path) -> Any:
-    """The dense model's config from ``source``, as a :class:`ModelSourceError` if it is unreadable."""
-    try:
-        return AutoConfig.from_pretrained(str(source))
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(
-            f"Could not read the model config from '{source}': {exc}. Point the source at an HF checkpoint "
-            "directory that has a config.json."
-        ) from exc
-
-
-def _dense_meta_model(dense_config: Any) -> torch.nn.Module:
-    """The dense model on the meta device: its modules and tensor names, without any weights."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(dense_config)
-
-
-def describe_checkpoint(source: str | Path, dense_config: Any = None) -> ModelLayout:
-    """The pruning layout of a checkpoint, read from a meta-device model (no weights are loaded).
-
-    Lets a caller build a plan for a model that is only ever streamed; the layout is the one
-    ``describe`` gives for the loaded model, since it depends only on module shapes.
-    """
-    return describe(_dense_meta_model(dense_config if dense_config is not None else load_dense_config(source)))
 
 
 #: A projection weight inside a decoder layer: layer index, block, projection.
@@ -158,25 +98,6 @@ class _Read:
     nbytes: int  # of the pruned tensor
 
 
-def _read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensor entries (dtype, shape, data_offsets) of a safetensors file's JSON header.
-
-    Only the header is read: it gives every tensor's shape and byte size without touching the data.
-    """
-    try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if length > _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        for info in header.values():
-            info["shape"], info["data_offsets"]  # noqa: B018 (fail here on a malformed entry)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelSourceError(f"'{path}' is not a valid safetensors file ({exc!r}). Re-download the model.") from exc
-    return header
-
-
 def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, dense_names: set[str],
                 expected: dict[str, tuple[int, ...]], tied: set[str], source: Path) -> list[_Read]:
     """Which stored tensor becomes which output tensor, in the pruned model's state-dict order.
@@ -191,7 +112,7 @@ def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, de
     reads: dict[str, _Read] = {}
     unused = []
     for path in files:
-        for source_name, info in _read_header(path).items():
+        for source_name, info in read_header(path).items():
             if source_name not in dense_names:
                 unused.append(source_name)
                 continue
@@ -376,7 +297,7 @@ def stream_prune(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
     slicer = TensorSlicer(layout, plan)
-    dense_names = set(_dense_meta_model(dense_config).state_dict())
+    dense_names = set(dense_meta_model(dense_config).state_dict())
     reads = _plan_reads(files, layout, slicer, dense_names, expected, tied, source)
     generation_config = _generation_config(source, dense_config)
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gp_lightning.errors import ConfigError
+from gp_lightning.runtime.errors import ConfigError
 
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
 

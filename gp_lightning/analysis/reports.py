@@ -6,8 +6,8 @@ from typing import Any
 
 import pandas as pd
 
-from gp_lightning.architecture import ModelLayout
 from gp_lightning.config import PruneConfig
+from gp_lightning.model.layout import ModelLayout
 
 
 def layer_summary_text(summary: pd.DataFrame) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from gp_lightning.architecture import check_supported
-from gp_lightning.errors import ModelSourceError
+from gp_lightning.model.layout import check_supported
+from gp_lightning.runtime.errors import ModelSourceError
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def load_model(
     """Load ``(model, tokenizer)`` from any supported source, checking the architecture first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gp_lightning.export import register_auto_classes
+    from gp_lightning.model.gp_pruned import register_auto_classes
 
     register_auto_classes()  # pruned checkpoints load without remote code
 
@@ -146,7 +146,7 @@ def load_model(
         raise ModelSourceError(f"Could not read the config of model '{source}': {exc}") from exc
     check_supported(getattr(config, "model_type", "unknown"))
     if path.is_dir():
-        from gp_lightning.export.upgrade import warn_if_stale
+        from gp_lightning.model.gp_pruned.revision import warn_if_stale
 
         warn_if_stale(path)
     try:
@@ -158,7 +158,7 @@ def load_model(
 
 
 def main() -> None:
-    """``python -m gp_lightning.model_source [name]``: fetch and cache an embedded model."""
+    """``python -m gp_lightning.model.source [name]``: fetch and cache an embedded model."""
     name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
     print(fetch_embedded(name))
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gp_lightning.architecture import ModelLayout, decoder_layers
 from gp_lightning.calibration.module import token_loss_sum
+from gp_lightning.model.layout import ModelLayout, decoder_layers
 
 
 @torch.no_grad()

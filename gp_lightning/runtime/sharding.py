@@ -35,3 +35,27 @@ def shard_layers(model: nn.Module, layers: nn.ModuleList, device_mesh: Any, prec
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(local values, global offset of the first local row, global number of rows)``.
+
+    FSDP2 shards parameters (and their gradients) along dim 0 as DTensors; each rank holds a
+    contiguous block of rows. Statistics are computed from that local block only, never from an
+    all-gathered copy of the weight. A plain tensor is its own local part.
+    """
+    if is_sharded(tensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        return tensor.to_local(), int(offset[0]) if offset else 0, int(tensor.shape[0])
+    return tensor, 0, int(tensor.shape[0])
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2-sharded parameter or gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)

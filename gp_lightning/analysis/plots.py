@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from gp_lightning.io import atomic_write
+from gp_lightning.runtime.io import atomic_write
 
 
 def save_png(figure: Figure, path: Path) -> None:

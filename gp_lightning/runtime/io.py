@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from gp_lightning.errors import RunDirectoryError
+from gp_lightning.runtime.errors import RunDirectoryError
 
 #: Files whose presence means a directory already holds a run.
 RUN_MARKERS = ("config.yaml", "global_group_table.csv", "evaluation_results.json", "model", "adapter")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gp_lightning.errors import UnsupportedArchitectureError
+from gp_lightning.runtime.errors import UnsupportedArchitectureError
 
 #: HF ``model_type`` values whose decoder layers have the Llama module structure.
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gp_pruned")

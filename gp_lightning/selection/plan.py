@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gp_lightning.architecture import ModelLayout
+from gp_lightning.model.layout import ModelLayout
 
 
 def _kept(count: int, removed: set[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""Compare runs side by side: ``gp-lightning compare runs/a runs/b ...`` (or ``python -m gp_lightning.compare``).
+"""Compare runs side by side: ``gp-lightning compare runs/a runs/b ...`` (or ``python -m gp_lightning.analysis.compare``).
 
 Reads what each run wrote (``evaluation_results.json``, ``config.yaml``, the per-layer summary and
 the diagnosis) and prints one markdown row per run: parameters, achieved ratio, perplexity before
@@ -18,9 +18,9 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from gp_lightning.errors import DataError
-from gp_lightning.io import write_csv, write_text
-from gp_lightning.plots import save_png
+from gp_lightning.analysis.plots import save_png
+from gp_lightning.runtime.errors import DataError
+from gp_lightning.runtime.io import write_csv, write_text
 
 
 def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:

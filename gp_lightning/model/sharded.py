@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gp_lightning.architecture import check_supported
-from gp_lightning.calibration.units import local_part
-from gp_lightning.errors import ModelSourceError
-from gp_lightning.export.streamed import source_weight_files
+from gp_lightning.model.layout import check_supported
+from gp_lightning.model.weights import source_weight_files
+from gp_lightning.runtime.errors import ModelSourceError
+from gp_lightning.runtime.sharding import local_part
 
 
 def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Data: text sources and their token windows (calibration, evaluation, rank shards)."""

@@ -1,0 +1,1 @@
+"""Runtime: what every step stands on — process ranks and launchers, precision, sharding, files, errors, console."""

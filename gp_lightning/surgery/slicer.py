@@ -1,0 +1,84 @@
+"""Map every dense tensor ``(name, tensor)`` to its pruned form, or to nothing: the one slicer of both surgeries.
+
+Works on names and tensors only, so it slices a model's in-memory state dict and checkpoint
+tensors streamed from disk alike. A layer whose attention (MLP) lost every unit loses that block's
+tensors (its output bias survives as the block's own output bias); a dropped layer loses all of
+them and the later layers are renumbered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from gp_lightning.model.layout import LayerLayout, ModelLayout
+from gp_lightning.selection.plan import LayerPlan, PruningPlan
+
+_LAYER_PARAM = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+def unit_rows(groups: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([g * width + i for g in groups for i in range(width)], dtype=torch.long)
+
+
+class TensorSlicer:
+    """Maps a dense parameter ``(name, tensor)`` to its pruned form, or to nothing."""
+
+    def __init__(self, layout: ModelLayout, plan: PruningPlan) -> None:
+        self.layout = layout
+        self.plan = plan
+        kept = plan.kept_layers
+        self.new_index = {old: new for new, old in enumerate(kept)}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        match = _LAYER_PARAM.match(name)
+        if match is None:
+            return name, tensor
+        old = int(match["idx"])
+        if old not in self.new_index:
+            return None
+        result = self._slice(self.layout.layers[old], self.plan.layers[old], match["rest"], tensor)
+        if result is None:
+            return None
+        rest, sliced = result
+        return f"{match['prefix']}.{self.new_index[old]}.{rest}", sliced
+
+    def _slice(self, layer: LayerLayout, lp: LayerPlan, rest: str, tensor: torch.Tensor
+               ) -> tuple[str, torch.Tensor] | None:
+        attn_gone = not lp.keep_groups
+        mlp_gone = not lp.keep_channels
+        hd, qpk = layer.head_dim, layer.queries_per_kv
+        if rest.startswith("self_attn."):
+            if attn_gone:
+                return ("self_attn_output_bias", tensor.clone()) if rest == "self_attn.o_proj.bias" else None
+            proj, kind = rest.split(".")[1:3]
+            if proj == "q_proj":
+                return rest, tensor.index_select(0, unit_rows(lp.keep_groups, qpk * hd))
+            if proj in ("k_proj", "v_proj"):
+                return rest, tensor.index_select(0, unit_rows(lp.keep_groups, hd))
+            if proj == "o_proj" and kind == "weight":
+                return rest, tensor.index_select(1, unit_rows(lp.keep_groups, qpk * hd))
+            return rest, tensor.clone()
+        if rest.startswith("mlp."):
+            if mlp_gone:
+                return ("mlp_output_bias", tensor.clone()) if rest == "mlp.down_proj.bias" else None
+            proj, kind = rest.split(".")[1:3]
+            keep = torch.tensor(lp.keep_channels, dtype=torch.long)
+            if proj in ("gate_proj", "up_proj"):
+                return rest, tensor.index_select(0, keep)
+            if proj == "down_proj" and kind == "weight":
+                return rest, tensor.index_select(1, keep)
+            return rest, tensor.clone()
+        if rest.startswith("input_layernorm.") and attn_gone:
+            return None
+        if rest.startswith("post_attention_layernorm.") and mlp_gone:
+            return None
+        return rest, tensor
+
+    def apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            out = self(name, tensor)
+            if out is not None:
+                yield out
