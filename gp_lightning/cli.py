@@ -1,4 +1,4 @@
-"""Command line: every PruneConfig field is a flag and a YAML key (``--config file.yaml``).
+"""Command line: every key of a config's argument groups is a flag and a YAML key (``--config file.yaml``).
 
 ``prune.py`` and ``gp-lightning prune`` run :func:`prune_main`; ``gp-lightning fetch-model`` caches
 the embedded model. User errors print one line that names the problem and the fix, and exit 2.
@@ -23,19 +23,22 @@ if TYPE_CHECKING:  # the configs pull in lightning: commands that need no config
 def build_parser(config_class: type | None = None, prog: str = "prune.py",
                  description: str = "Global structured pruning of a Llama-style LLM (GQA groups and MLP channels).",
                  ) -> ArgumentParser:
-    """A parser whose flags are the fields of ``config_class`` (types, defaults and help from the dataclass)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    """A parser whose flags are the keys of ``config_class``'s groups, flat (help from the docs next to each key)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if config_class is None:
         from gp_lightning.config import PruneConfig as config_class
     parser = ArgumentParser(prog=prog, description=description, default_config_files=[])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config keys; later flags override it.")
-    parser.add_class_arguments(config_class, nested_key=None, fail_untyped=True)
+    for _, group in config_class.group_fields():
+        parser.add_class_arguments(group, nested_key=None, fail_untyped=True)
     return parser
 
 
 def bool_flags(config_class: type) -> set[str]:
-    return {f"--{f.name}" for f in dataclasses.fields(config_class) if f.type in (bool, "bool")}
+    return {f"--{f.name}" for _, group in config_class.group_fields() for f in dataclasses.fields(group)
+            if f.type in (bool, "bool")}
 
 
 VERBOSE_FLAGS = ("-v", "--verbose")  # = --log_level debug
@@ -66,7 +69,7 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
     parser = build_parser(config_class, prog, description)
     args = sys.argv[1:] if argv is None else argv
     namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
-    return config_class(**{f.name: namespace[f.name] for f in dataclasses.fields(config_class)})
+    return config_class.from_flat({key: namespace[key] for key in config_class.key_owners()})
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "prune.py") -> PruneConfig:
@@ -90,7 +93,7 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
 
     try:
         config = parse_config(argv, prog)
-        configure_console(config.log_level, global_rank())
+        configure_console(config.run.log_level, global_rank())
         result = PruneRecipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -105,14 +108,15 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
     print(f"Pruned {ev['achieved_ratio']:.2%} of all parameters ({ev['total_params']:,} -> {ev['params_after']:,}).")
     measured = [f"{key} {ev['ppl_' + key]:.3f}" for key in ("before", "after") if ev.get(f"ppl_{key}") is not None]
     if measured:
-        print(f"Perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {config.eval_seq_len} tokens).")
+        print(f"Perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {config.evaluation.eval_seq_len} "
+              "tokens).")
     extreme = ev.get("extreme_layers", [])
     if extreme:
-        print(f"Extreme layers (> {config.extreme_rate:.0%} of a block removed): {extreme}; "
+        print(f"Extreme layers (> {config.run.extreme_rate:.0%} of a block removed): {extreme}; "
               f"see {result.run_dir}/analysis/gradient_diagnosis.json for what to change.")
     print(f"Results in {result.run_dir}/ (tables and JSON in analysis/, plots in visualization/, model in model/)")
     if result.finetuned is not None:
-        print_finetune_summary(result.finetuned.evaluation, result.finetuned.run_dir, config.eval_seq_len)
+        print_finetune_summary(result.finetuned.evaluation, result.finetuned.run_dir, config.evaluation.eval_seq_len)
     return 0
 
 
@@ -134,13 +138,13 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
 
     try:
         config = parse_finetune_config(argv, prog)
-        configure_console(config.log_level, global_rank())
+        configure_console(config.run.log_level, global_rank())
         result = FinetuneRecipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if "rank" not in result.evaluation:
-        print_finetune_summary(result.evaluation, result.run_dir, config.eval_seq_len)
+        print_finetune_summary(result.evaluation, result.run_dir, config.evaluation.eval_seq_len)
     return 0
 
 

@@ -77,3 +77,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def calibrate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, method: str = "taylor", *,
+              precision: str = "32-true", strategy: str = "auto", run_dir: object = None, seed: int = 0,
+              activation_checkpointing: bool = False, extra_callbacks: list | None = None, **calibration: object):
+    """``run_calibration`` of ``model`` on the CPU without a progress bar, the way the tests call it."""
+    from gp_lightning.calibration.config import CalibrationConfig
+    from gp_lightning.calibration.run import run_calibration
+    from gp_lightning.model.layout import describe
+    from gp_lightning.runtime.config import DistributedConfig
+
+    return run_calibration(model, describe(model), windows, batch_size,
+                           CalibrationConfig(importance_method=method, **calibration),
+                           DistributedConfig(accelerator="cpu", strategy=strategy,
+                                             activation_checkpointing=activation_checkpointing),
+                           precision=precision, seed=seed,
+                           run_dir=run_dir, progress=False, extra_callbacks=extra_callbacks)
+
+
+def selection(ratio: float, **limits: object):
+    """The selection group for ``ratio`` that, unless ``limits`` say otherwise, may empty whole blocks."""
+    from gp_lightning.selection.config import SelectionConfig
+
+    return SelectionConfig(pruning_ratio=ratio, **{"min_attention_groups": 0, "min_mlp_channels": 0, **limits})

@@ -19,10 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
-
-from gp_lightning.calibration.run import run_calibration  # noqa: E402
-from gp_lightning.model.layout import describe  # noqa: E402
+from conftest import calibrate, tiny_model  # noqa: E402
 
 
 def windows(count: int) -> torch.Tensor:
@@ -59,11 +56,10 @@ def run_case(args: argparse.Namespace) -> None:
         net = meta_model(Path(args.from_dir), torch.float32)
     else:
         net = model(args.arch)
-    importance = run_calibration(net, describe(net), windows(args.windows), args.batch_size, args.precision, "cpu",
-                                 progress=False, method=args.method, fisher_batch_size=args.fisher_batch_size,
-                                 strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,
-                                 checkpoint_every=args.checkpoint_every, resume=args.resume,
-                                 extra_callbacks=[Kill(args.kill_after)] if args.kill_after else None)
+    importance = calibrate(net, windows(args.windows), args.batch_size, args.method, precision=args.precision,
+                           strategy=args.strategy, run_dir=args.run_dir, fisher_batch_size=args.fisher_batch_size,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           extra_callbacks=[Kill(args.kill_after)] if args.kill_after else None)
     if int(os.environ.get("RANK", "0")) == 0:
         save_importance(importance, args.out)
 
@@ -78,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--fisher_batch_size", type=int, default=None)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--checkpoint_dir", default=None)
+    parser.add_argument("--run_dir", default=None, help="statistics checkpoints go into RUN_DIR/calibration_state")
     parser.add_argument("--checkpoint_every", type=int, default=0)
     parser.add_argument("--kill_after", type=int, default=0)
     parser.add_argument("--resume", action="store_true")

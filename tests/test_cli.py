@@ -16,17 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_aliases_and_bare_switches() -> None:
     cfg = parse_config(["--base_model", "m", "--overwrite", "--remove_empty_layers", "--save_model", "false"])
-    assert (cfg.model, cfg.overwrite, cfg.remove_empty_layers, cfg.save_model) == ("m", True, True, False)
+    assert (cfg.source.model, cfg.run.overwrite, cfg.selection.remove_empty_layers, cfg.run.save_model) == (
+        "m", True, True, False)
     assert expand_aliases(["--model_name_or_path=x"]) == ["--model=x"]
 
 
 def test_table_and_selection_keys_parse_and_validate() -> None:
     cfg = parse_config(["--importance_method", "wanda", "--normalization", "log", "--normalization_level", "layer",
                         "--protected_layers", "[0,5]", "--max_rate", "0.7", "--table_only"])
-    assert (cfg.importance_method, cfg.transforms.normalization, cfg.constraints.protected_layers) == (
-        "wanda", "log", (0, 5))
-    assert cfg.table_only and cfg.constraints.max_rate == 0.7 and cfg.constraints.min_mlp_channels == 1
-    assert parse_config(["--remove_empty_layers"]).constraints.min_attention_groups == 0  # depth pruning
+    assert (cfg.calibration.importance_method, cfg.table.normalization, cfg.selection.protected_layers) == (
+        "wanda", "log", [0, 5])
+    assert cfg.table.table_only and cfg.selection.max_rate == 0.7 and cfg.selection.kept_channels == 1
+    assert parse_config(["--remove_empty_layers"]).selection.kept_groups == 0  # depth pruning
     with pytest.raises(SystemExit):
         parse_config(["--importance_method", "fisher"])  # not a method: jsonargparse lists the choices
     with pytest.raises(ConfigError, match="min_rate"):
@@ -49,7 +50,7 @@ def test_yaml_config_with_unknown_key_is_an_error(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("pruning_ratio: 0.3\nnum_samples: 7\n")
     cfg = parse_config(["--config", str(good), "--num_samples", "9"])
-    assert (cfg.pruning_ratio, cfg.num_samples) == (0.3, 9)
+    assert (cfg.selection.pruning_ratio, cfg.data.num_samples) == (0.3, 9)
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ recommendations name real config keys, and normalization makes the flag go away.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -51,9 +50,8 @@ def test_scaled_down_layer_is_flagged_and_normalization_clears_it(tmp_path: Path
     assert plain["gradient_ratios"]["mean_ratio"] > 100
     recommended = {r["key"]: r["value"] for r in plain["recommendations"]}
     assert recommended["normalization"] == "log" and "temperature" in recommended
-    fields = {f.name for f in dataclasses.fields(PruneConfig)}
-    assert set(recommended) <= fields  # no recommendation for a key that does not exist
-    PruneConfig(**recommended)  # and every recommended value is valid
+    assert set(recommended) <= set(PruneConfig.key_owners())  # no recommendation for a key that does not exist
+    PruneConfig.from_flat(recommended)  # every recommended key exists, and every value is valid
 
     normalized = _run(weak_layer_checkpoint, wikitext, tmp_path / "log", normalization="log",
                       normalization_level="block")
@@ -97,3 +95,16 @@ def test_plots_are_written_with_their_panels(tmp_path: Path, tiny_checkpoint: Pa
     assert [len(line.get_xdata()) for line in figure.axes[0].get_lines()] == [3, 3, 3]  # mean, std, norm per layer
     rates = pruning_rates_figure(summary)
     assert len(rates.axes) == 1 and len(rates.axes[0].patches) == 2 * len(summary)  # attention + MLP bars
+
+
+def test_every_key_a_diagnosis_can_recommend_is_a_config_key() -> None:
+    """diagnose() names keys as string literals; each must be a real key of the pruning config."""
+    import ast
+    import inspect
+
+    from gp_lightning.analysis import diagnostics
+
+    tree = ast.parse(inspect.getsource(diagnostics))
+    named = {call.args[0].value for call in ast.walk(tree) if isinstance(call, ast.Call)
+             and getattr(call.func, "id", None) == "_recommend" and isinstance(call.args[0], ast.Constant)}
+    assert len(named) >= 8 and named <= set(PruneConfig.key_owners())

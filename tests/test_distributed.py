@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import calibrate
+from conftest import selection as selection_config
 from distributed_worker import model, windows
 from safetensors.torch import load_file
 
-from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.model.layout import describe
 from gp_lightning.selection.greedy import select
@@ -82,8 +83,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, UnitImporta
 
 def _single(method: str = "taylor", fisher_batch_size: int | None = None, count: int = 7) -> UnitImportance:
     net = model("qwen2")
-    return run_calibration(net, describe(net), windows(count), 2, accelerator="cpu", progress=False, method=method,
-                           fisher_batch_size=fisher_batch_size)
+    return calibrate(net, windows(count), 2, method, fisher_batch_size=fisher_batch_size)
 
 
 def _assert_equal(distributed: UnitImportance, single: UnitImportance, rtol: float = 1e-5) -> None:
@@ -109,8 +109,8 @@ def test_two_ranks_equal_one_process(two_ranks: dict[str, UnitImportance], name:
             for key, value in theirs.items():
                 assert mine[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5, abs=1e-10))
     for ratio in (0.05, 0.15):
-        a = select(build_table(layout, single), layout, ratio)
-        b = select(build_table(layout, distributed), layout, ratio)
+        a = select(build_table(layout, single), layout, selection_config(ratio))
+        b = select(build_table(layout, distributed), layout, selection_config(ratio))
         assert a.plan.to_json() == b.plan.to_json()
 
 
@@ -127,9 +127,8 @@ def test_fsdp_bf16_mixed_accumulates_in_float32(two_ranks: dict[str, UnitImporta
 
 def test_fsdp_killed_and_resumed_equals_one_process(tmp_path: Path) -> None:
     """Both ranks die after 2 batches; the restarted job loads each rank's sharded gradients."""
-    state = str(tmp_path / "state")
     out = tmp_path / "importance.st"
-    common = ["--out", str(out), "--strategy", "fsdp", "--windows", "9", "--checkpoint_dir", state]
+    common = ["--out", str(out), "--strategy", "fsdp", "--windows", "9", "--run_dir", str(tmp_path)]
     killed = _launch(*common, "--checkpoint_every", "1", "--kill_after", "2")
     assert killed.returncode != 0 and not out.exists()
     resumed = _launch(*common, "--resume")

@@ -51,7 +51,7 @@ def settings(checkpoint: Path, output: Path, wikitext: Path, **overrides: object
         finetune_samples=16, val_samples=4, batch_size=4, num_epochs=2, learning_rate=1e-2, log_every_n_steps=1,
         precision="32-true", eval_precision="32-true",  # exact comparisons; auto is bf16 on CPUs with AVX512-BF16
     )
-    return FinetuneConfig(**(values | overrides))
+    return FinetuneConfig.from_flat(values | overrides)
 
 
 def mean_loss(model: torch.nn.Module, examples: list[dict[str, torch.Tensor]]) -> float:
@@ -183,7 +183,7 @@ def test_bad_input_names_the_fix(tmp_path: Path, pruned_checkpoint: Path, wikite
         FinetuneRecipe(settings(pruned_checkpoint, tmp_path / "c", wikitext, strategy="deepspeed",
                                 accelerator="cpu")).setup()
     with pytest.raises(ConfigError, match="save_adapter_only"):
-        FinetuneConfig(finetune_method="full", save_adapter_only=True)
+        FinetuneConfig.from_flat(finetune_method="full", save_adapter_only=True)
     bad = tmp_path / "ft.yaml"
     bad.write_text("lora_rank: 8\n")
     assert prune_main(["--finetune", "--finetune_config", str(bad), "--output", str(tmp_path / "p")]) == 2

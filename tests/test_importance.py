@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import calibrate, tiny_model
 
-from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.model.layout import describe
 
@@ -71,8 +70,7 @@ def _assert_equal(actual: UnitImportance, expected: UnitImportance) -> None:
 
 
 def _calibrate(model: torch.nn.Module, method: str, batch_size: int, **kwargs: object) -> UnitImportance:
-    return run_calibration(model, describe(model), WINDOWS, batch_size, accelerator="cpu", progress=False,
-                           method=method, **kwargs)
+    return calibrate(model, WINDOWS, batch_size, method, **kwargs)
 
 
 @pytest.mark.parametrize("arch,batch_size", [("llama", 3), ("qwen2", 2)])
@@ -174,10 +172,9 @@ def test_bf16_weights_accumulate_in_float32() -> None:
     model = tiny_model("llama", layers=2)
     windows = WINDOWS[:4, :12]
     for method in ("taylor", "taylor_2nd"):
-        exact = run_calibration(model, describe(model), windows, 2, accelerator="cpu", progress=False, method=method)
+        exact = calibrate(model, windows, 2, method)
         bf16 = tiny_model("llama", layers=2).to(torch.bfloat16)
-        approx = run_calibration(bf16, describe(bf16), windows, 2, precision="bf16-true", accelerator="cpu",
-                                 progress=False, method=method)
+        approx = calibrate(bf16, windows, 2, method, precision="bf16-true")
         for layer in exact.mlp:
             assert approx.mlp[layer].dtype == torch.float64
             torch.testing.assert_close(approx.mlp[layer], exact.mlp[layer], rtol=0.1, atol=1e-6)

@@ -26,7 +26,7 @@ def _config(tiny_checkpoint: Path, wikitext: Path, output: Path, **overrides: ob
                   eval_max_windows=8, eval_seq_len=32, precision="32-true", eval_precision="32-true",
                   accelerator="cpu")
     values.update(overrides)
-    return PruneConfig(**values)
+    return PruneConfig.from_flat(values)
 
 
 def test_run_directory_and_reload(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:

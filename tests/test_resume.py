@@ -7,10 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import calibrate, tiny_model
 
-from gp_lightning.calibration.run import run_calibration
-from gp_lightning.model.layout import describe
 from gp_lightning.runtime.errors import CalibrationError
 
 WINDOWS = torch.randint(0, 101, (10, 16), generator=torch.Generator().manual_seed(11))
@@ -29,9 +27,8 @@ class Kill(L.Callback):
 
 def _run(method: str, tmp_path: Path, **kwargs: object):
     model = tiny_model("qwen2", layers=2)
-    return run_calibration(model, describe(model), WINDOWS, 2, accelerator="cpu", progress=False, method=method,
-                           fisher_batch_size=1 if method == "taylor_2nd" else None,
-                           checkpoint_dir=str(tmp_path / "state"), **kwargs)
+    return calibrate(model, WINDOWS, 2, method, fisher_batch_size=1 if method == "taylor_2nd" else None,
+                     run_dir=tmp_path, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["taylor", "taylor_2nd", "wanda"])
@@ -39,8 +36,8 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path: Path, method: str) ->
     whole = _run(method, tmp_path / "whole")
     with pytest.raises(RuntimeError, match="killed"):
         _run(method, tmp_path, checkpoint_every=2, extra_callbacks=[Kill(after=3)])  # saved after batch 2
-    assert (tmp_path / "state" / "rank0.pt").is_file()
-    assert torch.load(tmp_path / "state" / "rank0.pt", weights_only=False)["batches_done"] == 2
+    assert (tmp_path / "calibration_state" / "rank0.pt").is_file()
+    assert torch.load(tmp_path / "calibration_state" / "rank0.pt", weights_only=False)["batches_done"] == 2
     resumed = _run(method, tmp_path, checkpoint_every=2, resume=True)
     for layer in whole.mlp:
         assert torch.equal(resumed.mlp[layer], whole.mlp[layer])

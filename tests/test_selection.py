@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import selection as selection_config
 from conftest import tiny_model
 
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.model.layout import describe
 from gp_lightning.runtime.errors import BudgetError, ConfigError
-from gp_lightning.selection.constraints import SelectionConstraints
+from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.selection.greedy import select
 from gp_lightning.selection.result import layer_summary
-from gp_lightning.table.build import build_table, ranked
+from gp_lightning.table.build import build_table, by_score
 
 
 def _random_importance(layout, seed: int = 0) -> UnitImportance:
@@ -38,7 +39,7 @@ def test_budget_met_within_one_unit(ratio: float, seed: int) -> None:
     model = tiny_model("qwen2", gqa=2, num_kv=3, layers=3)
     layout = describe(model)
     table = build_table(layout, _random_importance(layout, seed))
-    selection = select(table, layout, ratio)
+    selection = select(table, layout, selection_config(ratio))
     target = ratio * layout.total_params
     largest_unit = int(table["cost"].max())
     assert target <= selection.removed_params < target + largest_unit
@@ -53,16 +54,16 @@ def test_layer_range_limits_candidates_and_infeasible_budget_errors() -> None:
     model = tiny_model("llama", layers=4)
     layout = describe(model)
     table = build_table(layout, _random_importance(layout))
-    selection = select(table, layout, 0.1, SelectionConstraints(layer_start=1, layer_end=3))
+    selection = select(table, layout, selection_config(0.1, layer_start=1, layer_end=3))
     assert set(selection.pruned["layer_idx"]) <= {1, 2}
     with pytest.raises(BudgetError, match="at most"):
-        select(table, layout, 0.9, SelectionConstraints(layer_start=3))
+        select(table, layout, selection_config(0.9, layer_start=3))
 
 
-def _reference_select(table, layout, ratio: float, c: SelectionConstraints) -> tuple[list[tuple], int]:
+def _reference_select(table, layout, ratio: float, c: SelectionConfig) -> tuple[list[tuple], int]:
     """The constraints' meaning, unit by unit: scan each layer in score order skipping what breaks a cap,
     force each layer's first admissible units up to min_rate, then take admissible units globally."""
-    rows = list(ranked(table).itertuples(index=False))
+    rows = list(by_score(table).itertuples(index=False))
     state: dict[int, dict[str, int]] = {}
     admissible = []
     for row in rows:
@@ -98,18 +99,19 @@ def test_constraints_hold_on_every_layer(seed: int) -> None:
     layout = describe(model)
     table = build_table(layout, _random_importance(layout, seed))
     max_rate = float(rng.uniform(0.3, 1.0))
-    c = SelectionConstraints(
+    limits = dict(
         layer_start=int(rng.integers(0, 2)), layer_end=int(rng.integers(4, 7)),
         min_rate=float(rng.uniform(0, 0.15)) if seed % 3 == 0 else 0.0, max_rate=max_rate,
         early_layers=int(rng.integers(0, 3)), early_layer_max_rate=float(rng.uniform(0.15, 0.5)),
-        protected_layers=tuple(int(i) for i in rng.choice(6, size=int(rng.integers(0, 3)), replace=False)),
+        protected_layers=[int(i) for i in rng.choice(6, size=int(rng.integers(0, 3)), replace=False)],
         min_attention_groups=int(rng.integers(0, 3)), min_mlp_channels=int(rng.integers(0, 6)),
     )
     ratio = float(rng.uniform(0.02, 0.35))
+    c = selection_config(ratio, **limits)
     expected, expected_removed = _reference_select(table, layout, ratio, c)
     target = int(round(ratio * layout.total_params))
     try:
-        selection = select(table, layout, ratio, c)
+        selection = select(table, layout, c)
     except BudgetError as exc:
         assert expected_removed < target or "min_rate" in str(exc)  # the reference could not meet it either
         return
@@ -133,13 +135,13 @@ def test_infeasible_constraints_say_how_much_could_be_met() -> None:
     layout = describe(model)
     table = build_table(layout, _random_importance(layout))
     with pytest.raises(BudgetError, match=r"at most [\d,]+ \(0\.\d+ of the model\)"):
-        select(table, layout, 0.5, SelectionConstraints(max_rate=0.2))
+        select(table, layout, selection_config(0.5, max_rate=0.2))
     with pytest.raises(BudgetError, match="min_rate=0.5 alone removes"):
-        select(table, layout, 0.05, SelectionConstraints(min_rate=0.5))
+        select(table, layout, selection_config(0.05, min_rate=0.5))
     with pytest.raises(ConfigError, match="protected_layers"):
-        select(table, layout, 0.05, SelectionConstraints(protected_layers=(7,)))
+        select(table, layout, selection_config(0.05, protected_layers=[7]))
     with pytest.raises(ConfigError, match="min_rate"):
-        SelectionConstraints(min_rate=0.5, max_rate=0.4)
+        selection_config(0.1, min_rate=0.5, max_rate=0.4)
     # caps that forbid whole attention groups can leave less than the bound computed up front
     with pytest.raises(BudgetError, match="can be removed"):
-        select(table, layout, 0.3, SelectionConstraints(max_rate=0.45, min_mlp_channels=24))
+        select(table, layout, selection_config(0.3, max_rate=0.45, min_mlp_channels=24))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import selection as selection_config
 
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.data.sources import load_text
@@ -55,7 +56,7 @@ def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, w
     )
     table = build_table(layout, random_importance)
     table["score"] = table["importance"]  # random order, not biased toward a unit kind
-    selection = select(table, layout, 0.2)
+    selection = select(table, layout, selection_config(0.2))
     random_model = apply_plan(model, layout, selection.plan, {})
     windows = evaluation_windows(tokenize(load_text(str(wikitext / "test.txt"), "evaluation"), tokenizer), 128, 32)
     random_ppl = perplexity(random_model, windows, 8)
@@ -76,7 +77,7 @@ def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm
         test_before_prune=False, test_after_prune=False, save_model=False, normalization="log",
         normalization_level="layer",
     )
-    config = FinetuneConfig(
+    config = FinetuneConfig.from_flat(
         model=str(tmp_path / "run" / "model"), output=str(tmp_path / "ft"), dataset=str(wikitext / "valid.txt"),
         eval_dataset=str(wikitext / "test.txt"), eval_max_windows=16, finetune_samples=32, val_samples=4,
         seq_len=128, batch_size=4, learning_rate=1e-3, warmup_steps=1, save_model=False,

@@ -6,18 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import calibrate, tiny_model
+from conftest import selection as selection_config
 
 from gp_lightning.calibration.module import token_loss_sum
-from gp_lightning.calibration.run import run_calibration
 from gp_lightning.model.layout import describe
 from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.selection.greedy import select
 from gp_lightning.table.ablation import ablation_losses
 from gp_lightning.table.build import build_table
+from gp_lightning.table.config import TableConfig
 from gp_lightning.table.corrections import ABLATION_FLOOR
 from gp_lightning.table.normalize import CONSTANT_GROUP_VALUE
-from gp_lightning.table.transforms import STAGE_COLUMNS, TableTransforms, transform_table
+from gp_lightning.table.transforms import STAGE_COLUMNS, transform_table
 
 
 def _random_table(seed: int, layers: int = 5) -> pd.DataFrame:
@@ -45,7 +46,7 @@ def _groups(table: pd.DataFrame, level: str):
 @pytest.mark.parametrize("method", ["minmax", "zscore", "log", "sqrt"])
 def test_normalization_properties(method: str, level: str, seed: int) -> None:
     raw = _random_table(seed)
-    table, report = transform_table(raw, TableTransforms(normalization=method, normalization_level=level), 5)
+    table, report = transform_table(raw, TableConfig(normalization=method, normalization_level=level), 5)
     assert np.isfinite(table[STAGE_COLUMNS].drop(columns=["B", "L"]).to_numpy()).all()
     assert report["normalization"]["method"] == method
     for _, group in _groups(table, level):
@@ -70,7 +71,7 @@ def test_normalization_properties(method: str, level: str, seed: int) -> None:
 @pytest.mark.parametrize("low,high", [(5, 95), (None, 90), (10, None)])
 def test_clipping_to_whole_table_percentiles(low: float | None, high: float | None) -> None:
     raw = _random_table(0)
-    table, report = transform_table(raw, TableTransforms(clip_percentile_low=low, clip_percentile_high=high), 5)
+    table, report = transform_table(raw, TableConfig(clip_percentile_low=low, clip_percentile_high=high), 5)
     x, y = table["importance_raw"], table["importance_clipped"]
     lo = np.percentile(raw["importance_raw"], low) if low is not None else -np.inf
     hi = np.percentile(raw["importance_raw"], high) if high is not None else np.inf
@@ -83,7 +84,7 @@ def test_clipping_to_whole_table_percentiles(low: float | None, high: float | No
 
 def test_all_steps_off_is_the_identity_and_columns_are_stable() -> None:
     raw = _random_table(1)
-    table, _ = transform_table(raw, TableTransforms(), 5)
+    table, _ = transform_table(raw, TableConfig(), 5)
     assert list(table.columns) == ["layer_idx", "group_type", "group_idx", "cost", *STAGE_COLUMNS]
     for column in ("importance_clipped", "importance_normalized", "importance_block", "importance_layer", "importance"):
         assert table[column].equals(table["importance_raw"]), column
@@ -103,7 +104,7 @@ def _losses(table: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]
 def test_block_temperature_sets_block_totals_and_keeps_ranking(temperature: float) -> None:
     raw = _random_table(2)
     blocks, layers = _losses(raw, 2)
-    table, report = transform_table(raw, TableTransforms(temperature=temperature), 5, blocks, layers)
+    table, report = transform_table(raw, TableConfig(temperature=temperature), 5, blocks, layers)
     for (layer, kind), group in table.groupby(["layer_idx", "group_type"]):
         b = blocks.set_index(["layer_idx", "group_type"]).loc[(layer, kind), "B"]
         assert group["importance_block"].sum() == pytest.approx(max(b, ABLATION_FLOOR) ** (1 / temperature))
@@ -116,7 +117,7 @@ def test_block_temperature_sets_block_totals_and_keeps_ranking(temperature: floa
 def test_layer_tau_and_depth_weight_factors() -> None:
     raw = _random_table(3)
     blocks, layers = _losses(raw, 3)
-    table, _ = transform_table(raw, TableTransforms(tau=2.0, layer_depth_weight=0.5), 5, blocks, layers)
+    table, _ = transform_table(raw, TableConfig(tau=2.0, layer_depth_weight=0.5), 5, blocks, layers)
     losses = layers.set_index("layer_idx")["L"].clip(lower=ABLATION_FLOOR)
     expected_tau = table["layer_idx"].map((losses / losses.mean()) ** 2.0)
     np.testing.assert_allclose(table["tau_factor"], expected_tau)
@@ -124,20 +125,20 @@ def test_layer_tau_and_depth_weight_factors() -> None:
     np.testing.assert_allclose(table["depth_factor"], 1 + (1 - table["layer_idx"] / 5) * 0.5)
     np.testing.assert_allclose(table["importance"], table["importance_layer"] * table["depth_factor"])
     # T = 0 and tau = 0 reproduce the uncorrected table exactly, even with losses supplied
-    plain, _ = transform_table(raw, TableTransforms(), 5)
-    zero, _ = transform_table(raw, TableTransforms(temperature=0.0, tau=0.0), 5, blocks, layers)
+    plain, _ = transform_table(raw, TableConfig(), 5)
+    zero, _ = transform_table(raw, TableConfig(temperature=0.0, tau=0.0), 5, blocks, layers)
     assert zero["importance"].equals(plain["importance"]) and zero["score"].equals(plain["score"])
 
 
 def test_invalid_settings_are_named() -> None:
     with pytest.raises(ConfigError, match="clip_percentile_low"):
-        TableTransforms(clip_percentile_low=-1)
+        TableConfig(clip_percentile_low=-1)
     with pytest.raises(ConfigError, match="below clip_percentile_high"):
-        TableTransforms(clip_percentile_low=90, clip_percentile_high=10)
+        TableConfig(clip_percentile_low=90, clip_percentile_high=10)
     with pytest.raises(ConfigError, match="'tau'"):
-        TableTransforms(tau=-0.5)
+        TableConfig(tau=-0.5)
     with pytest.raises(ConfigError, match="ablation losses B"):
-        transform_table(_random_table(0), TableTransforms(temperature=1.0), 5)
+        transform_table(_random_table(0), TableConfig(temperature=1.0), 5)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def trained_block() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def _rates(table: pd.DataFrame, model: torch.nn.Module, ratio: float) -> dict[tuple[int, str], int]:
-    pruned = select(table, describe(model), ratio).pruned
+    pruned = select(table, describe(model), selection_config(ratio)).pruned
     return pruned.groupby(["layer_idx", "group_type"]).size().to_dict()
 
 
@@ -175,15 +176,15 @@ def test_corrections_move_pruning_away_from_an_important_block(trained_block) ->
     model, windows = trained_block
     layout = describe(model)
 
-    raw = build_table(layout, run_calibration(model, layout, windows, 4, accelerator="cpu", progress=False))
+    raw = build_table(layout, calibrate(model, windows, 4))
     _, blocks, layers = ablation_losses(model, layout, windows, 4, blocks=True, layers=True)
     assert blocks.loc[blocks["B"].idxmax(), ["layer_idx", "group_type"]].tolist() == [2, "mlp"]
     assert int(layers.loc[layers["L"].idxmax(), "layer_idx"]) == 2
     # the failure mode the corrections exist for: first-order importance that misses the block
     raw.loc[raw["layer_idx"] == 2, "importance_raw"] *= 0.02
-    plain = _rates(transform_table(raw, TableTransforms(), 4)[0], model, 0.2)
-    with_t = _rates(transform_table(raw, TableTransforms(temperature=1.0), 4, blocks, layers)[0], model, 0.2)
-    with_tau = _rates(transform_table(raw, TableTransforms(tau=2.0), 4, blocks, layers)[0], model, 0.2)
+    plain = _rates(transform_table(raw, TableConfig(), 4)[0], model, 0.2)
+    with_t = _rates(transform_table(raw, TableConfig(temperature=1.0), 4, blocks, layers)[0], model, 0.2)
+    with_tau = _rates(transform_table(raw, TableConfig(tau=2.0), 4, blocks, layers)[0], model, 0.2)
     print(f"layer-2 units pruned: plain {plain}, T=1 {with_t}, tau=2 {with_tau}")
     assert plain.get((2, "mlp"), 0) >= 12, plain
     assert with_t.get((2, "mlp"), 0) < plain[(2, "mlp")], with_t

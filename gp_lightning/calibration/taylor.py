@@ -19,7 +19,6 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from gp_lightning.calibration.gradient_stats import gradient_statistics
@@ -31,6 +30,11 @@ from gp_lightning.runtime.sharding import is_sharded, local_part
 
 _NAN_FIX = ("The calibration gradients overflowed: use precision: 32-true, a shorter seq_len, or check the "
             "model weights.")
+
+
+def taylor_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``|w * g|`` per element (float32), for any matching pieces of a weight and its gradient."""
+    return (weight.float() * grad.float()).abs()
 
 
 class TaylorImportance(L.Callback):
@@ -62,9 +66,6 @@ class TaylorImportance(L.Callback):
         if distributed and any(item.param.dtype != torch.float32 for item in items):
             raise CalibrationError("Distributed calibration needs float32 parameters: use precision: bf16-mixed "
                                    "(bf16 compute over float32 weights) or 32-true, not bf16-true.")
-        if distributed and self.second_order and not isinstance(trainer.strategy, DDPStrategy):
-            raise CalibrationError("taylor_2nd collects per-pass gradients before they are synchronized, which "
-                                   "only DDP exposes: use strategy: ddp, or importance_method: taylor.")
         for item in items:
             if item.param.dtype != torch.float32:
                 self._hooks.append(item.param.register_post_accumulate_grad_hook(self._accumulate_fp32))
@@ -137,7 +138,7 @@ class TaylorImportance(L.Callback):
         model = pl_module.model
 
         def score(name: str, param: nn.Parameter) -> torch.Tensor:
-            return (local_part(param.detach())[0].float() * local_part(self.gradient(param))[0]).abs()
+            return taylor_score(local_part(param.detach())[0], local_part(self.gradient(param))[0])
 
         self.first_order = unit_importance(model, self.layout, score)
         start = time.perf_counter()

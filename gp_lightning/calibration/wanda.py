@@ -11,6 +11,7 @@ vector per projection, the size of its input.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -22,23 +23,56 @@ from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.sharding import local_part
 
 
-class _InputNorms:
+class InputNorms:
     """Running sum of squares of each input feature of one projection, and the token count.
 
-    Windows of weight 0 (padding of uneven rank shards) are left out.
+    A forward pre-hook. ``window_weights(batch, device)`` gives the weight of each window of the pass
+    in flight: windows of weight 0 (padding of uneven rank shards) are left out.
     """
 
-    def __init__(self, owner: WandaImportance) -> None:
-        self.owner = owner
+    def __init__(self, window_weights: Callable[[int, torch.device], torch.Tensor]) -> None:
+        self.window_weights = window_weights
         self.sum_squares: torch.Tensor | None = None
         self.tokens = 0.0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        weights = self.owner.window_weights(x.shape[0], x.device)
+        weights = self.window_weights(x.shape[0], x.device).to(dtype=torch.float64)
         squares = torch.einsum("b,btf->f", weights, x.double().square())
         self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
         self.tokens += float(weights.sum()) * x.shape[1]
+
+
+def wanda_score(weight: torch.Tensor, norms: InputNorms, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``|W_ij| * ||X_j||`` per element; a bias (1-D, no ``columns``) is a weight on a constant input of 1.
+
+    ``weight`` is a 2-D block of rows (or a whole weight), or a flat slice of one with the input
+    column of each element in ``columns`` (ZeRO-3 partitions).
+    """
+    assert norms.sum_squares is not None, "calibration ran no forward pass"
+    magnitude = weight.double().abs()
+    if columns is None and weight.dim() == 1:
+        return magnitude * math.sqrt(norms.tokens)
+    feature = norms.sum_squares.sqrt()
+    return magnitude * (feature[columns] if columns is not None else feature[None, :])
+
+
+def all_reduce_norms(norms: list[InputNorms]) -> None:
+    """Every rank saw its own windows: sum the input statistics over ranks (one collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    device = norms[0].sum_squares.device
+    flat = torch.cat([torch.cat([n.sum_squares.reshape(-1), torch.tensor([n.tokens], dtype=torch.float64,
+                                                                         device=device)]) for n in norms])
+    dist.all_reduce(flat)
+    start = 0
+    for n in norms:
+        size = n.sum_squares.numel()
+        n.sum_squares = flat[start : start + size]
+        n.tokens = float(flat[start + size])
+        start += size + 1
 
 
 class WandaImportance(L.Callback):
@@ -47,7 +81,7 @@ class WandaImportance(L.Callback):
     def __init__(self, layout: ModelLayout) -> None:
         self.layout = layout
         self.importance: UnitImportance | None = None
-        self._norms: dict[nn.Module, _InputNorms] = {}
+        self._norms: dict[nn.Module, InputNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._module: L.LightningModule | None = None
 
@@ -64,7 +98,7 @@ class WandaImportance(L.Callback):
             param.requires_grad_(False)
         for item in unit_parameters(model, self.layout):
             if item.module not in self._norms:
-                self._norms[item.module] = _InputNorms(self)
+                self._norms[item.module] = InputNorms(self.window_weights)
                 self._hooks.append(item.module.register_forward_pre_hook(self._norms[item.module]))
 
     def statistics_state(self) -> dict:
@@ -83,36 +117,13 @@ class WandaImportance(L.Callback):
             handle.remove()
         self._hooks.clear()
         items = {id(item.param): item for item in unit_parameters(pl_module.model, self.layout)}
-        self._all_reduce_norms()
+        all_reduce_norms(list(self._norms.values()))
 
         def score(name: str, param: nn.Parameter) -> torch.Tensor:
-            norms = self._norms[items[id(param)].module]
-            assert norms.sum_squares is not None, "calibration ran no forward pass"
-            weight = local_part(param.detach())[0].double().abs()
-            if param.dim() == 1:  # bias: weight on a constant input of 1
-                return weight * math.sqrt(norms.tokens)
-            return weight * norms.sum_squares.sqrt()[None, :]
+            return wanda_score(local_part(param.detach())[0], self._norms[items[id(param)].module])
 
         self.importance = unit_importance(pl_module.model, self.layout, score)
         if self.importance.sharded:  # FSDP: each rank scored its own rows of every weight
             self.importance.all_reduce()
         self.importance.check_finite("Wanda", "The activations overflowed: use precision: 32-true.")
         self._norms.clear()
-
-    def _all_reduce_norms(self) -> None:
-        """Every rank saw its own windows: sum the input statistics over ranks (one collective)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        norms = list(self._norms.values())
-        flat = torch.cat([torch.cat([n.sum_squares.reshape(-1), torch.tensor([n.tokens], dtype=torch.float64,
-                                                                             device=n.sum_squares.device)])
-                          for n in norms])
-        dist.all_reduce(flat)
-        start = 0
-        for n in norms:
-            size = n.sum_squares.numel()
-            n.sum_squares = flat[start : start + size]
-            n.tokens = float(flat[start + size])
-            start += size + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gp_lightning.calibration.module import window_loss_sums
+from gp_lightning.calibration.taylor import taylor_score
 from gp_lightning.calibration.units import UnitImportance, UnitParameter, unit_parameters
+from gp_lightning.calibration.wanda import InputNorms, all_reduce_norms, wanda_score
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import CalibrationError
@@ -49,25 +52,11 @@ def _local_sums(item: UnitParameter, values: torch.Tensor, rank: int) -> torch.T
         0, units, values[:count].double())
 
 
-def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int, method: str,
-                      accelerator: str = "auto", progress: bool = True) -> UnitImportance:
-    """Taylor or Wanda importance under DeepSpeed ZeRO-3; every rank returns the complete result."""
-    if method not in ("taylor", "wanda"):
-        raise CalibrationError(f"strategy: deepspeed supports importance_method taylor and wanda, not {method}.")
-    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def _engine(model: nn.Module, items: list[UnitParameter], batch_size: int, steps: int, taylor: bool) -> Any:
+    """A ZeRO-3 engine over ``model`` whose gradients of the unit weights (Taylor) accumulate over ``steps``."""
     import deepspeed
-    from deepspeed.utils import safe_get_local_grad
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    indices, weights = rank_shard(windows.shape[0], rank, world)
-    steps = math.ceil(len(indices) / batch_size)
-    items = list(unit_parameters(model, layout))
-    projections = list(dict.fromkeys(item.module for item in items))  # model order: the same on every rank
-    wanted = {id(item.param) for item in items} if method == "taylor" else set()
+    wanted = {id(item.param) for item in items} if taylor else set()
     for param in model.parameters():
         param.requires_grad_(id(param) in wanted)
         if param.dtype != torch.float32:
@@ -76,61 +65,69 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**12}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0) if wanted else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    device = next(iter(engine.parameters())).device
-    norms: dict[nn.Module, torch.Tensor] = {}
-    tokens = torch.zeros(1, dtype=torch.float64, device=device)
-    hooks = []
-    current: dict[str, torch.Tensor] = {}
-    if method == "wanda":
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().double()
-            squares = torch.einsum("b,btf->f", current["weights"].double(), x.square())
-            norms[module] = norms[module] + squares if module in norms else squares
+    return engine
 
-        hooks = [m.register_forward_pre_hook(hook) for m in projections]
+
+def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int, method: str,
+                      accelerator: str = "auto", progress: bool = True) -> UnitImportance:
+    """Taylor or Wanda importance under DeepSpeed ZeRO-3; every rank returns the complete result.
+
+    The scoring is the collectors' own (:func:`taylor_score`, :class:`InputNorms` + :func:`wanda_score`),
+    applied to each rank's flat partition of every weight.
+    """
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    indices, weights = rank_shard(windows.shape[0], rank, world)
+    steps = math.ceil(len(indices) / batch_size)
+    items = list(unit_parameters(model, layout))
+    engine = _engine(model, items, batch_size, steps, taylor=method == "taylor")
+    device = next(iter(engine.parameters())).device
+    current: dict[str, torch.Tensor] = {}
+    projections = list(dict.fromkeys(item.module for item in items))  # model order: the same on every rank
+    norms = {module: InputNorms(lambda batch, dev: current["weights"]) for module in projections}
+    hooks = [m.register_forward_pre_hook(norms[m]) for m in projections] if method == "wanda" else []
     total = windows[:, 1:].numel()
     engine.eval()
     for step in tqdm(range(steps), desc=f"Calibration (ZeRO-3, rank {rank})", disable=not progress or rank != 0):
         batch = indices[step * batch_size : (step + 1) * batch_size]
-        ids, w = windows[batch].to(device), weights[step * batch_size : (step + 1) * batch_size].to(device)
-        current["weights"] = w
+        ids, current["weights"] = windows[batch].to(device), weights[step * batch_size : (step + 1) * batch_size].to(device)
         if method == "wanda":
             with torch.no_grad():
                 engine(input_ids=ids, use_cache=False)
-            tokens += w.double().sum() * ids.shape[1]
         else:
-            loss = (window_loss_sums(engine, ids) * w).sum() * world / total
+            loss = (window_loss_sums(engine, ids) * current["weights"]).sum() * world / total
             engine.backward(loss, scale_wrt_gas=False)
     for handle in hooks:
         handle.remove()
-    feature_norms: dict[nn.Module, torch.Tensor] = {}
-    if method == "wanda":  # one collective for the token count and every projection's input sums
-        flat = torch.cat([tokens] + [norms[m] for m in projections])
-        dist.all_reduce(flat)
-        tokens, start = flat[:1], 1
-        for m in projections:
-            feature_norms[m] = flat[start : start + norms[m].numel()].sqrt()
-            start += norms[m].numel()
+    if method == "wanda":
+        all_reduce_norms([norms[m] for m in projections])
+    return _partition_importance(items, method, norms, rank).all_reduce()
+
+
+def _partition_importance(items: list[UnitParameter], method: str, norms: dict[nn.Module, InputNorms],
+                          rank: int) -> UnitImportance:
+    """This rank's per-unit partial sums over its flat partition of every unit weight."""
+    from deepspeed.utils import safe_get_local_grad
+
     result = UnitImportance({}, {}, sharded=True)
     for item in items:
-        weight = item.param.ds_tensor.detach().float().reshape(-1)
+        weight = item.param.ds_tensor.detach().reshape(-1)
         if method == "taylor":
             grad = safe_get_local_grad(item.param)
             if grad is None:
                 raise CalibrationError(f"DeepSpeed returned no gradient partition for {item.name}.")
-            values = (weight * grad.float().reshape(-1)).abs()
+            values = taylor_score(weight, grad.reshape(-1))
         else:
-            values = _wanda_values(item, weight, feature_norms[item.module], float(tokens.sqrt()), rank)
+            shape = tuple(item.param.ds_shape)
+            columns = None
+            if len(shape) == 2:
+                columns = torch.arange(rank * weight.numel(), (rank + 1) * weight.numel(), device=weight.device) % shape[1]
+            values = wanda_score(weight, norms[item.module], columns)
         result.add(item, _local_sums(item, values, rank))
-    return result.all_reduce()
-
-
-def _wanda_values(item: UnitParameter, weight: torch.Tensor, feature_norms: torch.Tensor, bias_norm: float,
-                  rank: int) -> torch.Tensor:
-    """``|W_ij| * ||X_j||`` for this rank's flat slice (a bias: ``|b| * sqrt(tokens)``)."""
-    shape = tuple(item.param.ds_shape)
-    if len(shape) == 1:
-        return weight.double().abs() * bias_norm
-    partition = weight.numel()
-    cols = torch.arange(rank * partition, (rank + 1) * partition, device=weight.device) % shape[1]
-    return weight.double().abs() * feature_norms[cols]
+    return result

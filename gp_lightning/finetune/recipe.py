@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +22,19 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from gp_lightning import __version__
 from gp_lightning.analysis.plots import finetune_loss_figure, save_png
-from gp_lightning.data.sources import load_text
-from gp_lightning.data.windows import evaluation_windows, tokenize
-from gp_lightning.evaluation.perplexity import measure_perplexity
+from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import save_checkpoint
 from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
 from gp_lightning.finetune.lora import add_lora, merged, trainable_parameters
 from gp_lightning.finetune.module import FinetuneModule
-from gp_lightning.model.source import load_model, resolve
+from gp_lightning.model.source import resolve
+from gp_lightning.runtime.config import DistributedConfig
 from gp_lightning.runtime.errors import ConfigError
-from gp_lightning.runtime.io import check_run_dir, open_run_log, staged_directory, write_csv, write_json
+from gp_lightning.runtime.io import staged_directory, write_csv, write_json
 from gp_lightning.runtime.launch import resolve_launch
 from gp_lightning.runtime.precision import load_dtype
-from gp_lightning.runtime.precision import resolve as resolve_precision
-from gp_lightning.runtime.ranks import global_rank
+from gp_lightning.runtime.recipe import Recipe
 
 log = logging.getLogger("gp_lightning")
 
@@ -51,78 +48,70 @@ class FinetuneResult:
     evaluation: dict[str, Any] = field(default_factory=dict)
 
 
-def training_strategy(cfg: FinetuneConfig) -> tuple[Any, int, bool]:
-    """(Lightning strategy, devices, shards parameters) for ``cfg.strategy``."""
-    if cfg.strategy == "deepspeed":
-        if cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available()):
+def training_strategy(distributed: DistributedConfig) -> tuple[Any, int, bool]:
+    """(Lightning strategy, devices, shards parameters) for ``distributed.strategy``."""
+    d = distributed
+    if d.strategy == "deepspeed":
+        if d.accelerator == "cpu" or (d.accelerator == "auto" and not torch.cuda.is_available()):
             raise ConfigError("strategy: deepspeed fine-tunes on GPUs only (Lightning's DeepSpeed strategy refuses "
                               "CPU); use strategy: fsdp or ddp here.")
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        devices = resolve_launch("ddp", cfg.accelerator, cfg.devices, cfg.num_nodes).devices
+        devices = resolve_launch("ddp", d.accelerator, d.devices, d.num_nodes).devices
         return DeepSpeedStrategy(stage=3), devices, False
-    launch = resolve_launch(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, full_checkpoints=True)
+    launch = resolve_launch(d.strategy, d.accelerator, d.devices, d.num_nodes, full_checkpoints=True)
     return launch.strategy, launch.devices, launch.shards_parameters
 
 
-class FinetuneRecipe:
+class FinetuneRecipe(Recipe):
     """One recovery fine-tune. ``model``/``tokenizer`` may be handed over in memory (prune.py --finetune)."""
 
     def __init__(self, config: FinetuneConfig, model: torch.nn.Module | None = None,
                  tokenizer: object | None = None) -> None:
+        super().__init__(config.run, config.distributed, config.evaluation.eval_precision)
         self.cfg = config
-        self.rank = global_rank()
-        self.run_dir = Path(config.output)
         self.model = model
         self.tokenizer = tokenizer
-        self.timings: dict[str, float] = {}
-        self.evaluation: dict[str, Any] = {}
-        self._log_handler: logging.Handler = logging.NullHandler()
+        self.evaluator = Evaluator(None, config.evaluation.eval_batch_size, "32-true", timings=self.timings)
+        self.steps = 0
+        self.initial_val_loss = float("nan")
+        self.curve = pd.DataFrame()
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        """What has been measured so far (perplexities, parameter counts)."""
+        return self.evaluator.results
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        if self.rank == 0:
-            check_run_dir(self.run_dir, cfg.overwrite)
-        self.precision = resolve_precision(cfg.precision, cfg.accelerator)
-        self.eval_precision = resolve_precision(cfg.eval_precision, cfg.accelerator)
-        self.strategy, self.devices, self.shard = training_strategy(cfg)
-        L.seed_everything(cfg.seed, verbose=False)
-        start = time.perf_counter()
-        if self.model is None:
-            self.model, self.tokenizer = load_model(
-                cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
-                trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
-        self.timings["load_model_s"] = time.perf_counter() - start
+        self.start(cfg.run.overwrite)
+        self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
+        with self.timed("load_model_s"):
+            if self.model is None:
+                self.model, self.tokenizer = cfg.source.load(load_dtype(self.precision))
+        d = cfg.data
         self.train_examples, self.val_examples = load_examples(
-            cfg.dataset, cfg.data_format, self.tokenizer, cfg.seq_len, cfg.finetune_samples, cfg.val_samples,
-            cfg.seed, cfg.prompt_format)
-        self.eval_windows = None
-        if self.rank == 0 and (cfg.test_before_finetune or cfg.test_after_finetune):
-            tokens = tokenize(load_text(cfg.eval_dataset, "evaluation"), self.tokenizer)
-            self.eval_windows = evaluation_windows(tokens, cfg.eval_seq_len, cfg.eval_max_windows)
-        if self.rank == 0:
-            self._open_run_dir()
-
-    def _open_run_dir(self) -> None:
-        self._log_handler = open_run_log(self.run_dir, log, self.cfg.to_dict())
+            d.dataset, d.data_format, self.tokenizer, d.seq_len, d.finetune_samples, d.val_samples, cfg.run.seed,
+            d.prompt_format)
+        e = cfg.evaluation
+        needed = self.rank == 0 and (e.test_before_finetune or e.test_after_finetune)
+        known = dict(self.evaluator.results)  # a perplexity handed over by prune.py --finetune
+        self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings)
+        self.evaluator.results.update(known)
+        self.open_log(cfg.to_dict())
         log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples", __version__,
-                 self.cfg.finetune_method, self.cfg.model, len(self.train_examples), len(self.val_examples))
+                 cfg.adapter.finetune_method, cfg.source.model, len(self.train_examples), len(self.val_examples))
 
     # -- steps ---------------------------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, key: str) -> float:
-        assert self.eval_windows is not None
-        return measure_perplexity(model, self.eval_windows, self.cfg.eval_batch_size, self.eval_precision, key,
-                                  self.evaluation, self.timings)
-
     def trainable_model(self) -> torch.nn.Module:
         """LoRA: the peft model (only adapters require grad). Full: the model, everything requiring grad."""
-        cfg = self.cfg
+        a = self.cfg.adapter
         assert self.model is not None
-        if cfg.finetune_method == "lora":
+        if a.finetune_method == "lora":
             for param in self.model.parameters():
                 param.requires_grad_(False)
-            model = add_lora(self.model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+            model = add_lora(self.model, a.lora_target_modules, a.lora_r, a.lora_alpha, a.lora_dropout)
         else:
             model = self.model
             for param in model.parameters():
@@ -137,31 +126,34 @@ class FinetuneRecipe:
             loggers.append(TensorBoardLogger(save_dir=str(self.run_dir), name="logs", version="tensorboard"))
         return loggers
 
-    def train(self, model: torch.nn.Module) -> FinetuneModule:
-        cfg = self.cfg
-        module = FinetuneModule(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.lr_scheduler,
-                                shard=self.shard, activation_checkpointing=cfg.activation_checkpointing,
-                                adapter_checkpoints=cfg.finetune_method == "lora")
+    def trainer(self) -> L.Trainer:
+        cfg, t = self.cfg, self.cfg.training
         self.best = ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), filename="best-epoch{epoch}",
                                     monitor="val_loss", mode="min", save_top_k=1, save_weights_only=True,
                                     auto_insert_metric_name=False)
-        trainer = L.Trainer(
-            accelerator=cfg.accelerator, devices=self.devices, num_nodes=cfg.num_nodes, strategy=self.strategy,
-            precision=self.precision, max_epochs=cfg.num_epochs, accumulate_grad_batches=cfg.gradient_accumulation_steps,
-            gradient_clip_val=cfg.max_grad_norm or None, logger=self.loggers(),
-            callbacks=[self.best, LearningRateMonitor(logging_interval="step")],
-            log_every_n_steps=cfg.log_every_n_steps, num_sanity_val_steps=0, enable_model_summary=False,
+        return L.Trainer(
+            accelerator=cfg.distributed.accelerator, devices=self.devices, num_nodes=cfg.distributed.num_nodes,
+            strategy=self.strategy, precision=self.precision, max_epochs=t.num_epochs,
+            accumulate_grad_batches=t.gradient_accumulation_steps, gradient_clip_val=t.max_grad_norm or None,
+            logger=self.loggers(), callbacks=[self.best, LearningRateMonitor(logging_interval="step")],
+            log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, enable_model_summary=False,
             inference_mode=False,  # validate() before fit() would leave the metric state as inference tensors
             use_distributed_sampler=False,  # FinetuneData shards itself (same order for any world size)
             default_root_dir=str(self.run_dir),
         )
-        data = FinetuneData(self.train_examples, self.val_examples, cfg.batch_size, pad_token_id(self.tokenizer),
-                            cfg.seed)
-        start = time.perf_counter()
-        trainer.validate(module, datamodule=data, verbose=False)  # the validation loss before any step
-        self.initial_val_loss = float(trainer.callback_metrics["val_loss"])
-        trainer.fit(module, datamodule=data)
-        self.timings["train_s"] = time.perf_counter() - start
+
+    def train(self, model: torch.nn.Module) -> FinetuneModule:
+        cfg, t = self.cfg, self.cfg.training
+        module = FinetuneModule(model, t.learning_rate, t.weight_decay, t.warmup_steps, t.lr_scheduler,
+                                shard=self.shard, activation_checkpointing=cfg.distributed.activation_checkpointing,
+                                adapter_checkpoints=cfg.adapter.finetune_method == "lora")
+        trainer = self.trainer()
+        data = FinetuneData(self.train_examples, self.val_examples, cfg.data.batch_size, pad_token_id(self.tokenizer),
+                            cfg.run.seed)
+        with self.timed("train_s"):
+            trainer.validate(module, datamodule=data, verbose=False)  # the validation loss before any step
+            self.initial_val_loss = float(trainer.callback_metrics["val_loss"])
+            trainer.fit(module, datamodule=data)
         self.steps = int(trainer.global_step)
         if self.shard:
             self.gather(module)
@@ -178,9 +170,7 @@ class FinetuneRecipe:
         state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return
-        cfg = self.cfg
-        self.model, _ = load_model(cfg.model, dtype=load_dtype(self.precision), tokenizer_source=cfg.tokenizer,
-                                   trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+        self.model, _ = self.cfg.source.load(load_dtype(self.precision))
         whole = self.trainable_model()
         whole.load_state_dict(state)
         module.model = whole
@@ -188,27 +178,28 @@ class FinetuneRecipe:
     def save(self, model: torch.nn.Module) -> torch.nn.Module:
         """Adapter alone (peft format), or the merged model in the input's checkpoint format."""
         cfg = self.cfg
-        start = time.perf_counter()
-        if cfg.save_adapter_only:
-            source = Path(resolve(cfg.model, cfg.cache_dir)).expanduser()
-            model.peft_config["default"].base_model_name_or_path = str(source.resolve()) if source.exists() else cfg.model
-            with staged_directory(self.run_dir / "adapter") as staging:
-                model.save_pretrained(staging)  # type: ignore[operator]
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
-            out = model
-        else:
+        with self.timed("save_s"):
+            if cfg.run.save_adapter_only:
+                source = Path(resolve(cfg.source.model, cfg.source.cache_dir)).expanduser()
+                base = str(source.resolve()) if source.exists() else cfg.source.model
+                model.peft_config["default"].base_model_name_or_path = base
+                with staged_directory(self.run_dir / "adapter") as staging:
+                    model.save_pretrained(staging)  # type: ignore[operator]
+                    if self.tokenizer is not None:
+                        self.tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+                return model
             out = merged(model)
             out.config.recovery = self.provenance()
-            if cfg.save_model:
+            if cfg.run.save_model:
                 save_checkpoint(out, self.tokenizer, self.run_dir / "model")
-        self.timings["save_s"] = time.perf_counter() - start
-        return out
+            return out
 
     def provenance(self) -> dict[str, Any]:
         cfg = self.cfg
-        keys = ("finetune_method", "dataset", "num_epochs", "learning_rate", "lora_r", "lora_alpha")
-        return {**{k: getattr(cfg, k) for k in keys}, "steps": self.steps, "gp_lightning_version": __version__}
+        return {"finetune_method": cfg.adapter.finetune_method, "dataset": cfg.data.dataset,
+                "num_epochs": cfg.training.num_epochs, "learning_rate": cfg.training.learning_rate,
+                "lora_r": cfg.adapter.lora_r, "lora_alpha": cfg.adapter.lora_alpha, "steps": self.steps,
+                "gp_lightning_version": __version__}
 
     def report(self) -> None:
         """Loss curve (CSV + PNG) from the CSV logger's metrics."""
@@ -231,15 +222,15 @@ class FinetuneRecipe:
         self.setup()
         try:
             cfg = self.cfg
-            if cfg.test_before_finetune and self.eval_windows is not None:
+            if cfg.evaluation.test_before_finetune and self.evaluator.windows is not None:
                 assert self.model is not None
-                self.evaluate(self.model, "before")
+                self.evaluator.measure(self.model, "before")
             module = self.train(self.trainable_model())
             if self.rank != 0:
                 return FinetuneResult(self.run_dir, None, {"rank": self.rank})
             out = self.save(module.model)
-            if cfg.test_after_finetune:
-                self.evaluate(out, "after")
+            if cfg.evaluation.test_after_finetune:
+                self.evaluator.measure(out, "after")
             self.report()
             results = self.results()
             write_json(self.run_dir / "evaluation_results.json", results)
@@ -248,23 +239,19 @@ class FinetuneRecipe:
         finally:
             self.cleanup()
 
-    def cleanup(self) -> None:
-        """Detach this run's log file (the steps can also be driven one by one: setup, train, save, cleanup)."""
-        log.removeHandler(self._log_handler)
-        self._log_handler.close()
-
     def results(self) -> dict[str, Any]:
-        curve = getattr(self, "curve", pd.DataFrame())
+        cfg, curve = self.cfg, self.curve
         train = curve["train_loss"].dropna() if "train_loss" in curve else pd.Series(dtype=float)
         val = curve["val_loss"].dropna() if "val_loss" in curve else pd.Series(dtype=float)
         before, after = self.evaluation.get("ppl_before"), self.evaluation.get("ppl_after")
+        saved = cfg.run.save_model or cfg.run.save_adapter_only
         return {
-            "finetune_method": self.cfg.finetune_method,
+            "finetune_method": cfg.adapter.finetune_method,
             **self.evaluation,
             "ppl_change": None if before is None or after is None else after / before - 1,
-            "eval_dataset": self.cfg.eval_dataset,
-            "eval_seq_len": self.cfg.eval_seq_len,
-            "eval_windows": 0 if self.eval_windows is None else int(self.eval_windows.shape[0]),
+            "eval_dataset": cfg.evaluation.eval_dataset,
+            "eval_seq_len": cfg.evaluation.eval_seq_len,
+            "eval_windows": self.evaluator.window_count,
             "train_examples": len(self.train_examples),
             "val_examples": len(self.val_examples),
             "optimizer_steps": self.steps,
@@ -274,17 +261,16 @@ class FinetuneRecipe:
             "val_loss_by_epoch": [float(v) for v in val.iloc[1:]],
             "val_ppl_initial": math.exp(self.initial_val_loss),
             "best_checkpoint": self.best.best_model_path or None,
-            "saved": str(self.run_dir / ("adapter" if self.cfg.save_adapter_only else "model"))
-            if (self.cfg.save_model or self.cfg.save_adapter_only) else None,
+            "saved": str(self.run_dir / ("adapter" if cfg.run.save_adapter_only else "model")) if saved else None,
             "precision": self.precision,
             "timings_s": self.timings,
         }
 
 
-def finetune(config: FinetuneConfig | None = None, **overrides: Any) -> FinetuneResult:
+def finetune(config: FinetuneConfig | None = None, **keys: Any) -> FinetuneResult:
     """Fine-tune in one call: ``finetune(model="runs/x/model", output="runs/x-ft", finetune_method="lora")``."""
     if config is None:
-        config = FinetuneConfig(**overrides)
-    elif overrides:
-        config = FinetuneConfig(**{**config.to_dict(), **overrides})
+        config = FinetuneConfig.from_flat(keys)
+    elif keys:
+        config = config.replace(**keys)
     return FinetuneRecipe(config).run()

@@ -16,9 +16,8 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Literal
 
-LogLevel = Literal["debug", "info", "warning", "error"]
+from gp_lightning.runtime.config import LogLevel
 
 #: (logger name, message pattern): informational lines of other libraries that carry nothing for our users.
 HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from gp_lightning.runtime.errors import ConfigError
-
-StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
 
 
 @dataclass(frozen=True)

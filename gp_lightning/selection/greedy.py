@@ -15,38 +15,39 @@ a cap, because the caps of different layers do not interact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import BudgetError
-from gp_lightning.selection.constraints import LayerLimits, SelectionConstraints
+from gp_lightning.selection.config import LayerLimits, SelectionConfig
 from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.selection.result import Selection
-from gp_lightning.table.build import rank_order
+from gp_lightning.table.build import score_order
 
 
-def check_budget(layout: ModelLayout, pruning_ratio: float, constraints: SelectionConstraints | None = None) -> int:
+def check_budget(layout: ModelLayout, config: SelectionConfig) -> int:
     """Return the number of parameters to remove; fail early when the constraints cannot allow it."""
-    constraints = constraints or SelectionConstraints()
-    constraints.check_layout(layout)
-    target = int(round(pruning_ratio * layout.total_params))
+    config.check_layout(layout)
+    target = int(round(config.pruning_ratio * layout.total_params))
     available = need = 0
     for layer in layout.layers:
-        limits = constraints.limits(layout, layer)
+        limits = config.limits(layout, layer)
         available += limits.upper_bound(layout.attention_group_cost(layer), layout.mlp_channel_cost(layer))
         need += limits.need_params
     if available < target:
         raise BudgetError(
-            f"pruning_ratio={pruning_ratio} asks for {target:,} parameters, but the candidate layers under "
-            f"{constraints.describe()} allow at most {available:,} ({available / layout.total_params:.4f} of the "
+            f"pruning_ratio={config.pruning_ratio} asks for {target:,} parameters, but the candidate layers under "
+            f"{config.describe()} allow at most {available:,} ({available / layout.total_params:.4f} of the "
             "model). Lower pruning_ratio or relax the constraints (layer_start/layer_end, max_rate, "
             "protected_layers, min_attention_groups/min_mlp_channels)."
         )
     if need > target:
         raise BudgetError(
-            f"min_rate={constraints.min_rate} alone removes at least {need:,} parameters, more than "
-            f"pruning_ratio={pruning_ratio} asks for ({target:,}). Lower min_rate or raise pruning_ratio."
+            f"min_rate={config.min_rate} alone removes at least {need:,} parameters, more than "
+            f"pruning_ratio={config.pruning_ratio} asks for ({target:,}). Lower min_rate or raise pruning_ratio."
         )
     return target
 
@@ -70,61 +71,81 @@ def _admissible(is_attention: np.ndarray, costs: np.ndarray, limits: LayerLimits
     return admitted
 
 
-def select(
-    table: pd.DataFrame,
-    layout: ModelLayout,
-    pruning_ratio: float,
-    constraints: SelectionConstraints | None = None,
-    remove_empty_layers: bool = False,
-) -> Selection:
-    constraints = constraints or SelectionConstraints()
-    target = check_budget(layout, pruning_ratio, constraints)
-    # the table in score order, as columns (only the chosen rows are gathered into a frame, at the end)
-    order = rank_order(table)
-    costs = table["cost"].to_numpy()[order]
-    is_attention = (table["group_type"] == "attention").to_numpy()[order]
-    layers = table["layer_idx"].to_numpy()[order]
-    admitted = np.zeros(len(order), dtype=bool)
-    forced = np.zeros(len(order), dtype=bool)
-    for layer_idx, positions in pd.Series(layers).groupby(layers).indices.items():
-        limits = constraints.limits(layout, layout.layers[int(layer_idx)])
-        ok = positions[_admissible(is_attention[positions], costs[positions], limits)]
+@dataclass(frozen=True)
+class _ScoreOrder:
+    """The table's columns in ascending score order (only the chosen rows become a frame, at the end)."""
+
+    order: np.ndarray
+    costs: np.ndarray
+    is_attention: np.ndarray
+    layers: np.ndarray
+
+    @classmethod
+    def of(cls, table: pd.DataFrame) -> _ScoreOrder:
+        order = score_order(table)
+        return cls(order, table["cost"].to_numpy()[order], (table["group_type"] == "attention").to_numpy()[order],
+                   table["layer_idx"].to_numpy()[order])
+
+
+def _admitted_and_forced(units: _ScoreOrder, layout: ModelLayout, config: SelectionConfig
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: the units that fit under its caps, and the lowest of them that min_rate forces out."""
+    admitted = np.zeros(len(units.order), dtype=bool)
+    forced = np.zeros(len(units.order), dtype=bool)
+    for layer_idx, positions in pd.Series(units.layers).groupby(units.layers).indices.items():
+        limits = config.limits(layout, layout.layers[int(layer_idx)])
+        ok = positions[_admissible(units.is_attention[positions], units.costs[positions], limits)]
         admitted[ok] = True
         if limits.need_params > 0:
-            reach = np.cumsum(costs[ok])
+            reach = np.cumsum(units.costs[ok])
             if len(ok) == 0 or reach[-1] < limits.need_params:
                 got = 0 if len(ok) == 0 else int(reach[-1])
                 raise BudgetError(
-                    f"Layer {layer_idx} must lose {limits.need_params:,} parameters (min_rate={constraints.min_rate}) "
+                    f"Layer {layer_idx} must lose {limits.need_params:,} parameters (min_rate={config.min_rate}) "
                     f"but its caps allow only {got:,}. Lower min_rate or relax max_rate/early_layer_max_rate/"
                     "min_attention_groups/min_mlp_channels."
                 )
             forced[ok[: int(np.searchsorted(reach, limits.need_params, side="left")) + 1]] = True
+    return admitted, forced
+
+
+def _taken(units: _ScoreOrder, admitted: np.ndarray, forced: np.ndarray, target: int, layout: ModelLayout,
+           config: SelectionConfig) -> np.ndarray:
+    """Positions taken: the forced units, then admitted ones by ascending score until the budget is met."""
     forced_pos = np.flatnonzero(forced)
     rest = np.flatnonzero(admitted & ~forced)
-    forced_cost = int(costs[forced_pos].sum())
+    forced_cost = int(units.costs[forced_pos].sum())
     if forced_cost > target:
         raise BudgetError(
-            f"min_rate={constraints.min_rate} forces {forced_cost:,} parameters out, more than pruning_ratio="
-            f"{pruning_ratio} asks for ({target:,}). Lower min_rate or raise pruning_ratio."
+            f"min_rate={config.min_rate} forces {forced_cost:,} parameters out, more than pruning_ratio="
+            f"{config.pruning_ratio} asks for ({target:,}). Lower min_rate or raise pruning_ratio."
         )
-    cumulative = forced_cost + np.cumsum(costs[rest])
+    cumulative = forced_cost + np.cumsum(units.costs[rest])
     count = 0
     if forced_cost < target:
         if len(rest) == 0 or cumulative[-1] < target:
             could = int(cumulative[-1]) if len(rest) else forced_cost
             raise BudgetError(
-                f"pruning_ratio={pruning_ratio} asks for {target:,} parameters, but under {constraints.describe()} "
+                f"pruning_ratio={config.pruning_ratio} asks for {target:,} parameters, but under {config.describe()} "
                 f"only {could:,} ({could / layout.total_params:.4f} of the model) can be removed. Lower "
                 "pruning_ratio or relax the constraints."
             )
         count = int(np.searchsorted(cumulative, target, side="left")) + 1
-    taken = np.r_[forced_pos, rest[:count]]
-    chosen = table.take(order[taken]).reset_index(drop=True)
+    return np.r_[forced_pos, rest[:count]]
+
+
+def select(table: pd.DataFrame, layout: ModelLayout, config: SelectionConfig) -> Selection:
+    """The units to remove (lowest score per parameter first, under the constraints) and their plan."""
+    target = check_budget(layout, config)
+    units = _ScoreOrder.of(table)
+    admitted, forced = _admitted_and_forced(units, layout, config)
+    taken = _taken(units, admitted, forced, target, layout, config)
+    chosen = table.take(units.order[taken]).reset_index(drop=True)
     groups: dict[int, set[int]] = {}
     channels: dict[int, set[int]] = {}
-    units = zip(layers[taken].tolist(), is_attention[taken].tolist(), chosen["group_idx"].tolist(), strict=True)
-    for layer_idx, attention, idx in units:
+    kinds = zip(units.layers[taken].tolist(), units.is_attention[taken].tolist(), chosen["group_idx"].tolist(),
+                strict=True)
+    for layer_idx, attention, idx in kinds:
         (groups if attention else channels).setdefault(int(layer_idx), set()).add(int(idx))
-    plan = PruningPlan.from_removals(layout, groups, channels, remove_empty_layers)
+    plan = PruningPlan.from_removals(layout, groups, channels, config.remove_empty_layers)
     return Selection(chosen, plan, layout.total_params, layout.prunable_params, target, int(chosen["cost"].sum()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -50,6 +51,18 @@ def skipped(module: nn.Module, whole_layer: bool = False) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@dataclass
+class AblationLosses:
+    """Skip-ablation losses: ``blocks`` has columns ``layer_idx, group_type, B``, ``layers`` ``layer_idx, L``.
+
+    ``base_loss`` is the unablated loss they were measured against (None when they come from a saved table).
+    """
+
+    blocks: pd.DataFrame | None = None
+    layers: pd.DataFrame | None = None
+    base_loss: float | None = None
 
 
 def ablation_losses(

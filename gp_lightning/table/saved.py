@@ -8,7 +8,7 @@ import pandas as pd
 
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import DataError
-from gp_lightning.table.build import KEY
+from gp_lightning.table.build import BLOCK, KEY
 
 REQUIRED = [*KEY, "cost", "importance_raw"]
 
@@ -51,3 +51,11 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     table = table.sort_values(["layer_idx", "group_type", "group_idx"], key=lambda c: c.map(order) if c.name ==
                               "group_type" else c).reset_index(drop=True)
     return table
+
+
+def saved_losses(table: pd.DataFrame | None, column: str) -> pd.DataFrame | None:
+    """The B (per block) or L (per layer) column of a saved table, if the run that wrote it measured them."""
+    if table is None or column not in table.columns or table[column].isna().any():
+        return None
+    keys = BLOCK if column == "B" else ["layer_idx"]
+    return table[[*keys, column]].drop_duplicates(keys).reset_index(drop=True)

@@ -9,55 +9,23 @@ be audited by comparing two neighbouring columns.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gp_lightning.runtime.errors import ConfigError
-from gp_lightning.table.build import BLOCK, rescore
+from gp_lightning.table.ablation import AblationLosses
+from gp_lightning.table.build import BLOCK, by_score, rescore
+from gp_lightning.table.config import TableConfig
 from gp_lightning.table.corrections import block_temperature, depth_factor, layer_tau
-from gp_lightning.table.normalize import Normalization, NormalizationLevel, clip_percentiles, normalize
+from gp_lightning.table.normalize import clip_percentiles, normalize
 
 STAGE_COLUMNS = [
     "importance_raw", "importance_clipped", "importance_normalized", "B", "importance_block",
     "L", "tau_factor", "importance_layer", "depth_factor", "importance", "score",
 ]
-
-
-@dataclass(frozen=True)
-class TableTransforms:
-    """Settings of the five table transforms (the defaults switch every one off)."""
-
-    clip_percentile_low: float | None = None
-    clip_percentile_high: float | None = None
-    normalization: Normalization = "none"
-    normalization_level: NormalizationLevel = "block"
-    temperature: float = 0.0
-    tau: float = 0.0
-    layer_depth_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for key in ("clip_percentile_low", "clip_percentile_high"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 100.0:
-                raise ConfigError(f"Config key '{key}' = {value!r} is invalid: a percentile is in [0, 100] (or null).")
-        low, high = self.clip_percentile_low, self.clip_percentile_high
-        if low is not None and high is not None and low >= high:
-            raise ConfigError(f"clip_percentile_low ({low}) must be below clip_percentile_high ({high}), e.g. 5 and 95.")
-        for key in ("temperature", "tau", "layer_depth_weight"):
-            value = getattr(self, key)
-            if value < 0:
-                raise ConfigError(f"Config key '{key}' = {value!r} is invalid: it must be >= 0 (0 turns it off).")
-
-    @property
-    def needs_block_losses(self) -> bool:
-        return self.temperature > 0
-
-    @property
-    def needs_layer_losses(self) -> bool:
-        return self.tau > 0
 
 
 def _aligned(table: pd.DataFrame, losses: pd.DataFrame | None, keys: list[str], column: str) -> pd.Series:
@@ -67,7 +35,7 @@ def _aligned(table: pd.DataFrame, losses: pd.DataFrame | None, keys: list[str], 
     return pd.Series(merged[column].to_numpy(), index=table.index)
 
 
-def transform_table(table: pd.DataFrame, transforms: TableTransforms, num_layers: int,
+def transform_table(table: pd.DataFrame, transforms: TableConfig, num_layers: int,
                     block_loss: pd.DataFrame | None = None,
                     layer_loss: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Apply the transforms to ``importance_raw``; return the table with every stage column and a report.
@@ -76,7 +44,7 @@ def transform_table(table: pd.DataFrame, transforms: TableTransforms, num_layers
     """
     t = transforms
     table = table.copy()
-    report: dict[str, Any] = {"settings": asdict(t)}
+    report: dict[str, Any] = {"settings": t.transform_settings()}
     values = table["importance_raw"].astype(np.float64)
     if t.clip_percentile_low is not None or t.clip_percentile_high is not None:
         values, report["clip"] = clip_percentiles(values, t.clip_percentile_low, t.clip_percentile_high)
@@ -106,3 +74,21 @@ def transform_table(table: pd.DataFrame, transforms: TableTransforms, num_layers
         raise ConfigError("The table transforms produced NaN/inf scores; check the importance values and settings.")
     identity = ["layer_idx", "group_type", "group_idx", "cost"]
     return table[identity + STAGE_COLUMNS], report
+
+
+@dataclass
+class OrderedTable:
+    """The table step's artefact: every unit with every stage column, by ascending score, and its report."""
+
+    table: pd.DataFrame
+    report: dict[str, Any]
+
+
+def order_units(raw: pd.DataFrame, transforms: TableConfig, num_layers: int,
+               losses: AblationLosses | None = None) -> OrderedTable:
+    """Apply the transforms to the raw table and order it by score (ties in model order)."""
+    losses = losses or AblationLosses()
+    table, report = transform_table(raw, transforms, num_layers, losses.blocks, losses.layers)
+    if losses.base_loss is not None:
+        report["ablation_base_loss"] = losses.base_loss
+    return OrderedTable(by_score(table), report)

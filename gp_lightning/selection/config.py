@@ -1,16 +1,16 @@
-"""Per-layer limits on what selection may take: rate caps and floors, protected and early layers.
+"""The selection group: the budget, depth pruning, and per-layer limits on what selection may take.
 
-Global selection can empty a layer whose importance happens to be small in scale; these
-constraints bound the damage. All rates are fractions of a layer's prunable parameters.
+Global selection can empty a layer whose importance happens to be small in scale; these limits
+bound the damage. All rates are fractions of a layer's prunable parameters.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gp_lightning.model.layout import LayerLayout, ModelLayout
-from gp_lightning.runtime.errors import ConfigError
+from gp_lightning.runtime.errors import ConfigError, check_config
 
 
 @dataclass(frozen=True)
@@ -30,28 +30,41 @@ class LayerLimits:
         return min(self.cap_params, self.max_groups * group_cost + self.max_channels * channel_cost)
 
 
-@dataclass(frozen=True)
-class SelectionConstraints:
-    """Constraints of global selection (the defaults allow anything).
+@dataclass
+class SelectionConfig:
+    """Selection (budget and per-layer limits)"""
 
-    ``min_attention_groups``/``min_mlp_channels`` are the units every block keeps; pass 0 to allow
-    emptying blocks (depth pruning).
-    """
-
-    layer_start: int = 0
-    layer_end: int | None = None
+    pruning_ratio: float = 0.2
+    """Fraction of ALL model parameters to remove (embeddings and lm_head count in the total but are never
+    pruned). Must be in (0, 1)."""
+    remove_empty_layers: bool = False
+    """Depth pruning: blocks may be emptied entirely (min_attention_groups / min_mlp_channels no longer apply)
+    and a layer whose attention and MLP are both emptied is dropped."""
     min_rate: float = 0.0
+    """Every candidate layer loses at least this fraction of its prunable parameters."""
     max_rate: float = 1.0
+    """No layer loses more than this fraction of its prunable parameters."""
     early_layers: int = 0
+    """Number of first layers capped by ``early_layer_max_rate``."""
     early_layer_max_rate: float = 1.0
-    protected_layers: tuple[int, ...] = ()
-    min_attention_groups: int = 0
-    min_mlp_channels: int = 0
+    """Rate cap of the first ``early_layers`` layers."""
+    protected_layers: list[int] = field(default_factory=list)
+    """Layer indices that are never pruned, e.g. ``[0, 1, 29]``."""
+    min_attention_groups: int = 1
+    """GQA groups every layer keeps (not applied with remove_empty_layers)."""
+    min_mlp_channels: int = 1
+    """MLP channels every layer keeps (not applied with remove_empty_layers)."""
+    layer_start: int = 0
+    """First layer whose units are candidates for pruning."""
+    layer_end: int | None = None
+    """One past the last candidate layer (null: up to the last layer)."""
 
     def __post_init__(self) -> None:
         def bad(key: str, rule: str) -> ConfigError:
             return ConfigError(f"Config key '{key}' = {getattr(self, key)!r} is invalid: it {rule}.")
 
+        check_config(0.0 < self.pruning_ratio < 1.0, "pruning_ratio", self.pruning_ratio,
+                     "must be strictly between 0 and 1 (e.g. 0.2 removes 20% of all parameters)")
         for key in ("min_rate", "max_rate", "early_layer_max_rate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "is a fraction of a layer's prunable parameters, in [0, 1]")
@@ -66,6 +79,16 @@ class SelectionConstraints:
             raise bad("protected_layers", "lists layer indices, which are >= 0")
         if self.layer_end is not None and self.layer_end <= self.layer_start:
             raise bad("layer_end", f"must be greater than layer_start ({self.layer_start}), or null")
+
+    @property
+    def kept_groups(self) -> int:
+        """GQA groups every block keeps (none with depth pruning)."""
+        return 0 if self.remove_empty_layers else self.min_attention_groups
+
+    @property
+    def kept_channels(self) -> int:
+        """MLP channels every block keeps (none with depth pruning)."""
+        return 0 if self.remove_empty_layers else self.min_mlp_channels
 
     def check_layout(self, layout: ModelLayout) -> None:
         """Errors that need the model: layer indices beyond its depth."""
@@ -93,8 +116,8 @@ class SelectionConstraints:
             candidate=candidate,
             cap_params=math.floor(self.cap_rate(layer.index) * total + 1e-6) if candidate else 0,
             need_params=math.ceil(self.min_rate * total - 1e-6) if candidate else 0,
-            max_groups=max(layer.num_kv_heads - self.min_attention_groups, 0) if candidate else 0,
-            max_channels=max(layer.intermediate_size - self.min_mlp_channels, 0) if candidate else 0,
+            max_groups=max(layer.num_kv_heads - self.kept_groups, 0) if candidate else 0,
+            max_channels=max(layer.intermediate_size - self.kept_channels, 0) if candidate else 0,
         )
 
     def describe(self) -> str:
@@ -105,8 +128,8 @@ class SelectionConstraints:
             parts.append(f"early_layer_max_rate={self.early_layer_max_rate} on {self.early_layers} early layers")
         if self.protected_layers:
             parts.append(f"protected_layers={list(self.protected_layers)}")
-        if self.min_attention_groups or self.min_mlp_channels:
-            parts.append(f"min_attention_groups={self.min_attention_groups}, min_mlp_channels={self.min_mlp_channels}")
+        if self.kept_groups or self.kept_channels:
+            parts.append(f"min_attention_groups={self.kept_groups}, min_mlp_channels={self.kept_channels}")
         if self.layer_start or self.layer_end is not None:
             parts.append(f"layers [{self.layer_start}, {self.layer_end})")
         return ", ".join(parts) or "no constraints"

@@ -1,0 +1,42 @@
+"""The evaluation group: which held-out text, cut how, measured when."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gp_lightning.runtime.config import Precision
+from gp_lightning.runtime.errors import check_config
+
+
+@dataclass
+class EvaluationWindows:
+    """Perplexity evaluation"""
+
+    eval_dataset: str = "wikitext2"
+    """Perplexity text, same forms as ``dataset`` (never the text a model trains on; without hub access:
+    ``../shared/data/wikitext-2/test.txt``)."""
+    eval_seq_len: int = 128
+    """Tokens per non-overlapping perplexity window (128 as LLM-Pruner and FLAP report)."""
+    eval_max_windows: int | None = None
+    """Evaluate on the first N windows only (null: the whole text)."""
+    eval_batch_size: int = 8
+    """Windows per evaluation forward pass."""
+    eval_precision: Precision = "auto"
+    """Numerics of perplexity evaluation (same choices as ``precision``)."""
+
+    def __post_init__(self) -> None:
+        check_config(self.eval_seq_len >= 2, "eval_seq_len", self.eval_seq_len, "must be at least 2 tokens")
+        check_config(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be at least 1")
+        if self.eval_max_windows is not None:
+            check_config(self.eval_max_windows >= 1, "eval_max_windows", self.eval_max_windows,
+                         "must be at least 1, or null for the whole text")
+
+
+@dataclass
+class EvaluationConfig(EvaluationWindows):
+    """Perplexity evaluation"""
+
+    test_before_prune: bool = True
+    """Measure perplexity of the dense model."""
+    test_after_prune: bool = True
+    """Measure perplexity of the pruned model."""

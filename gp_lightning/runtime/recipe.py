@@ -1,0 +1,61 @@
+"""What every workflow does around its own steps: one run directory, resolved numerics, a seed, a log.
+
+A recipe (torchtune's shape) is ``setup`` -> its steps -> ``save`` -> ``cleanup``. :class:`Recipe`
+holds the part that pruning and fine-tuning share; each workflow adds its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gp_lightning.runtime.config import DistributedConfig, Precision, RunConfig
+from gp_lightning.runtime.io import check_run_dir, open_run_log
+from gp_lightning.runtime.precision import resolve
+from gp_lightning.runtime.ranks import global_rank
+
+log = logging.getLogger("gp_lightning")
+
+
+class Recipe:
+    """The shared base: run directory (rank 0 writes), precision, seed, log file, timings."""
+
+    def __init__(self, run: RunConfig, distributed: DistributedConfig, eval_precision: Precision) -> None:
+        self.rank = global_rank()
+        self.run_dir = Path(run.output)
+        self.timings: dict[str, float] = {}
+        self._run, self._distributed, self._eval_precision = run, distributed, eval_precision
+        self._log_handler: logging.Handler = logging.NullHandler()
+
+    def start(self, may_replace: bool) -> None:
+        """Refuse a directory that holds another run (unless ``may_replace``), resolve numerics, seed."""
+        import lightning as L
+
+        if self.rank == 0:
+            check_run_dir(self.run_dir, may_replace)
+        self.precision = resolve(self._distributed.precision, self._distributed.accelerator)
+        self.eval_precision = resolve(self._eval_precision, self._distributed.accelerator)
+        L.seed_everything(self._run.seed, verbose=False)
+
+    def open_log(self, config: dict[str, Any]) -> None:
+        """Rank 0: ``config.yaml`` and ``training.log`` in the run directory (the other ranks write nothing)."""
+        if self.rank == 0:
+            self._log_handler = open_run_log(self.run_dir, log, config)
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Seconds of the block into ``timings[key]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = time.perf_counter() - start
+
+    def cleanup(self) -> None:
+        """Detach this run's log file."""
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
