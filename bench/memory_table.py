@@ -4,7 +4,8 @@
 
 Prints a markdown table (and writes it to ``bench/results/memory_table.md``) of what one GPU holds at
 the peak of a calibration step, for each model, strategy and GPU count, plus whole-job aggregates and
-the fewest 80 GB GPUs that fit. Everything is arithmetic on the published shapes; nothing is run.
+the fewest 80 GB GPUs that fit. Everything is arithmetic on the published shapes (read from a meta-device
+model, no weights); nothing is run.
 
 Model of the calibration pass
 =============================
@@ -12,11 +13,14 @@ Calibration is forward + backward of the causal-LM loss over the calibration win
 accumulated over all batches, and NO optimizer step. Every rank (data parallel over all N GPUs)
 processes its own micro-batch of ``micro_batch x seq_len`` tokens. Per GPU:
 
-Parameters are counted exactly from the shapes: embedding (vocab x hidden), per layer q/k/v/o
-(hidden x heads*head_dim, hidden x kv_heads*head_dim twice, heads*head_dim x hidden), gate/up/down
-(hidden x intermediate twice, intermediate x hidden), two RMSNorm weights (hidden each), the final norm
-and an untied lm_head (vocab x hidden). Llama has no biases. ``tests/test_memory_table.py`` checks the
-counts against ``LlamaForCausalLM`` built on the meta device.
+Shapes and unit costs come from gp-lightning's own ``ModelLayout`` (``describe_checkpoint`` of a
+meta-device ``LlamaForCausalLM`` of the published config, ``bench/common.py``), the view the pipeline
+prunes by: per layer q/k/v/o (hidden x heads*head_dim, hidden x kv_heads*head_dim twice, heads*head_dim x
+hidden) are kv_heads GQA groups, gate/up/down (hidden x intermediate twice, intermediate x hidden) are
+intermediate MLP channels; the total is the meta model's parameter count. Outside the units: two RMSNorm
+weights per layer (hidden each), the embedding (vocab x hidden), the final norm and an untied lm_head
+(vocab x hidden). Llama has no biases. ``tests/test_memory_table.py`` checks the counts against
+``LlamaForCausalLM`` built on the meta device.
 
 weights/GPU
     The sharded copy of ALL parameters, 1/N per rank, in the storage dtype of ``--precision``
@@ -101,17 +105,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
 
-from gp_lightning.runtime.io import write_text
+try:
+    from bench import common
+except ModuleNotFoundError:  # `python bench/memory_table.py` without the repository on sys.path
+    import common  # type: ignore[no-redef]
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO / "bench" / "results" / "memory_table.md"
+if TYPE_CHECKING:
+    from gp_lightning.model.layout import LayerLayout, ModelLayout
+
 GIB = 1024**3
 GB = 1000**3
 
@@ -128,38 +135,80 @@ FP32 = 4
 FP64 = 8
 
 
-@dataclass(frozen=True)
 class ModelShape:
-    """The shapes of a Llama-style decoder (no biases)."""
+    """A Llama-style decoder (no biases, identical layers): shapes and unit costs from its ``ModelLayout``.
 
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool = False
+    The layout is what the pipeline itself prunes by, read from a meta-device ``LlamaForCausalLM`` of the
+    published config; built on first use, so ``--help`` does not import torch.
+    """
+
+    def __init__(self, name: str, config: Mapping[str, Any]) -> None:
+        self.name = name
+        self.config = dict(config)
+
+    def __repr__(self) -> str:
+        return f"ModelShape({self.name!r})"
+
+    @cached_property
+    def layout(self) -> ModelLayout:
+        layout = common.meta_layout(self.config)
+        if len({(la.num_kv_heads, la.queries_per_kv, la.intermediate_size) for la in layout.layers}) != 1:
+            raise ValueError(f"{self.name}: the memory model assumes identical decoder layers")
+        return layout
+
+    # -- shapes -----------------------------------------------------------------------------------------
+    @property
+    def layer(self) -> LayerLayout:
+        """Layer 0, standing for every layer."""
+        return self.layout.layers[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.layout.hidden_size
+
+    @property
+    def layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def heads(self) -> int:
+        return self.layer.num_q_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.layer.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    @property
+    def intermediate(self) -> int:
+        return self.layer.intermediate_size
+
+    @property
+    def vocab(self) -> int:
+        return int(self.config["vocab_size"])  # not a pruning shape: the layout does not hold it
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
 
     # -- per layer --------------------------------------------------------------------------------
     @property
     def attention_params(self) -> int:
-        """q, k, v, o projection weights of one layer."""
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        o = self.heads * self.head_dim * self.hidden
-        return q + kv + o
+        """q, k, v, o projection weights of one layer: its GQA groups."""
+        return self.kv_heads * self.layout.attention_group_cost(self.layer)
 
     @property
     def mlp_params(self) -> int:
-        """gate, up, down projection weights of one layer."""
-        return 3 * self.hidden * self.intermediate
+        """gate, up, down projection weights of one layer: its MLP channels."""
+        return self.intermediate * self.layout.mlp_channel_cost(self.layer)
 
     @property
     def projection_params_per_layer(self) -> int:
         """Weights of the pruning units of one layer: the only parameters that get gradients."""
-        return self.attention_params + self.mlp_params
+        return self.layout.layer_params(self.layer)
 
     @property
     def norm_params_per_layer(self) -> int:
@@ -189,11 +238,12 @@ class ModelShape:
 
     @property
     def total_params(self) -> int:
-        return self.layers * self.block_params + self.root_params
+        """Every parameter of the meta-device model (a tied embedding counts once)."""
+        return self.layout.total_params
 
     @property
     def projection_params(self) -> int:
-        return self.layers * self.projection_params_per_layer
+        return self.layout.prunable_params
 
     @property
     def norm_params(self) -> int:
@@ -202,13 +252,11 @@ class ModelShape:
     @property
     def units(self) -> int:
         """Pruning units: one per GQA group and one per MLP channel, in every layer."""
-        return self.layers * (self.kv_heads + self.intermediate)
+        return sum(layer.num_kv_heads + layer.intermediate_size for layer in self.layout.layers)
 
 
-LLAMA3_8B = ModelShape("Llama-3-8B", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                       intermediate=14336, vocab=128256)
-LLAMA3_70B = ModelShape("Llama-3-70B", hidden=8192, layers=80, heads=64, kv_heads=8, head_dim=128,
-                        intermediate=28672, vocab=128256)
+LLAMA3_8B = ModelShape("Llama-3-8B", common.LLAMA3["Llama-3-8B"])
+LLAMA3_70B = ModelShape("Llama-3-70B", common.LLAMA3["Llama-3-70B"])
 MODELS: tuple[ModelShape, ...] = (LLAMA3_8B, LLAMA3_70B)
 
 
@@ -362,10 +410,9 @@ def mib(value: int) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
-def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: float, gpus_per_node: int,
-           command: str) -> str:
-    budget = int(gpu_gb * GB - reserve_gib * GIB)
-    lines = [
+def header(s: Settings, command: str) -> list[str]:
+    """Title, the command that reproduces the table, and the settings it depends on."""
+    return [
         "# Estimated per-GPU memory of the calibration pass (Llama-3-8B / 70B)",
         "",
         f"Produced by: `{command}`",
@@ -378,6 +425,11 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
         f"{s.zero3_prefetch_bucket_size:.0e}, reduce bucket {s.zero3_reduce_bucket_size:.0e}. "
         "Model and assumptions: the docstring of `bench/memory_table.py`.",
         "",
+    ]
+
+
+def parameter_rows() -> list[str]:
+    lines = [
         "## Parameters (counted from the published shapes)",
         "",
         "| model | total | with grad (q/k/v/o, gate/up/down) | per block | embedding + lm_head + final norm "
@@ -387,14 +439,18 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
     for m in MODELS:
         lines.append(f"| {m.name} | {m.total_params:,} | {m.projection_params:,} | {m.block_params:,} "
                      f"| {m.root_params:,} | {m.units:,} | {mib(statistics_bytes(m))} |")
-    lines += [
+    return lines
+
+
+def per_gpu_rows(estimates: Sequence[Estimate]) -> list[str]:
+    """What one GPU holds, by term, then the weights and grads split into sharded and transient parts."""
+    lines = [
         "",
         "## Per GPU (GiB)",
         "",
         "| model | strategy | GPUs | weights/GPU | grads/GPU | activations | logits | statistics | total |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    estimates = [estimate(m, strat, n, s) for m in MODELS for strat in STRATEGIES for n in gpu_counts]
     for e in estimates:
         lines.append(f"| {e.model.name} | {e.strategy} | {e.gpus} | {gib(e.weights)} | {gib(e.grads)} "
                      f"| {gib(e.activations)} | {gib(e.logits)} | {gib(e.statistics, 4)} | **{gib(e.total)}** |")
@@ -409,7 +465,11 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
     for e in estimates:
         lines.append(f"| {e.model.name} | {e.strategy} | {e.gpus} | {gib(e.weights_sharded)} "
                      f"| {gib(e.weights_in_flight)} | {gib(e.grads_sharded)} | {gib(e.grads_transient)} |")
-    lines += [
+    return lines
+
+
+def whole_job_rows(estimates: Sequence[Estimate]) -> list[str]:
+    lines = [
         "",
         "## Whole job (GiB, summed over all GPUs)",
         "",
@@ -421,7 +481,13 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
         lines.append(f"| {e.model.name} | {e.strategy} | {n} | {gib(n * e.weights)} | {gib(n * e.grads)} "
                      f"| {gib(n * e.activations)} | {gib(n * e.logits)} | {gib(n * e.statistics, 3)} "
                      f"| {gib(n * e.total)} |")
-    lines += [
+    return lines
+
+
+def min_gpu_rows(s: Settings, gpu_gb: float, reserve_gib: float, gpus_per_node: int) -> list[str]:
+    """The fewest GPUs of ``gpu_gb`` that fit, and the fewest whole nodes."""
+    budget = int(gpu_gb * GB - reserve_gib * GIB)
+    lines = [
         "",
         f"## Minimum number of {gpu_gb:g} GB GPUs",
         "",
@@ -446,9 +512,13 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
             lines.append(f"| {m.name} | {strat} | {gib(sharded)} | {fewest} | {gib(at_min.total)} "
                          f"| {gib(fewest * at_min.total)} | {nodes} ({nodes * gpus_per_node} GPUs) "
                          f"| {gib(at_nodes.total)} |")
-    lines += ["", "## Notes", ""]
+    return lines
+
+
+def notes(s: Settings, gpus: int) -> list[str]:
+    lines = ["", "## Notes", ""]
     for m in MODELS:
-        e = estimate(m, "FSDP2", gpu_counts[0], s)
+        e = estimate(m, "FSDP2", gpus, s)
         block_peak = s.tokens * max(block_saved_elements_per_token(m, s), block_backward_transient_per_token(m, s))
         share = e.logits / (e.activations + e.logits)
         lines.append(
@@ -466,16 +536,19 @@ def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: f
         "loading path (a rank that materializes the whole model on CPU before sharding needs host RAM, not GPU memory).",
         "",
     ]
+    return lines
+
+
+def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: float, gpus_per_node: int,
+           command: str) -> str:
+    estimates = [estimate(m, strat, n, s) for m in MODELS for strat in STRATEGIES for n in gpu_counts]
+    lines = [*header(s, command), *parameter_rows(), *per_gpu_rows(estimates), *whole_job_rows(estimates),
+             *min_gpu_rows(s, gpu_gb, reserve_gib, gpus_per_node), *notes(s, gpu_counts[0])]
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Through a temporary file in the same directory and a rename (``gp_lightning.runtime.io``)."""
-    write_text(path, text)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration window (default 2048)")
     parser.add_argument("--micro_batch", type=int, default=1, help="windows per forward/backward pass per GPU")
     parser.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="bf16-mixed",
@@ -492,8 +565,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu_gb", type=float, default=80.0, help="GPU memory in GB (1e9 bytes) for the minimum count")
     parser.add_argument("--reserve_gib", type=float, default=4.0, help="per-GPU memory not available to tensors")
     parser.add_argument("--gpus_per_node", type=int, default=8)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="markdown file (default: bench/results/memory_table.md in the repo)")
+    common.add_output(parser, "memory_table.md")
     args = parser.parse_args(argv)
     for key in ("seq_len", "micro_batch", "fsdp_blocks_in_flight", "gpus_per_node"):
         if getattr(args, key) < 1:
@@ -515,21 +587,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """The command that reproduces this run, with the script path relative to the repository when inside it."""
-    script = Path(__file__).resolve()
-    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
-    return shlex.join(["python", str(shown), *argv])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     text = render(settings_from(args), args.gpus, args.gpu_gb, args.reserve_gib, args.gpus_per_node,
-                  command_line(argv))
-    print(text)
-    write_atomic(args.output, text)
-    print(f"Written to {args.output}", file=sys.stderr)
+                  common.command_line(__file__, argv))
+    common.publish(text, args.output)
     return 0
 
 

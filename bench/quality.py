@@ -56,6 +56,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+try:
+    from bench import common
+except ModuleNotFoundError:  # `python bench/quality.py` without the repository on sys.path
+    import common  # type: ignore[no-redef]
+
 from gp_lightning import __version__ as gp_version
 from gp_lightning.calibration.module import token_loss_sum
 from gp_lightning.data.sources import load_text
@@ -64,18 +69,10 @@ from gp_lightning.evaluation.perplexity import perplexity
 from gp_lightning.model.layout import ModelLayout, decoder_layers, describe
 from gp_lightning.model.source import load_model
 from gp_lightning.pipeline import oneshot
-from gp_lightning.runtime.io import write_json, write_text
-from gp_lightning.selection.constraints import SelectionConstraints
+from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.selection.greedy import select
 from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.surgery.in_memory import apply_plan
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
-VALID = DATA / "valid.txt"
-TEST = DATA / "test.txt"
-RESULTS = REPO / "bench" / "results"
-COMMAND = "python bench/quality.py"  # plus the flags of this run, see command()
 
 
 @dataclass(frozen=True)
@@ -155,44 +152,25 @@ class Bench:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF directory or hub id")
+    parser = common.argument_parser(__doc__)
+    common.add_calibration_arguments(parser, num_samples=32)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5],
                         help="fractions of ALL parameters to remove")
-    parser.add_argument("--num_samples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seq_len", type=int, default=128, help="tokens per calibration window")
-    parser.add_argument("--batch_size", type=int, default=4, help="calibration windows per pass")
     parser.add_argument("--eval_windows", type=int, default=64, help="first N 128-token windows of test.txt")
     parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's, one per core); on a machine other jobs share, 1 avoids "
-                             "oversubscribing the cores, which slows every process down far more than sharing them")
+    parser.add_argument("--seed", type=int, default=common.SEED)
+    common.add_threads(parser, None, "this process")
     parser.add_argument("--no_torch_pruning", action="store_true", help="skip the Torch-Pruning rows")
     parser.add_argument("--tp_tolerance", type=float, default=0.01,
                         help="Torch-Pruning's parameter count must be within this fraction of ours")
     parser.add_argument("--tp_max_trials", type=int, default=5, help="Torch-Pruning ratio search: prunes per row")
-    parser.add_argument("--output", type=Path, default=RESULTS / "quality.md", help="markdown report")
-    parser.add_argument("--json", type=Path, default=RESULTS / "quality.json", help="rows as JSON ('' to skip)")
+    common.add_output(parser, "quality.md")
+    parser.add_argument("--json", type=Path, default=common.RESULTS / "quality.json", help="rows as JSON ('' to skip)")
     return parser.parse_args(argv)
 
 
-def command(argv: list[str] | None) -> str:
-    flags = sys.argv[1:] if argv is None else argv
-    return " ".join([COMMAND, *flags])
-
-
-def log(message: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of ``model``; a tied embedding/lm_head is one tensor and counts once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def note_load(bench: Bench) -> None:
-    bench.max_load = max(bench.max_load, os.getloadavg()[0])
+    bench.max_load = max(bench.max_load, common.loadavg()[0])
 
 
 def add_row(bench: Bench, row: Row) -> None:
@@ -200,7 +178,7 @@ def add_row(bench: Bench, row: Row) -> None:
     note_load(bench)
     params = "-" if row.params is None else f"{row.params:,}"
     ppl = "-" if row.ppl is None else f"{row.ppl:,.2f}"
-    log(f"{row.target:.0%} {row.method}: params {params}, PPL {ppl} ({row.seconds:.0f} s) {row.detail}")
+    common.log(f"{row.target:.0%} {row.method}: params {params}, PPL {ppl} ({row.seconds:.0f} s) {row.detail}")
 
 
 def measured(bench: Bench, target: float, method: str, kind: str, build: Callable[[], tuple[nn.Module, str]]) -> None:
@@ -209,7 +187,7 @@ def measured(bench: Bench, target: float, method: str, kind: str, build: Callabl
     try:
         model, detail = build()
         ppl = perplexity(model, bench.test, bench.args.eval_batch_size, desc=f"PPL {method} {target:.0%}")
-        row = Row(target, method, kind, count_params(model), ppl, time.perf_counter() - start, detail)
+        row = Row(target, method, kind, common.count_params(model), ppl, time.perf_counter() - start, detail)
         del model
     except Exception as exc:  # a method that cannot do it is a result, not the end of the benchmark
         traceback.print_exc()
@@ -221,7 +199,7 @@ def measured(bench: Bench, target: float, method: str, kind: str, build: Callabl
 
 def pipeline_args(bench: Bench) -> dict[str, Any]:
     a = bench.args
-    return {"model": a.model, "dataset": str(VALID), "eval_dataset": str(TEST), "num_samples": a.num_samples,
+    return {"model": a.model, "dataset": str(common.VALID), "eval_dataset": str(common.TEST), "num_samples": a.num_samples,
             "seq_len": a.seq_len, "batch_size": a.batch_size, "seed": a.seed, "precision": "32-true",
             "eval_precision": "32-true", "overwrite": True, "test_before_prune": False}
 
@@ -234,7 +212,7 @@ def calibrate(bench: Bench, method: str) -> None:
     bench.tables[method] = result.run_dir / "global_group_table.csv"
     bench.raw[method] = result.table
     bench.calibration_s[method] = time.perf_counter() - start
-    log(f"calibrated {method} in {bench.calibration_s[method]:.1f} s")
+    common.log(f"calibrated {method} in {bench.calibration_s[method]:.1f} s")
 
 
 def ours(bench: Bench, variant: Ours, ratio: float) -> tuple[nn.Module, str]:
@@ -374,7 +352,7 @@ def compensate_bias(pruned: nn.Module, dense: nn.Module, layout: ModelLayout, pl
 
 def flap(bench: Bench, moments: Moments, ratio: float) -> tuple[nn.Module, str]:
     table = flap_table(bench.model, bench.layout, moments)
-    selection = select(table, bench.layout, ratio, SelectionConstraints(min_attention_groups=1, min_mlp_channels=1))
+    selection = select(table, bench.layout, SelectionConfig(pruning_ratio=ratio, min_attention_groups=1, min_mlp_channels=1))
     pruned = apply_plan(bench.model, bench.layout, selection.plan, {"base_model": bench.args.model, "bench": "flap"})
     compensate_bias(pruned, bench.model, bench.layout, selection.plan, moments)
     attn = sum(len(lp.keep_groups) for lp in selection.plan.layers)
@@ -479,9 +457,9 @@ def tp_matched(bench: Bench, base: nn.Module, settings: PeerSettings, ratio: flo
     trials: list[str] = []
     for _ in range(bench.args.tp_max_trials):
         model = tp_prune(base, settings, r, example)
-        params = count_params(model)
+        params = common.count_params(model)
         trials.append(f"{r:.4f}->{params / 1e6:.2f}M")
-        log(f"  Torch-Pruning ratio {r:.4f}: {params:,} params (target {target:,})")
+        common.log(f"  Torch-Pruning ratio {r:.4f}: {params:,} params (target {target:,})")
         if best is None or abs(params - target) < best[0]:
             best = (abs(params - target), r, model, params)
         del model
@@ -525,7 +503,7 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
     lines = [
         "# Pruning quality at equal size: SmolLM2-135M",
         "",
-        f"Command: `{command(a.argv)}` (run from the repository root). Date: {started}. "
+        f"Command: `{common.command_line(__file__, a.argv)}` (run from the repository root). Date: {started}. "
         f"Wall time: {wall_s / 60:.1f} min for the whole script. Load average (1 min) at start {loads[0]:.2f}, "
         f"highest seen {bench.max_load:.2f}, at end {loads[1]:.2f} on {os.cpu_count()} CPU cores "
         "(the cores were shared with other jobs, so wall times may be inflated; quality numbers are not affected).",
@@ -614,67 +592,86 @@ TP_NOTES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    args.argv = argv
-    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+def quiet() -> None:
+    """Lightning's info lines and known-harmless warnings would drown the progress of some 35 evaluations."""
     logging.getLogger("lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[nn.Module, ModelLayout, torch.Tensor, torch.Tensor]:
+    """The dense model, its layout, the calibration windows and the test windows: the same for every row."""
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     model.eval()
-    layout = describe(model)
-    cal = calibration_windows(tokenize(load_text(str(VALID), "calibration"), tokenizer), args.num_samples,
+    cal = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer), args.num_samples,
                               args.seq_len, args.seed)
-    test = evaluation_windows(tokenize(load_text(str(TEST), "evaluation"), tokenizer), 128, args.eval_windows)
+    test = evaluation_windows(tokenize(load_text(str(common.TEST), "evaluation"), tokenizer), 128, args.eval_windows)
+    return model, describe(model), cal, test
+
+
+def project_rows(bench: Bench) -> None:
+    """Dense, ours (one calibration per importance method), uniform and FLAP-style rows."""
+    ratios = bench.args.ratios
+    measured(bench, 0.0, "dense", "dense", lambda: (bench.model, ""))
+    for method in dict.fromkeys(variant.method for variant in PIPELINE_ROWS):
+        calibrate(bench, method)
+    for variant in PIPELINE_ROWS:
+        for ratio in ratios:
+            measured(bench, ratio, variant.label, variant.kind, lambda v=variant, r=ratio: ours(bench, v, r))
+    for ratio in ratios:
+        measured(bench, ratio, "uniform per layer (Taylor, LLM-Pruner style)", "baseline",
+                 lambda r=ratio: uniform(bench, r))
+    moments_start = time.perf_counter()
+    moments = input_moments(bench.model, bench.layout, bench.cal, bench.args.batch_size)
+    bench.calibration_s["flap (forward)"] = time.perf_counter() - moments_start
+    for ratio in ratios:
+        measured(bench, ratio, "FLAP-style (fluctuation, block-standardized, bias comp.)", "baseline",
+                 lambda r=ratio, m=moments: flap(bench, m, r))
+
+
+def peer_rows(bench: Bench) -> None:
+    """Torch-Pruning's rows, or a note saying why there are none."""
+    if bench.args.no_torch_pruning:
+        bench.notes.append("Torch-Pruning rows skipped (--no_torch_pruning).")
+        return
+    if versions()["torch-pruning"] == "not installed":
+        bench.notes.append("Torch-Pruning rows skipped: not installed (`pip install -e .[bench]`).")
+        return
+    bench.notes += TP_NOTES
+    grads_start = time.perf_counter()
+    base = tp_base(bench)
+    bench.calibration_s["torch-pruning gradients"] = time.perf_counter() - grads_start
+    found: dict[str, tuple[float, int]] = {}
+    for settings in TP_ROWS:
+        for ratio in bench.args.ratios:
+            measured(bench, ratio, settings.label, "peer", lambda s=settings, r=ratio: tp_matched(bench, base, s, r, found))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.argv = argv
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    start, load_start = time.perf_counter(), common.loadavg()[0]
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, layout, cal, test = load_inputs(args)
     with tempfile.TemporaryDirectory(prefix="gp-quality-") as work:
-        bench = Bench(args, Path(work), model, layout, cal, test, count_params(model), notes=list(NOTES))
-        measured(bench, 0.0, "dense", "dense", lambda: (bench.model, ""))
-        for method in dict.fromkeys(variant.method for variant in PIPELINE_ROWS):
-            calibrate(bench, method)
-        for variant in PIPELINE_ROWS:
-            for ratio in args.ratios:
-                measured(bench, ratio, variant.label, variant.kind, lambda v=variant, r=ratio: ours(bench, v, r))
-        for ratio in args.ratios:
-            measured(bench, ratio, "uniform per layer (Taylor, LLM-Pruner style)", "baseline",
-                     lambda r=ratio: uniform(bench, r))
-        moments_start = time.perf_counter()
-        moments = input_moments(bench.model, layout, cal, args.batch_size)
-        bench.calibration_s["flap (forward)"] = time.perf_counter() - moments_start
-        for ratio in args.ratios:
-            measured(bench, ratio, "FLAP-style (fluctuation, block-standardized, bias comp.)", "baseline",
-                     lambda r=ratio, m=moments: flap(bench, m, r))
-        if args.no_torch_pruning:
-            bench.notes.append("Torch-Pruning rows skipped (--no_torch_pruning).")
-        elif versions()["torch-pruning"] == "not installed":
-            bench.notes.append("Torch-Pruning rows skipped: not installed (`pip install -e .[bench]`).")
-        else:
-            bench.notes += TP_NOTES
-            grads_start = time.perf_counter()
-            base = tp_base(bench)
-            bench.calibration_s["torch-pruning gradients"] = time.perf_counter() - grads_start
-            found: dict[str, tuple[float, int]] = {}
-            for settings in TP_ROWS:
-                for ratio in args.ratios:
-                    measured(bench, ratio, settings.label, "peer",
-                             lambda s=settings, r=ratio: tp_matched(bench, base, s, r, found))
-            del base
+        bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), notes=list(NOTES))
+        project_rows(bench)
+        peer_rows(bench)
     wall = time.perf_counter() - start
     note_load(bench)
-    text = report(bench, wall, (load_start, os.getloadavg()[0]), started)
-    print(text)
-    write_text(args.output, text)
-    if args.json and str(args.json):
-        write_json(args.json, {"command": command(args.argv), "date": started, "wall_s": wall, "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    text = report(bench, wall, (load_start, common.loadavg()[0]), started)
+    data = {"command": common.command_line(__file__, argv), "date": started, "wall_s": wall,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "versions": versions(), "dense_params": bench.dense_params, "calibration_s": bench.calibration_s,
-            "rows": [asdict(row) for row in bench.rows]})
-    log(f"done in {wall / 60:.1f} min: {args.output}")
+            "rows": [asdict(row) for row in bench.rows]}
+    json_path = args.json if str(args.json) not in ("", ".") else None  # Path("") is Path(".")
+    common.publish(text, args.output, data, json_path)
+    common.log(f"done in {wall / 60:.1f} min: {args.output}")
 
 
 if __name__ == "__main__":

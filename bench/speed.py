@@ -9,8 +9,8 @@ machine, under the same load, so the figures stay meaningful on a shared or slow
    (its workers and its report), one subprocess per method and repeat, alternating order.
 2. table + normalization + selection on synthetic Llama-3-70B / 8B shaped tables (layout from a
    meta-device ``LlamaConfig`` model via ``describe_checkpoint``, random positive importances), timed
-   stage by stage (``build_table``, ``transform_table`` with clip 5/95 + log per layer, ``ranked``,
-   ``select`` at 20% with the config's default constraints) on ONE thread: a subprocess with
+   stage by stage (``build_table``, ``transform_table`` with clip 5/95 + log per layer, ``by_score``,
+   ``select`` at 20% with ``SelectionConfig``'s default constraints) on ONE thread: a subprocess with
    OMP/MKL/OpenBLAS threads 1 and ``torch.set_num_threads(1)``. Goal: total <= 2 s. When missed, the
    worker profiles one repetition with cProfile and the report lists what dominates.
 3. surgery on SmolLM2-135M at 20%: in-memory (``load_model`` + ``apply_plan`` + ``save_pruned``) vs
@@ -39,29 +39,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+try:
+    from bench import calibration_overhead, common
+except ModuleNotFoundError:  # `python bench/speed.py` without the repository on sys.path
+    import calibration_overhead  # type: ignore[no-redef]
+    import common  # type: ignore[no-redef]
 
 from gp_lightning.runtime.io import write_text
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "wikitext-2"
-VALID, TEST = DATA / "valid.txt", DATA / "test.txt"
-MODEL = "smollm2-135m"
-SEED = 42
-RESULT_MARK = "SPEED-RESULT "
-Row = dict[str, Any]
+if TYPE_CHECKING:
+    import torch
+
+    from gp_lightning.calibration.units import UnitImportance
+    from gp_lightning.model.layout import ModelLayout
+
+MODEL = common.DEFAULT_MODEL
+Row = common.Row
 
 # goals
 CALIBRATION_THROUGHPUT_GOAL = 0.9  # calibration/plain samples per second, at least
@@ -69,147 +70,87 @@ CALIBRATION_MEMORY_GOAL = 1.05  # calibration/plain peak RSS, at most
 TABLE_SECONDS_GOAL = 2.0  # build + transform + rank + select on one core, at most
 
 #: Llama-3 shapes (published configs); the layout is read from a meta-device model of each.
-SHAPES: dict[str, dict[str, int]] = {
-    "llama3-70b": {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,
-                   "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256},
-    "llama3-8b": {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256},
-}
+SHAPES: dict[str, dict[str, Any]] = {"llama3-70b": common.LLAMA3["Llama-3-70B"], "llama3-8b": common.LLAMA3["Llama-3-8B"]}
 #: Table step 2 and 1 as the guides use them (the heavier transform path).
 TRANSFORMS = {"clip_percentile_low": 5.0, "clip_percentile_high": 95.0, "normalization": "log",
               "normalization_level": "layer"}
-#: ``PruneConfig``'s default selection constraints (every layer keeps one group and one channel).
+#: ``SelectionConfig``'s default constraints (every layer keeps one group and one channel), spelled out for the report.
 DEFAULT_CONSTRAINTS = {"min_attention_groups": 1, "min_mlp_channels": 1}
 ONE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                          "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch/OpenMP threads of the calibration, surgery and inference workers")
+    common.add_threads(parser, 1, "the calibration, surgery and inference workers")
     parser.add_argument("--calibration_repeats", type=int, default=2, help="subprocess runs per calibration method")
     parser.add_argument("--table_repeats", type=int, default=5, help="timed repetitions per table shape")
     parser.add_argument("--surgery_repeats", type=int, default=3, help="subprocess runs per surgery variant")
     parser.add_argument("--inference_repeats", type=int, default=5, help="timed repetitions per model and workload")
     parser.add_argument("--decode_tokens", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "speed.md")
-    parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    parser.add_argument("--_spec", help=argparse.SUPPRESS)
+    common.add_output(parser, "speed.md")
+    common.add_worker_arguments(parser)
     return parser.parse_args(argv)
 
 
-# -- process figures -------------------------------------------------------------------------------------
-def proc_status_mib(key: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak so far) of this process, from /proc/self/status."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def emit(result: Row) -> None:
-    print(RESULT_MARK + json.dumps(result), flush=True)
-
-
 def run_worker(name: str, spec: Row, env: dict[str, str] | None = None) -> Row:
-    """Run this script as ``--_worker name`` in a fresh process; return the JSON it reports."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", name, "--_spec", json.dumps(spec)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
-    lines = [line[len(RESULT_MARK):] for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n"
-                           f"{result.stderr[-4000:]}")
-    return json.loads(lines[-1])
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {loadavg()[0]:.2f}] {message}", file=sys.stderr, flush=True)
+    """This script as worker ``name`` in a fresh process (``bench/common.py``)."""
+    return common.run_worker(__file__, name, spec, env)
 
 
 # -- section 1: calibration overhead (bench/calibration_overhead.py) -------------------------------------
 def section_calibration(args: argparse.Namespace) -> Row:
-    sys.path.insert(0, str(REPO / "bench"))
-    overhead = importlib.import_module("calibration_overhead")
-    co_args = overhead.parse_args(["--model", MODEL, "--num_samples", "16", "--seq_len", "128", "--batch_size", "4",
-                                   "--repeats", str(args.calibration_repeats)])
-    runs: dict[str, list[Row]] = {method: [] for method in overhead.METHODS}
-    order_index = 0
-    saved_env = {name: os.environ.get(name) for name in ONE_THREAD_ENV}
-    os.environ.update({name: str(args.threads) for name in ONE_THREAD_ENV})  # its workers inherit the environment
-    for repeat in range(args.calibration_repeats):
-        order = overhead.METHODS if repeat % 2 == 0 else overhead.METHODS[::-1]
-        for method in order:
-            log(f"section 1: calibration overhead, {method} run {repeat + 1}/{args.calibration_repeats}")
-            before = loadavg()
-            result = overhead.run_worker(co_args, method)
-            runs[method].append({**result, "order": order_index, "load_before": before, "load_after": loadavg()})
-            order_index += 1
-    for name, value in saved_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    plain_s, calib_s = (median([r["seconds"] for r in runs[m]]) for m in ("plain", "calibration"))
-    plain_peak, calib_peak = (median([r["peak_rss_mib"] for r in runs[m]]) for m in ("plain", "calibration"))
-    return {"runs": runs, "report": overhead.report(co_args, runs), "throughput_ratio": plain_s / calib_s,
+    """Its workers, with ``--threads`` OpenMP/MKL threads in their environment, and its report."""
+    co_args = calibration_overhead.parse_args(["--model", MODEL, "--num_samples", "16", "--seq_len", "128",
+                                               "--batch_size", "4", "--repeats", str(args.calibration_repeats)])
+    runs = calibration_overhead.measure(co_args, env={name: str(args.threads) for name in ONE_THREAD_ENV})
+    plain_s, calib_s = (common.median([r["seconds"] for r in runs[m]]) for m in ("plain", "calibration"))
+    plain_peak, calib_peak = (common.median([r["peak_rss_mib"] for r in runs[m]]) for m in ("plain", "calibration"))
+    return {"runs": runs, "report": calibration_overhead.report(co_args, runs), "throughput_ratio": plain_s / calib_s,
             "memory_ratio": calib_peak / plain_peak, "plain_seconds": plain_s, "calibration_seconds": calib_s,
             "plain_peak_mib": plain_peak, "calibration_peak_mib": calib_peak}
 
 
 # -- section 2: table + normalization + selection on big synthetic tables ---------------------------------
-def worker_table(spec: Row) -> Row:
+def synthetic_importance(layout: ModelLayout) -> UnitImportance:
+    """Taylor-like importances for every unit of ``layout``: positive, spread over orders of magnitude, seeded."""
     import torch
 
-    torch.set_num_threads(1)
-    import numpy as np
-    from transformers import LlamaConfig
-
     from gp_lightning.calibration.units import UnitImportance
-    from gp_lightning.model.weights import describe_checkpoint
-    from gp_lightning.selection.constraints import SelectionConstraints
-    from gp_lightning.selection.greedy import select
-    from gp_lightning.table.build import build_table, ranked
-    from gp_lightning.table.transforms import TableTransforms, transform_table
 
-    shape = SHAPES[spec["shape"]]
-    config = LlamaConfig(**shape, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    layout = describe_checkpoint(".", dense_config=config)  # meta-device model: shapes only, no weights
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(common.SEED)
 
-    def positive(n: int) -> torch.Tensor:  # Taylor-like: positive, spread over orders of magnitude
+    def positive(n: int) -> torch.Tensor:
         return torch.exp(torch.randn(n, generator=generator, dtype=torch.float64) * 2.0)
 
-    importance = UnitImportance({layer.index: positive(layer.num_kv_heads) for layer in layout.layers},
-                                {layer.index: positive(layer.intermediate_size) for layer in layout.layers})
-    transforms = TableTransforms(**TRANSFORMS)
-    constraints = SelectionConstraints(**DEFAULT_CONSTRAINTS)
-    ratio = spec["ratio"]
+    return UnitImportance({layer.index: positive(layer.num_kv_heads) for layer in layout.layers},
+                          {layer.index: positive(layer.intermediate_size) for layer in layout.layers})
 
-    def stages() -> tuple[dict[str, float], dict[str, float], Any]:
+
+Stages = Callable[[], tuple[dict[str, float], dict[str, float], dict[str, Any]]]
+
+
+def table_stages(layout: ModelLayout, importance: UnitImportance, ratio: float) -> Stages:
+    """One call runs build, transform, rank and select once: (wall seconds, CPU seconds, output) per stage."""
+    from gp_lightning.selection.config import SelectionConfig
+    from gp_lightning.selection.greedy import select
+    from gp_lightning.table.build import build_table, by_score
+    from gp_lightning.table.config import TableConfig
+    from gp_lightning.table.transforms import transform_table
+
+    transforms = TableConfig(**TRANSFORMS)
+    selection = SelectionConfig(pruning_ratio=ratio, **DEFAULT_CONSTRAINTS)
+
+    def stages() -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
         out: dict[str, Any] = {}
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("build", lambda: build_table(layout, importance)),
             ("transform", lambda: transform_table(out["build"], transforms, layout.num_layers)[0]),
-            ("rank", lambda: ranked(out["transform"])),
-            ("select", lambda: select(out["rank"], layout, ratio, constraints)),
+            ("rank", lambda: by_score(out["transform"])),
+            ("select", lambda: select(out["rank"], layout, selection)),
         ]
         for name, step in steps:
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -217,14 +158,26 @@ def worker_table(spec: Row) -> Row:
             wall[name], cpu[name] = time.perf_counter() - start, time.process_time() - cpu_start
         return wall, cpu, out
 
+    return stages
+
+
+def worker_table(spec: Row) -> Row:
+    """Time the table stages on one Llama-3 shape, on one thread; profile them when the goal is missed."""
+    import torch
+
+    torch.set_num_threads(1)
+    import numpy as np
+
+    layout = common.meta_layout(SHAPES[spec["shape"]])  # meta-device model: shapes only, no weights
+    stages = table_stages(layout, synthetic_importance(layout), spec["ratio"])
     stages()  # warm-up: imports, allocator, pandas caches
-    load_start = loadavg()
+    load_start = common.loadavg()
     walls, cpus = [], []
     for _ in range(spec["repeats"]):
         wall, cpu, out = stages()
         walls.append(wall)
         cpus.append(cpu)
-    load_end = loadavg()
+    load_end = common.loadavg()
     names = list(walls[0])
     selection = out["select"]
     result: Row = {
@@ -233,20 +186,20 @@ def worker_table(spec: Row) -> Row:
         "attention_group_cost": layout.attention_group_cost(layout.layers[0]),
         "mlp_channel_cost": layout.mlp_channel_cost(layout.layers[0]),
         "chosen_units": len(selection.pruned), "achieved_ratio": selection.ratio,
-        "wall": {n: median([w[n] for w in walls]) for n in names},
-        "cpu": {n: median([c[n] for c in cpus]) for n in names},
-        "total_wall": median([sum(w.values()) for w in walls]),
-        "total_cpu": median([sum(c.values()) for c in cpus]),
+        "wall": {n: common.median([w[n] for w in walls]) for n in names},
+        "cpu": {n: common.median([c[n] for c in cpus]) for n in names},
+        "total_wall": common.median([sum(w.values()) for w in walls]),
+        "total_cpu": common.median([sum(c.values()) for c in cpus]),
         "all_totals": [sum(w.values()) for w in walls],
         "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
-        "load_start": load_start, "load_end": load_end, "peak_rss_mib": proc_status_mib("VmHWM"),
+        "load_start": load_start, "load_end": load_end, "peak_rss_mib": common.proc_status_mib("VmHWM"),
     }
     if result["total_wall"] > TABLE_SECONDS_GOAL or spec.get("profile"):
         result["profile"] = profile_table(stages)
     return result
 
 
-def profile_table(stages: Callable[[], Any], top: int = 14) -> list[Row]:
+def profile_table(stages: Stages, top: int = 14) -> list[Row]:
     """cProfile one repetition; the functions with the most own time, as rows."""
     import cProfile
     import pstats
@@ -258,7 +211,7 @@ def profile_table(stages: Callable[[], Any], top: int = 14) -> list[Row]:
     stats = pstats.Stats(profiler)
     rows = []
     for (path, line, func), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
-        where = path.split("site-packages/")[-1].replace(str(REPO) + "/", "")
+        where = path.split("site-packages/")[-1].replace(str(common.REPO) + "/", "")
         rows.append({"function": f"{where}:{line}({func})", "calls": calls, "own_s": own, "cumulative_s": cumulative})
     rows.sort(key=lambda row: row["own_s"], reverse=True)
     return rows[:top]
@@ -267,7 +220,7 @@ def profile_table(stages: Callable[[], Any], top: int = 14) -> list[Row]:
 def section_table(args: argparse.Namespace) -> Row:
     results = {}
     for shape in SHAPES:
-        log(f"section 2: table + selection, {shape}, one thread")
+        common.log(f"section 2: table + selection, {shape}, one thread")
         results[shape] = run_worker("table", {"shape": shape, "ratio": 0.2, "repeats": args.table_repeats},
                                     env=ONE_THREAD_ENV)
     return results
@@ -275,22 +228,23 @@ def section_table(args: argparse.Namespace) -> Row:
 
 # -- shared by sections 3 and 4: a Taylor table of SmolLM2 --------------------------------------------------
 def worker_calibrate(spec: Row) -> Row:
+    """The Taylor table (``oneshot`` with ``table_only``) and the 20% plan selected from it."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     from gp_lightning.model.source import local_checkpoint_dir
     from gp_lightning.model.weights import describe_checkpoint
     from gp_lightning.pipeline import oneshot
-    from gp_lightning.selection.constraints import SelectionConstraints
+    from gp_lightning.selection.config import SelectionConfig
     from gp_lightning.selection.greedy import select
 
     start = time.perf_counter()
-    run = oneshot(model=MODEL, pruning_ratio=0.2, dataset=str(VALID), eval_dataset=str(TEST), num_samples=16,
+    run = oneshot(model=MODEL, pruning_ratio=0.2, dataset=str(common.VALID), eval_dataset=str(common.TEST), num_samples=16,
                   table_only=True, test_before_prune=False, test_after_prune=False, save_model=False,
                   output=spec["output"], overwrite=True)
     seconds = time.perf_counter() - start
     layout = describe_checkpoint(local_checkpoint_dir(MODEL))
-    selection = select(run.table, layout, 0.2, SelectionConstraints(**DEFAULT_CONSTRAINTS))
+    selection = select(run.table, layout, SelectionConfig(pruning_ratio=0.2, **DEFAULT_CONSTRAINTS))
     plan_path = Path(spec["output"]) / "plan-0.2.json"
     write_text(plan_path, selection.plan.to_json())
     return {"seconds": seconds, "table": str(Path(spec["output"]) / "global_group_table.csv"), "plan": str(plan_path),
@@ -313,8 +267,8 @@ def worker_surgery(spec: Row) -> Row:
     plan = PruningPlan.from_json(Path(spec["plan"]).read_text(encoding="utf-8"))
     provenance = {"base_model": MODEL, "pruning_ratio": 0.2, "bench": "speed"}
     output = Path(spec["output"])
-    baseline_rss = proc_status_mib("VmRSS")  # everything imported, nothing loaded
-    load_start, cpu_start = loadavg(), cpu_seconds()
+    baseline_rss = common.proc_status_mib("VmRSS")  # everything imported, nothing loaded
+    load_start, cpu_start = common.loadavg(), common.cpu_seconds()
     phases: dict[str, float] = {}
     start = time.perf_counter()
     if spec["variant"] == "in_memory":
@@ -329,13 +283,13 @@ def worker_surgery(spec: Row) -> Row:
         source = local_checkpoint_dir(MODEL)
         layout = describe_checkpoint(source)
         stream_prune(source, layout, plan, provenance, output, max_shard_size=spec["max_shard_size"])
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    peak = proc_status_mib("VmHWM")
+    seconds, cpu = time.perf_counter() - start, common.cpu_seconds() - cpu_start
+    peak = common.proc_status_mib("VmHWM")
     written = sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**20
     result = {"variant": spec["variant"], "label": spec["label"], "seconds": seconds, "phases": phases,
               "cpu_seconds": cpu, "baseline_rss_mib": baseline_rss, "peak_rss_mib": peak,
               "peak_over_baseline_mib": peak - baseline_rss, "written_mib": written,
-              "load_start": load_start, "load_end": loadavg()}
+              "load_start": load_start, "load_end": common.loadavg()}
     if spec["variant"] == "in_memory" and spec.get("profile"):  # after the peak was read: it does not count
         del pruned
         result["apply_plan_profile"] = profile_apply_plan(lambda: apply_plan(model, layout, plan, provenance))
@@ -380,23 +334,21 @@ SURGERY_VARIANTS = (
 def section_surgery(args: argparse.Namespace, prepared: Row, scratch: Path) -> Row:
     runs: list[Row] = []
     outputs: dict[str, Path] = {}
-    for repeat in range(args.surgery_repeats):
-        variants = SURGERY_VARIANTS if repeat % 2 == 0 else SURGERY_VARIANTS[::-1]
-        for variant, label, shard in variants:
-            log(f"section 3: surgery, {label}, run {repeat + 1}/{args.surgery_repeats}")
-            output = scratch / f"surgery-{len(runs)}"
-            runs.append(run_worker("surgery", {"variant": variant, "label": label, "max_shard_size": shard,
-                                               "plan": prepared["plan"], "output": str(output),
-                                               "threads": args.threads, "profile": repeat == 0}))
-            outputs.setdefault(label, output)
+    for repeat, (variant, label, shard) in common.alternating(SURGERY_VARIANTS, args.surgery_repeats):
+        common.log(f"section 3: surgery, {label}, run {repeat + 1}/{args.surgery_repeats}")
+        output = scratch / f"surgery-{len(runs)}"
+        runs.append(run_worker("surgery", {"variant": variant, "label": label, "max_shard_size": shard,
+                                           "plan": prepared["plan"], "output": str(output),
+                                           "threads": args.threads, "profile": repeat == 0}))
+        outputs.setdefault(label, output)
     labels = [label for _, label, _ in SURGERY_VARIANTS]
     figures = {}
     for label in labels:
         mine = [run for run in runs if run["label"] == label]
-        figures[label] = {key: median([run[key] for run in mine]) for key in
+        figures[label] = {key: common.median([run[key] for run in mine]) for key in
                           ("seconds", "cpu_seconds", "peak_rss_mib", "peak_over_baseline_mib", "baseline_rss_mib",
                            "written_mib")}
-        figures[label]["phases"] = {key: median([run["phases"][key] for run in mine]) for key in mine[0]["phases"]}
+        figures[label]["phases"] = {key: common.median([run["phases"][key] for run in mine]) for key in mine[0]["phases"]}
         figures[label]["load"] = max(max(run["load_start"][0], run["load_end"][0]) for run in mine)
     reference = outputs[labels[0]]
     identical = {label: same_tensors(reference, outputs[label]) for label in labels[1:]}
@@ -416,16 +368,16 @@ def worker_inference(spec: Row) -> Row:
     dense, tokenizer = load_model(MODEL, dtype=torch.float32)
     models: dict[str, torch.nn.Module] = {"dense": dense.eval()}
     for ratio in spec["ratios"]:
-        run = oneshot(model=MODEL, pruning_ratio=ratio, from_table=spec["table"], dataset=str(VALID),
-                      eval_dataset=str(TEST), test_before_prune=False, test_after_prune=False, save_model=False,
+        run = oneshot(model=MODEL, pruning_ratio=ratio, from_table=spec["table"], dataset=str(common.VALID),
+                      eval_dataset=str(common.TEST), test_before_prune=False, test_after_prune=False, save_model=False,
                       output=str(Path(spec["output"]) / f"pruned-{ratio}"), overwrite=True)
         models[f"pruned {ratio:.0%}"] = run.pruned_model.eval()
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    params = {name: common.count_params(model) for name, model in models.items()}
 
-    tokens = tokenize(load_text(str(VALID), "evaluation"), tokenizer)
-    inputs = {"prefill 1x512": calibration_windows(tokens, 1, 512, SEED),
-              "prefill 8x128": calibration_windows(tokens, 8, 128, SEED)}
-    prompt = calibration_windows(tokens, 1, 16, SEED + 1)
+    tokens = tokenize(load_text(str(common.VALID), "evaluation"), tokenizer)
+    inputs = {"prefill 1x512": calibration_windows(tokens, 1, 512, common.SEED),
+              "prefill 8x128": calibration_windows(tokens, 8, 128, common.SEED)}
+    prompt = calibration_windows(tokens, 1, 16, common.SEED + 1)
     new_tokens = spec["decode_tokens"]
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None)
 
@@ -447,20 +399,20 @@ def worker_inference(spec: Row) -> Row:
     loads: list[list[float]] = []
     with torch.inference_mode():
         for repeat in range(spec["repeats"] + 1):  # repeat 0 is the warm-up
-            loads.append(loadavg())
+            loads.append(common.loadavg())
             for workload, fn in workloads.items():
                 for name, model in models.items():
                     start = time.perf_counter()
                     counts[workload] = fn(model)
                     if repeat:
                         times[workload][name].append(time.perf_counter() - start)
-    loads.append(loadavg())
+    loads.append(common.loadavg())
     return {"params": params, "times": times, "counts": counts, "loads": loads, "threads": torch.get_num_threads(),
             "prompt_tokens": int(prompt.shape[1])}
 
 
 def section_inference(args: argparse.Namespace, prepared: Row, scratch: Path) -> Row:
-    log("section 4: inference, dense vs pruned 20% / 50% (one process, interleaved)")
+    common.log("section 4: inference, dense vs pruned 20% / 50% (one process, interleaved)")
     return run_worker("inference", {"ratios": [0.2, 0.5], "table": prepared["table"], "output": str(scratch),
                                     "threads": args.threads, "repeats": args.inference_repeats,
                                     "decode_tokens": args.decode_tokens})
@@ -475,148 +427,172 @@ def fmt_load(load: Sequence[float]) -> str:
     return "/".join(f"{x:.2f}" for x in load)
 
 
-def report(args: argparse.Namespace, results: Row, started: str, seconds: float) -> str:
+def report_calibration(args: argparse.Namespace, cal: Row, goals: list[str]) -> list[str]:
+    """Section 1: the ratios against the goals, and calibration_overhead.py's own report."""
+    body: list[str] = []
+    thr, mem = cal["throughput_ratio"], cal["memory_ratio"]
+    cpu_thr = common.median([r["cpu_seconds"] for r in cal["runs"]["plain"]]) / common.median(
+        [r["cpu_seconds"] for r in cal["runs"]["calibration"]])
+    goals += [f"| 1 | calibration throughput / plain loop: wall (CPU time) | {thr:.3f}x ({cpu_thr:.3f}x) | "
+              f">= {CALIBRATION_THROUGHPUT_GOAL}x | "
+              f"{yes(thr >= CALIBRATION_THROUGHPUT_GOAL)} |",
+              f"| 1 | calibration peak RSS / plain loop | {mem:.3f}x | <= {CALIBRATION_MEMORY_GOAL}x | "
+              f"{yes(mem <= CALIBRATION_MEMORY_GOAL)} |"]
+    loads = [(run["load_before"], run["load_after"]) for runs in cal["runs"].values() for run in runs]
+    body += ["## 1. Calibration vs a plain forward+backward loop", "",
+             f"Throughput ratio = plain seconds / calibration seconds = {cal['plain_seconds']:.2f} / "
+             f"{cal['calibration_seconds']:.2f} = **{thr:.3f}x** (goal >= {CALIBRATION_THROUGHPUT_GOAL}x); peak RSS "
+             f"ratio = {cal['calibration_peak_mib']:.0f} / {cal['plain_peak_mib']:.0f} MiB = **{mem:.3f}x** (goal <= "
+             f"{CALIBRATION_MEMORY_GOAL}x). Measured by `bench/calibration_overhead.py`'s workers (its report "
+             f"follows, one heading level down; OMP/MKL threads {args.threads} in its workers' environment). "
+             "Load average (1/5/15 min) before/after "
+             "each run: " + ", ".join(f"{fmt_load(a)} -> {fmt_load(b)}" for a, b in loads) + ".", "",
+             cal["report"].replace("# Calibration overhead", "### Calibration overhead"), ""]
+    return body
+
+
+def report_table(args: argparse.Namespace, tables: Row, goals: list[str]) -> list[str]:
+    """Section 2: the stage timings per shape, and a profile where the goal was missed."""
+    body = ["## 2. Table + normalization + selection on Llama-3-shaped tables (one thread)", "",
+             "Layout from a meta-device `LlamaConfig` model (`describe_checkpoint`), unit costs from the shapes; "
+             "importances log-normal (positive, seeded). Stages: `build_table`; `transform_table` with "
+             f"{', '.join(f'{k}={v}' for k, v in TRANSFORMS.items())}; `by_score`; `select` at pruning_ratio 0.2 with "
+             f"{', '.join(f'{k}={v}' for k, v in DEFAULT_CONSTRAINTS.items())} (the config defaults). Subprocess "
+             "with OMP/MKL/OpenBLAS threads 1 and `torch.set_num_threads(1)`; one warm-up, then medians of "
+             f"{args.table_repeats} repetitions. CPU = process CPU seconds (user+sys) of the stage: CPU <= wall "
+             "confirms one core; wall well above CPU means the core was shared.", "",
+             "| shape | units | params | group / channel cost | build s | transform s | rank s | select s | "
+             "total wall s | total CPU s | goal | met | load at start / end |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for shape, res in tables.items():
+        wall = res["wall"]
+        met = res["total_wall"] <= TABLE_SECONDS_GOAL
+        body.append(f"| {shape} | {res['units']:,} | {res['total_params'] / 1e9:.2f}B | "
+                    f"{res['attention_group_cost']:,} / {res['mlp_channel_cost']:,} | {wall['build']:.3f} | "
+                    f"{wall['transform']:.3f} | {wall['rank']:.3f} | {wall['select']:.3f} | "
+                    f"**{res['total_wall']:.3f}** | {res['total_cpu']:.3f} | <= {TABLE_SECONDS_GOAL} | {yes(met)} | "
+                    f"{fmt_load(res['load_start'])} / {fmt_load(res['load_end'])} |")
+        cpu_met = res["total_cpu"] <= TABLE_SECONDS_GOAL
+        note = "" if met or not cpu_met else " (CPU time within the goal: the core was shared)"
+        goals.append(f"| 2 | table+selection, {shape}, one core: wall (CPU) | {res['total_wall']:.2f} s "
+                     f"({res['total_cpu']:.2f} s) | <= {TABLE_SECONDS_GOAL} s | {yes(met)}{note} |")
+    body.append("")
+    for shape, res in tables.items():
+        body.append(f"{shape}: {res['chosen_units']:,} units chosen, achieved ratio {res['achieved_ratio']:.4f}; "
+                    f"totals of the repetitions {', '.join(f'{t:.2f}' for t in res['all_totals'])} s; worker peak "
+                    f"RSS {res['peak_rss_mib']:.0f} MiB.")
+    body.append("")
+    for shape, res in tables.items():
+        if "profile" in res:
+            over = res["total_wall"] - TABLE_SECONDS_GOAL
+            body += [f"Goal missed for {shape} by {over:.2f} s ({res['total_wall'] / TABLE_SECONDS_GOAL:.2f}x the "
+                     "goal). cProfile of one repetition, functions by own time:", "",
+                     "| function | calls | own s | cumulative s |", "|---|---:|---:|---:|"]
+            body += [f"| `{row['function']}` | {row['calls']} | {row['own_s']:.3f} | {row['cumulative_s']:.3f} |"
+                     for row in res["profile"]]
+            body.append("")
+    return body
+
+
+def report_prepared(args: argparse.Namespace, prep: Row, goals: list[str]) -> list[str]:
+    """The Taylor table sections 3 and 4 share."""
+    return [f"Sections 3 and 4 use one Taylor table of {MODEL} (16 windows x 128 tokens of `valid.txt`, "
+            f"`oneshot(..., table_only=True)`, {prep['seconds']:.1f} s); the 20% plan selected from it with the "
+            f"default constraints removes {prep['achieved_ratio']:.4f} of all parameters.", ""]
+
+
+def report_surgery(args: argparse.Namespace, sur: Row, goals: list[str]) -> list[str]:
+    """Section 3: in-memory vs streamed surgery, medians and every run."""
+    body: list[str] = []
+    figures, labels = sur["figures"], sur["labels"]
+    ref = figures[labels[0]]
+    body += ["## 3. Surgery at 20%: in memory vs streamed", "",
+             f"{MODEL}, float32 safetensors source, each run in its own subprocess ({args.surgery_repeats} runs per "
+             "variant, alternating order, medians), no tokenizer written. Peak = VmHWM of the worker; baseline = its "
+             "RSS after imports, before anything is loaded. In-memory time includes loading the dense model, since "
+             "streaming reads the same file. Note: VmHWM counts file pages mapped by safetensors, too.", "",
+             "| variant | seconds | phases | CPU s | peak RSS MiB | peak over baseline MiB | written MiB | "
+             "time vs in-memory | peak-over-baseline vs in-memory | same tensors as in-memory | max load |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for label in labels:
+        fig = figures[label]
+        phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in fig["phases"].items()) or "-"
+        same = "(reference)" if label == labels[0] else yes(sur["identical"][label])
+        over = fig["peak_over_baseline_mib"]
+        body.append(f"| {label} | {fig['seconds']:.2f} | {phases} | {fig['cpu_seconds']:.1f} | "
+                    f"{fig['peak_rss_mib']:.0f} | {over:.0f} | {fig['written_mib']:.0f} | "
+                    f"{fig['seconds'] / ref['seconds']:.3f}x | {over / ref['peak_over_baseline_mib']:.3f}x | "
+                    f"{same} | {fig['load']:.2f} |")
+    streamed = figures[labels[1]]
+    goals.append(f"| 3 | streamed / in-memory surgery: time, peak over baseline | "
+                 f"{streamed['seconds'] / ref['seconds']:.2f}x, "
+                 f"{streamed['peak_over_baseline_mib'] / ref['peak_over_baseline_mib']:.2f}x | (info) | - |")
+    body += ["", "Individual runs:", "",
+             "| variant | seconds | peak RSS MiB | peak over baseline MiB | load start / end |",
+             "|---|---:|---:|---:|---|"]
+    body += [f"| {run['label']} | {run['seconds']:.2f} | {run['peak_rss_mib']:.0f} | "
+             f"{run['peak_over_baseline_mib']:.0f} | {fmt_load(run['load_start'])} / {fmt_load(run['load_end'])} |"
+             for run in sur["runs"]]
+    profiles = [run["apply_plan_profile"] for run in sur["runs"] if "apply_plan_profile" in run]
+    if profiles:
+        prof = profiles[0]
+        body += ["", "Profile of `apply_plan` (cProfile, one extra call after the measurement): "
+                 f"{prof['total_s']:.2f} s, of which {prof['init_s']:.2f} s "
+                 f"({prof['init_s'] / prof['total_s']:.0%}) is weight initialization (`normal_`/`uniform_`; the "
+                 "pruned model is built without initializing weights, which the sliced tensors replace) and "
+                 f"{prof['index_select_s']:.2f} s is slicing (`index_select`)."]
+    body.append("")
+    return body
+
+
+def report_inference(args: argparse.Namespace, inf: Row, goals: list[str]) -> list[str]:
+    """Section 4: tokens/s of the dense and pruned models."""
+    body: list[str] = []
+    names = list(inf["params"])
+    body += ["## 4. Inference: dense vs pruned", "",
+             f"{MODEL} float32, torch threads {inf['threads']}, `torch.inference_mode`; prefill = one forward "
+             "with `use_cache=False` over windows of `valid.txt`; decode = `generate(do_sample=False, "
+             f"use_cache=True)` of exactly {args.decode_tokens} new tokens from a {inf['prompt_tokens']}-token prompt "
+             "(tokens/s over the whole call). All models in one process, interleaved per repetition, one warm-up "
+             f"round, medians of {args.inference_repeats}. Load average at each round: "
+             f"{', '.join(fmt_load(x) for x in inf['loads'])}.", "",
+             "| model | params | " + " | ".join(f"{w} tok/s | vs dense" for w in inf["times"]) + " |",
+             "|---|---:|" + "---:|---:|" * len(inf["times"])]
+    for name in names:
+        cells = []
+        for workload, per_model in inf["times"].items():
+            rate = inf["counts"][workload] / common.median(per_model[name])
+            dense_rate = inf["counts"][workload] / common.median(per_model["dense"])
+            cells.append(f"{rate:.0f} | {rate / dense_rate:.2f}x")
+        body.append(f"| {name} | {inf['params'][name] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+    for name in names[1:]:
+        ratios = [common.median(p["dense"]) / common.median(p[name]) for p in inf["times"].values()]
+        goals.append(f"| 4 | {name} / dense throughput (prefill 1x512, 8x128, decode) | "
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)} | > 1x (speed-up expected) | "
+                     f"{yes(all(r > 1 for r in ratios))} |")
+    body += ["", "Median seconds per call (all repetitions in the JSON):", "",
+             "| workload | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    body += [f"| {w} | " + " | ".join(f"{common.median(p[n]):.3f}" for n in names) + " |" for w, p in inf["times"].items()]
+    body.append("")
+    return body
+
+
+def report(args: argparse.Namespace, results: Row, started: str, seconds: float, command: str) -> str:
+    """The goals table first, then a part per section that ran."""
     goals: list[str] = []
     body: list[str] = []
-    if "calibration" in results:
-        cal = results["calibration"]
-        thr, mem = cal["throughput_ratio"], cal["memory_ratio"]
-        cpu_thr = median([r["cpu_seconds"] for r in cal["runs"]["plain"]]) / median(
-            [r["cpu_seconds"] for r in cal["runs"]["calibration"]])
-        goals += [f"| 1 | calibration throughput / plain loop: wall (CPU time) | {thr:.3f}x ({cpu_thr:.3f}x) | "
-                  f">= {CALIBRATION_THROUGHPUT_GOAL}x | "
-                  f"{yes(thr >= CALIBRATION_THROUGHPUT_GOAL)} |",
-                  f"| 1 | calibration peak RSS / plain loop | {mem:.3f}x | <= {CALIBRATION_MEMORY_GOAL}x | "
-                  f"{yes(mem <= CALIBRATION_MEMORY_GOAL)} |"]
-        loads = [(run["load_before"], run["load_after"]) for runs in cal["runs"].values() for run in runs]
-        body += ["## 1. Calibration vs a plain forward+backward loop", "",
-                 f"Throughput ratio = plain seconds / calibration seconds = {cal['plain_seconds']:.2f} / "
-                 f"{cal['calibration_seconds']:.2f} = **{thr:.3f}x** (goal >= {CALIBRATION_THROUGHPUT_GOAL}x); peak RSS "
-                 f"ratio = {cal['calibration_peak_mib']:.0f} / {cal['plain_peak_mib']:.0f} MiB = **{mem:.3f}x** (goal <= "
-                 f"{CALIBRATION_MEMORY_GOAL}x). Measured by `bench/calibration_overhead.py`'s workers (its report "
-                 f"follows, one heading level down; OMP/MKL threads {args.threads} in its workers' environment). "
-                 "Load average (1/5/15 min) before/after "
-                 "each run: " + ", ".join(f"{fmt_load(a)} -> {fmt_load(b)}" for a, b in loads) + ".", "",
-                 cal["report"].replace("# Calibration overhead", "### Calibration overhead"), ""]
-    if "table" in results:
-        body += ["## 2. Table + normalization + selection on Llama-3-shaped tables (one thread)", "",
-                 "Layout from a meta-device `LlamaConfig` model (`describe_checkpoint`), unit costs from the shapes; "
-                 "importances log-normal (positive, seeded). Stages: `build_table`; `transform_table` with "
-                 f"{', '.join(f'{k}={v}' for k, v in TRANSFORMS.items())}; `ranked`; `select` at pruning_ratio 0.2 with "
-                 f"{', '.join(f'{k}={v}' for k, v in DEFAULT_CONSTRAINTS.items())} (the config defaults). Subprocess "
-                 "with OMP/MKL/OpenBLAS threads 1 and `torch.set_num_threads(1)`; one warm-up, then medians of "
-                 f"{args.table_repeats} repetitions. CPU = process CPU seconds (user+sys) of the stage: CPU <= wall "
-                 "confirms one core; wall well above CPU means the core was shared.", "",
-                 "| shape | units | params | group / channel cost | build s | transform s | rank s | select s | "
-                 "total wall s | total CPU s | goal | met | load at start / end |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-        for shape, res in results["table"].items():
-            wall = res["wall"]
-            met = res["total_wall"] <= TABLE_SECONDS_GOAL
-            body.append(f"| {shape} | {res['units']:,} | {res['total_params'] / 1e9:.2f}B | "
-                        f"{res['attention_group_cost']:,} / {res['mlp_channel_cost']:,} | {wall['build']:.3f} | "
-                        f"{wall['transform']:.3f} | {wall['rank']:.3f} | {wall['select']:.3f} | "
-                        f"**{res['total_wall']:.3f}** | {res['total_cpu']:.3f} | <= {TABLE_SECONDS_GOAL} | {yes(met)} | "
-                        f"{fmt_load(res['load_start'])} / {fmt_load(res['load_end'])} |")
-            cpu_met = res["total_cpu"] <= TABLE_SECONDS_GOAL
-            note = "" if met or not cpu_met else " (CPU time within the goal: the core was shared)"
-            goals.append(f"| 2 | table+selection, {shape}, one core: wall (CPU) | {res['total_wall']:.2f} s "
-                         f"({res['total_cpu']:.2f} s) | <= {TABLE_SECONDS_GOAL} s | {yes(met)}{note} |")
-        body.append("")
-        for shape, res in results["table"].items():
-            body.append(f"{shape}: {res['chosen_units']:,} units chosen, achieved ratio {res['achieved_ratio']:.4f}; "
-                        f"totals of the repetitions {', '.join(f'{t:.2f}' for t in res['all_totals'])} s; worker peak "
-                        f"RSS {res['peak_rss_mib']:.0f} MiB.")
-        body.append("")
-        for shape, res in results["table"].items():
-            if "profile" in res:
-                over = res["total_wall"] - TABLE_SECONDS_GOAL
-                body += [f"Goal missed for {shape} by {over:.2f} s ({res['total_wall'] / TABLE_SECONDS_GOAL:.2f}x the "
-                         "goal). cProfile of one repetition, functions by own time:", "",
-                         "| function | calls | own s | cumulative s |", "|---|---:|---:|---:|"]
-                body += [f"| `{row['function']}` | {row['calls']} | {row['own_s']:.3f} | {row['cumulative_s']:.3f} |"
-                         for row in res["profile"]]
-                body.append("")
-    if "prepared" in results:
-        prep = results["prepared"]
-        body += [f"Sections 3 and 4 use one Taylor table of {MODEL} (16 windows x 128 tokens of `valid.txt`, "
-                 f"`oneshot(..., table_only=True)`, {prep['seconds']:.1f} s); the 20% plan selected from it with the "
-                 f"default constraints removes {prep['achieved_ratio']:.4f} of all parameters.", ""]
-    if "surgery" in results:
-        sur = results["surgery"]
-        figures, labels = sur["figures"], sur["labels"]
-        ref = figures[labels[0]]
-        body += ["## 3. Surgery at 20%: in memory vs streamed", "",
-                 f"{MODEL}, float32 safetensors source, each run in its own subprocess ({args.surgery_repeats} runs per "
-                 "variant, alternating order, medians), no tokenizer written. Peak = VmHWM of the worker; baseline = its "
-                 "RSS after imports, before anything is loaded. In-memory time includes loading the dense model, since "
-                 "streaming reads the same file. Note: VmHWM counts file pages mapped by safetensors, too.", "",
-                 "| variant | seconds | phases | CPU s | peak RSS MiB | peak over baseline MiB | written MiB | "
-                 "time vs in-memory | peak-over-baseline vs in-memory | same tensors as in-memory | max load |",
-                 "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
-        for label in labels:
-            fig = figures[label]
-            phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in fig["phases"].items()) or "-"
-            same = "(reference)" if label == labels[0] else yes(sur["identical"][label])
-            over = fig["peak_over_baseline_mib"]
-            body.append(f"| {label} | {fig['seconds']:.2f} | {phases} | {fig['cpu_seconds']:.1f} | "
-                        f"{fig['peak_rss_mib']:.0f} | {over:.0f} | {fig['written_mib']:.0f} | "
-                        f"{fig['seconds'] / ref['seconds']:.3f}x | {over / ref['peak_over_baseline_mib']:.3f}x | "
-                        f"{same} | {fig['load']:.2f} |")
-        streamed = figures[labels[1]]
-        goals.append(f"| 3 | streamed / in-memory surgery: time, peak over baseline | "
-                     f"{streamed['seconds'] / ref['seconds']:.2f}x, "
-                     f"{streamed['peak_over_baseline_mib'] / ref['peak_over_baseline_mib']:.2f}x | (info) | - |")
-        body += ["", "Individual runs:", "",
-                 "| variant | seconds | peak RSS MiB | peak over baseline MiB | load start / end |",
-                 "|---|---:|---:|---:|---|"]
-        body += [f"| {run['label']} | {run['seconds']:.2f} | {run['peak_rss_mib']:.0f} | "
-                 f"{run['peak_over_baseline_mib']:.0f} | {fmt_load(run['load_start'])} / {fmt_load(run['load_end'])} |"
-                 for run in sur["runs"]]
-        profiles = [run["apply_plan_profile"] for run in sur["runs"] if "apply_plan_profile" in run]
-        if profiles:
-            prof = profiles[0]
-            body += ["", "Profile of `apply_plan` (cProfile, one extra call after the measurement): "
-                     f"{prof['total_s']:.2f} s, of which {prof['init_s']:.2f} s "
-                     f"({prof['init_s'] / prof['total_s']:.0%}) is weight initialization (`normal_`/`uniform_`; the "
-                     "pruned model is built without initializing weights, which the sliced tensors replace) and "
-                     f"{prof['index_select_s']:.2f} s is slicing (`index_select`)."]
-        body.append("")
-    if "inference" in results:
-        inf = results["inference"]
-        names = list(inf["params"])
-        body += ["## 4. Inference: dense vs pruned", "",
-                 f"{MODEL} float32, torch threads {inf['threads']}, `torch.inference_mode`; prefill = one forward "
-                 "with `use_cache=False` over windows of `valid.txt`; decode = `generate(do_sample=False, "
-                 f"use_cache=True)` of exactly {args.decode_tokens} new tokens from a {inf['prompt_tokens']}-token prompt "
-                 "(tokens/s over the whole call). All models in one process, interleaved per repetition, one warm-up "
-                 f"round, medians of {args.inference_repeats}. Load average at each round: "
-                 f"{', '.join(fmt_load(x) for x in inf['loads'])}.", "",
-                 "| model | params | " + " | ".join(f"{w} tok/s | vs dense" for w in inf["times"]) + " |",
-                 "|---|---:|" + "---:|---:|" * len(inf["times"])]
-        for name in names:
-            cells = []
-            for workload, per_model in inf["times"].items():
-                rate = inf["counts"][workload] / median(per_model[name])
-                dense_rate = inf["counts"][workload] / median(per_model["dense"])
-                cells.append(f"{rate:.0f} | {rate / dense_rate:.2f}x")
-            body.append(f"| {name} | {inf['params'][name] / 1e6:.1f}M | " + " | ".join(cells) + " |")
-        for name in names[1:]:
-            ratios = [median(p["dense"]) / median(p[name]) for p in inf["times"].values()]
-            goals.append(f"| 4 | {name} / dense throughput (prefill 1x512, 8x128, decode) | "
-                         f"{', '.join(f'{r:.2f}x' for r in ratios)} | > 1x (speed-up expected) | "
-                         f"{yes(all(r > 1 for r in ratios))} |")
-        body += ["", "Median seconds per call (all repetitions in the JSON):", "",
-                 "| workload | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        body += [f"| {w} | " + " | ".join(f"{median(p[n]):.3f}" for n in names) + " |" for w, p in inf["times"].items()]
-        body.append("")
+    for key, part in (("calibration", report_calibration), ("table", report_table), ("prepared", report_prepared),
+                      ("surgery", report_surgery), ("inference", report_inference)):
+        if key in results:
+            body += part(args, results[key], goals)
     head = [
         "# Speed and memory vs same-run baselines",
         "",
-        f"Command: `python bench/speed.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` (from the repo root). "
+        f"Command: `{command}` (from the repo root). "
         f"Started {started}, took {seconds / 60:.1f} min. Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}. Sections run: {', '.join(map(str, args.sections))}. Load average (1/5/15 "
-        f"min) at the end: {fmt_load(loadavg())} (the CPU was shared with other work; loads are listed per measurement).",
+        f"min) at the end: {fmt_load(common.loadavg())} (the CPU was shared with other work; loads are listed per "
+        "measurement).",
         "",
         "| section | figure | value | goal | met |",
         "|---|---|---:|---:|---|",
@@ -630,35 +606,37 @@ WORKERS: dict[str, Callable[[Row], Row]] = {"table": worker_table, "calibrate": 
                                              "surgery": worker_surgery, "inference": worker_inference}
 
 
+def run_sections(args: argparse.Namespace, scratch: Path) -> Row:
+    """The raw figures of every section asked for; sections 3 and 4 share one calibrated table."""
+    results: Row = {}
+    if 1 in args.sections:
+        results["calibration"] = section_calibration(args)
+    if 2 in args.sections:
+        results["table"] = section_table(args)
+    if 3 in args.sections or 4 in args.sections:
+        common.log("sections 3/4: Taylor table of SmolLM2 (oneshot table_only, 16 windows)")
+        results["prepared"] = run_worker("calibrate", {"output": str(scratch / "taylor"), "threads": args.threads})
+    if 3 in args.sections:
+        results["surgery"] = section_surgery(args, results["prepared"], scratch)
+    if 4 in args.sections:
+        results["inference"] = section_inference(args, results["prepared"], scratch)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args._worker:
-        emit(WORKERS[args._worker](json.loads(args._spec)))
+    if common.serve_worker(args, WORKERS):
         return
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     start = time.perf_counter()
-    results: Row = {}
     with tempfile.TemporaryDirectory(prefix="gp-speed-") as tmp:
-        scratch = Path(tmp)
-        if 1 in args.sections:
-            results["calibration"] = section_calibration(args)
-        if 2 in args.sections:
-            results["table"] = section_table(args)
-        if 3 in args.sections or 4 in args.sections:
-            log("sections 3/4: Taylor table of SmolLM2 (oneshot table_only, 16 windows)")
-            results["prepared"] = run_worker("calibrate", {"output": str(scratch / "taylor"), "threads": args.threads})
-        if 3 in args.sections:
-            results["surgery"] = section_surgery(args, results["prepared"], scratch)
-        if 4 in args.sections:
-            results["inference"] = section_inference(args, results["prepared"], scratch)
+        results = run_sections(args, Path(tmp))
     seconds = time.perf_counter() - start
-    text = report(args, results, started, seconds)
-    print(text)
-    write_text(args.output, text)
-    write_text(args.output.with_suffix(".json"), json.dumps({"started": started, "seconds": seconds,
-                                                             "settings": {k: str(v) for k, v in vars(args).items()},
-                                                             "results": results}, indent=1, default=str) + "\n")
-    log(f"done in {seconds / 60:.1f} min: {args.output}")
+    text = report(args, results, started, seconds, common.command_line(__file__, argv))
+    data = {"started": started, "seconds": seconds, "settings": {k: str(v) for k, v in vars(args).items()},
+            "results": results}
+    common.publish(text, args.output, data, args.output.with_suffix(".json"), indent=1)
+    common.log(f"done in {seconds / 60:.1f} min: {args.output}")
 
 
 if __name__ == "__main__":

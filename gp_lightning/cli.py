@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gp_lightning.runtime.errors import GPLightningError
@@ -86,18 +86,32 @@ def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.
                       "Recovery fine-tuning (LoRA or full) of a pruned or dense Llama-style LLM.")
 
 
-def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
-    from gp_lightning.pipeline import PruneRecipe
-    from gp_lightning.runtime.console import configure_console
-    from gp_lightning.runtime.ranks import global_rank
+def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] | None:
+    """Parse (before the heavy imports, so a bad flag answers at once), quiet the console, run the recipe.
 
+    None when the input was bad: the error line has been printed.
+    """
     try:
-        config = parse_config(argv, prog)
+        config = parse()
+        import importlib
+
+        from gp_lightning.runtime.console import configure_console
+        from gp_lightning.runtime.ranks import global_rank
+
+        module, name = recipe_path.rsplit(".", 1)
+        recipe = getattr(importlib.import_module(module), name)
         configure_console(config.run.log_level, global_rank())
-        result = PruneRecipe(config).run()
+        return config, recipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
+    done = _run_recipe(lambda: parse_config(argv, prog), "gp_lightning.pipeline.PruneRecipe")
+    if done is None:
         return 2
+    config, result = done
     ev = result.evaluation
     if "rank" in ev:  # a rank other than 0: rank 0 reports
         return 0
@@ -132,17 +146,10 @@ def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) ->
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
     """Recovery fine-tuning: ``train.py --config configs/finetune-lora.yaml --model runs/x/model``."""
-    from gp_lightning.finetune.recipe import FinetuneRecipe
-    from gp_lightning.runtime.console import configure_console
-    from gp_lightning.runtime.ranks import global_rank
-
-    try:
-        config = parse_finetune_config(argv, prog)
-        configure_console(config.run.log_level, global_rank())
-        result = FinetuneRecipe(config).run()
-    except GPLightningError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    done = _run_recipe(lambda: parse_finetune_config(argv, prog), "gp_lightning.finetune.recipe.FinetuneRecipe")
+    if done is None:
         return 2
+    config, result = done
     if "rank" not in result.evaluation:
         print_finetune_summary(result.evaluation, result.run_dir, config.evaluation.eval_seq_len)
     return 0

@@ -9,8 +9,7 @@ groups at once (a method against a strategy) are here. Nothing here imports torc
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gp_lightning.data.config import DataConfig
 from gp_lightning.evaluation.config import EvaluationConfig
 from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
 from gp_lightning.model.config import ModelConfig
-from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig
+from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig, grouped
 from gp_lightning.runtime.errors import check_config
 from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.table.config import TableConfig
@@ -71,19 +70,19 @@ class RecoveryConfig:
                      "only applies with finetune: true (pass --finetune)")
 
 
-@dataclass
+@grouped
 class PruneConfig(GroupedConfig):
     """Global structured pruning of a Llama-style decoder (GQA groups and MLP channels)."""
 
-    source: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    table: TableConfig = field(default_factory=TableConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    run: OutputConfig = field(default_factory=OutputConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    source: ModelConfig
+    data: DataConfig
+    calibration: CalibrationConfig
+    table: TableConfig
+    selection: SelectionConfig
+    evaluation: EvaluationConfig
+    run: OutputConfig
+    distributed: DistributedConfig
+    recovery: RecoveryConfig
 
     def __post_init__(self) -> None:
         check_capability(self.calibration.importance_method, self.distributed.strategy,
@@ -111,11 +110,4 @@ class PruneConfig(GroupedConfig):
                                                   "overwrite": self.run.overwrite})
 
 
-def provenance_settings(config: PruneConfig) -> dict[str, Any]:
-    """The settings a pruned checkpoint records about how it was made."""
-    return {"base_model": config.source.model, "pruning_ratio": config.selection.pruning_ratio,
-            "importance_method": config.calibration.importance_method,
-            "table_transforms": config.table.transform_settings()}
-
-
-__all__ = ["FLAG_ALIASES", "OutputConfig", "PruneConfig", "RecoveryConfig", "dataclasses", "provenance_settings"]
+__all__ = ["FLAG_ALIASES", "OutputConfig", "PruneConfig", "RecoveryConfig"]

@@ -145,8 +145,9 @@ class PruneRecipe(Recipe):
         cfg, t = self.cfg, self.cfg.table
         if t.from_table is None and needs_calibration_data(cfg.calibration.importance_method):
             return True
-        return (t.needs_block_losses and saved_losses(self.saved_table, "B") is None) or (
-            t.needs_layer_losses and saved_losses(self.saved_table, "L") is None)
+        blocks, layers = t.losses_needed()
+        return (blocks and saved_losses(self.saved_table, "B") is None) or (
+            layers and saved_losses(self.saved_table, "L") is None)
 
     # -- steps ---------------------------------------------------------------------------------
     def calibrate(self) -> UnitImportance:
@@ -180,9 +181,10 @@ class PruneRecipe(Recipe):
         """Block (B) and layer (L) skip-ablation losses the transforms need, reused from a saved table if there."""
         cfg, t = self.cfg, self.cfg.table
         assert self.layout is not None
-        blocks = saved_losses(self.saved_table, "B") if t.needs_block_losses else None
-        layers = saved_losses(self.saved_table, "L") if t.needs_layer_losses else None
-        measure_blocks, measure_layers = t.needs_block_losses and blocks is None, t.needs_layer_losses and layers is None
+        need_blocks, need_layers = t.losses_needed()
+        blocks = saved_losses(self.saved_table, "B") if need_blocks else None
+        layers = saved_losses(self.saved_table, "L") if need_layers else None
+        measure_blocks, measure_layers = need_blocks and blocks is None, need_layers and layers is None
         if not (measure_blocks or measure_layers):
             return AblationLosses(blocks, layers)
         assert self.cal_windows is not None
@@ -277,7 +279,7 @@ class PruneRecipe(Recipe):
         results = PruneResults(selection, params_after, self.evaluator.results, e.eval_dataset, e.eval_seq_len,
                                self.evaluator.window_count, self.precision, self.eval_precision,
                                analysis.extreme_layers, self.timings)
-        self.writer.results(results.to_dict(), describe_run(self.cfg, self.layout, results.to_dict()))
+        self.writer.results(results.to_dict(), self._describe(results.to_dict()))
         finetuned = None
         if self.cfg.recovery.finetune:
             finetuned = self.finetune(pruned)
@@ -308,6 +310,10 @@ class PruneRecipe(Recipe):
         log.info("recovery fine-tuning (%s) into %s", settings.adapter.finetune_method, settings.run.output)
         return recipe.run()
 
+    def _describe(self, results: dict[str, Any]) -> str:
+        assert self.layout is not None
+        return describe_run(self.cfg.to_dict(), self.cfg.selection.describe(), self.layout, results)
+
     def _follow_rank_zero(self, raw: pd.DataFrame) -> RunResult:
         """Ranks other than 0: receive the plan rank 0 selected (or its error) and stop."""
         message = broadcast_from_zero(None)
@@ -323,15 +329,11 @@ class PruneRecipe(Recipe):
         assert self.layout is not None
         results = {"table_only": True, "units": len(ordered.table), "total_params": self.layout.total_params,
                    "prunable_params": self.layout.prunable_params, **self.evaluator.results, "timings_s": self.timings}
-        self.writer.results(results, describe_run(self.cfg, self.layout, results))
+        self.writer.results(results, self._describe(results))
         log.info("table written (table_only): %s", self.run_dir / "global_group_table.csv")
         return RunResult(self.run_dir, ordered.table, None, None, results)
 
 
 def oneshot(config: PruneConfig | None = None, **keys: Any) -> RunResult:
     """Prune in one call: ``oneshot(model="smollm2-135m", pruning_ratio=0.2, output="runs/x")``."""
-    if config is None:
-        config = PruneConfig.from_flat(keys)
-    elif keys:
-        config = config.replace(**keys)
-    return PruneRecipe(config).run()
+    return PruneRecipe(PruneConfig.given(config, **keys)).run()

@@ -62,3 +62,13 @@ def test_no_function_is_longer_than_60_lines() -> None:
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{relative}:{node.lineno} {node.name} ({length} lines)")
     assert long == []
+
+
+def test_the_readme_table_lists_the_packages_one_to_one() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## How it works", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    listed = {step.strip(): package.strip() for step, package in rows[1:]}  # rows[0] is the header
+    assert [step for step in listed if step != "top"] == list(STEPS)
+    assert all(listed[step] == f"`{step}/`" for step in STEPS)
+    assert listed["top"] == ", ".join(f"`{name}.py`" for name in ("config", "cli", "pipeline"))

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import pandas as pd
 
-from gp_lightning.calibration.config import CalibrationConfig
-from gp_lightning.data.config import DataConfig
-from gp_lightning.evaluation.config import EvaluationConfig
-from gp_lightning.model.config import ModelConfig
 from gp_lightning.model.layout import ModelLayout
-from gp_lightning.selection.config import SelectionConfig
-from gp_lightning.table.config import TableConfig
-
-
-class PruneSettings(Protocol):
-    """The groups of a pruning config that its description reads."""
-
-    source: ModelConfig
-    data: DataConfig
-    calibration: CalibrationConfig
-    table: TableConfig
-    selection: SelectionConfig
-    evaluation: EvaluationConfig
 
 
 def layer_summary_text(summary: pd.DataFrame) -> str:
@@ -41,37 +24,36 @@ def layer_summary_text(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_run(cfg: PruneSettings, layout: ModelLayout, results: dict[str, Any]) -> str:
-    """``description.txt``: the run on one page."""
+def describe_run(settings: dict[str, Any], constraints: str, layout: ModelLayout, results: dict[str, Any]) -> str:
+    """``description.txt``: the run on one page (``settings``: the run's flat config keys)."""
     def ppl(key: str) -> str:
         value = results.get(key)
         return "not measured" if value is None else f"{value:.4f}"
 
-    t, data = cfg.table, cfg.data
-    source = (f"read from {t.from_table}" if t.from_table else
-              f"{cfg.calibration.importance_method}, {data.num_samples} x {data.seq_len} tokens of {data.dataset}")
+    c = settings
+    source = (f"read from {c['from_table']}" if c["from_table"] else
+              f"{c['importance_method']}, {c['num_samples']} x {c['seq_len']} tokens of {c['dataset']}")
     lines = [
         "gp-lightning global structured pruning",
-        f"model:              {cfg.source.model} ({layout.model_type}, {layout.num_layers} layers)",
+        f"model:              {c['model']} ({layout.model_type}, {layout.num_layers} layers)",
         f"importance:         {source}",
-        f"table transforms:   clip [{t.clip_percentile_low}, {t.clip_percentile_high}] percentiles, "
-        f"normalization={t.normalization} ({t.normalization_level}), temperature={t.temperature}, tau={t.tau}, "
-        f"layer_depth_weight={t.layer_depth_weight}",
-        f"constraints:        {cfg.selection.describe()}",
+        f"table transforms:   clip [{c['clip_percentile_low']}, {c['clip_percentile_high']}] percentiles, "
+        f"normalization={c['normalization']} ({c['normalization_level']}), temperature={c['temperature']}, "
+        f"tau={c['tau']}, layer_depth_weight={c['layer_depth_weight']}",
+        f"constraints:        {constraints}",
     ]
     if results.get("table_only"):
         lines += [f"table only:         {results['units']:,} units ranked, nothing pruned",
                   f"perplexity (dense): {ppl('ppl_before')}"]
         return "\n".join(lines) + "\n"
     lines += [
-        f"requested ratio:    {cfg.selection.pruning_ratio:.4f} of all parameters",
+        f"requested ratio:    {c['pruning_ratio']:.4f} of all parameters",
         f"achieved ratio:     {results['achieved_ratio']:.4f} of all parameters "
         f"({results['achieved_ratio_of_prunable']:.4f} of prunable)",
         f"parameters:         {results['total_params']:,} -> {results['params_after']:,}",
         f"perplexity before:  {ppl('ppl_before')}",
         f"perplexity after:   {ppl('ppl_after')}",
-        f"evaluation:         {results['eval_windows']} windows of {cfg.evaluation.eval_seq_len} tokens of "
-        f"{cfg.evaluation.eval_dataset}",
+        f"evaluation:         {results['eval_windows']} windows of {c['eval_seq_len']} tokens of {c['eval_dataset']}",
     ]
     return "\n".join(lines) + "\n"
 

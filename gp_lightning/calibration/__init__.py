@@ -1,5 +1,6 @@
 """Calibration: run real text through the model under Lightning and collect per-unit statistics.
 
-Methods: ``taylor`` and ``taylor_2nd`` (forward+backward, :mod:`.taylor`), ``wanda`` (forward only,
-:mod:`.wanda`), and the data-free baselines ``magnitude`` and ``random`` (:mod:`.baselines`).
+``run.run_calibration`` is the entry; ``methods`` is the capability table (which method runs under
+which strategy); ``taylor`` / ``wanda`` / ``baselines`` score units; ``zero3`` runs the same scoring
+under DeepSpeed; ``statistics_checkpoint`` saves and resumes what has been accumulated.
 """

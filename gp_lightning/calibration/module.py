@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gp_lightning.runtime.sharding import checkpoint_layers, shard_layers
+from gp_lightning.runtime.sharding import recompute_layers_in_backward, shard_layers
 
 
 def window_loss_sums(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class CalibrationModule(L.LightningModule):
         from gp_lightning.model.layout import decoder_layers
 
         if self.activation_checkpointing and self.compute_gradients and not getattr(self, "_checkpointed", False):
-            checkpoint_layers(decoder_layers(self.model))
+            recompute_layers_in_backward(decoder_layers(self.model))
             self._checkpointed = True
         if not self.shard:
             return

@@ -1,4 +1,5 @@
-"""The calibration data group: which text, and how many windows of how many tokens."""
+"""The data groups: which text, cut into windows of how many tokens, batched how (calibration, and a base
+that fine-tuning's data group extends)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,30 @@ from gp_lightning.runtime.errors import check_config
 
 
 @dataclass
-class DataConfig:
-    """Calibration data"""
+class TextConfig:
+    """Text"""
 
     dataset: str = "wikitext2"
-    """Calibration text: ``wikitext2``, ``c4`` (Hugging Face hub) or a local ``.txt``/``.jsonl``/``.parquet``
-    file (without hub access: ``../shared/data/wikitext-2/valid.txt``)."""
-    num_samples: int = 32
-    """Number of calibration windows (random, non-overlapping, chosen with ``seed``)."""
+    """``wikitext2``, ``c4`` (Hugging Face hub) or a local ``.txt``/``.jsonl``/``.parquet`` file (without hub
+    access: ``../shared/data/wikitext-2/valid.txt``); fine-tuning also takes alpaca-style instruction records
+    (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``)."""
     seq_len: int = 128
-    """Tokens per calibration window."""
+    """Tokens per window (for instruction data: the most tokens an example keeps)."""
     batch_size: int = 4
-    """Calibration micro-batch size (windows per forward/backward pass)."""
+    """Windows (examples) per forward/backward pass on each process."""
 
     def __post_init__(self) -> None:
-        for key in ("num_samples", "batch_size"):
-            check_config(getattr(self, key) >= 1, key, getattr(self, key), "must be at least 1")
+        check_config(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         check_config(self.seq_len >= 2, "seq_len", self.seq_len, "must be at least 2 tokens")
+
+
+@dataclass
+class DataConfig(TextConfig):
+    """Calibration data"""
+
+    num_samples: int = 32
+    """Number of calibration windows (random, non-overlapping, chosen with ``seed``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self.num_samples >= 1, "num_samples", self.num_samples, "must be at least 1")

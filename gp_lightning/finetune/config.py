@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gp_lightning.data.config import TextConfig
 from gp_lightning.evaluation.config import EvaluationWindows
 from gp_lightning.model.config import ModelConfig
-from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig
+from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig, grouped
 from gp_lightning.runtime.errors import check_config
 
 FinetuneMethod = Literal["lora", "full"]
@@ -54,12 +55,9 @@ class FinetuneModelConfig(ModelConfig):
 
 
 @dataclass
-class FinetuneDataConfig:
+class FinetuneDataConfig(TextConfig):
     """Training data"""
 
-    dataset: str = "wikitext2"
-    """``wikitext2``, ``c4`` (hub), a local ``.txt``/``.parquet`` of plain text, or a ``.jsonl``/``.json`` of
-    either ``{"text": ...}`` or alpaca-style ``{"instruction", "input", "output"}`` records."""
     data_format: DataFormat = "auto"
     """``text`` (causal-LM loss on every token of fixed windows), ``instruction`` (prompt + response, loss on
     the response tokens only) or ``auto`` (instruction when the records have ``instruction`` and
@@ -74,15 +72,10 @@ class FinetuneDataConfig:
     val_samples: int = 16
     """Examples of the training data held out for validation loss: it picks the best epoch. They never
     overlap the training examples."""
-    seq_len: int = 128
-    """Tokens per training window (text) or maximum tokens per example (instruction)."""
-    batch_size: int = 4
-    """Examples per optimizer micro-step on each process."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "val_samples"):
-            check_config(getattr(self, key) >= 1, key, getattr(self, key), "must be at least 1")
-        check_config(self.seq_len >= 2, "seq_len", self.seq_len, "must be at least 2 tokens")
+        super().__post_init__()
+        check_config(self.val_samples >= 1, "val_samples", self.val_samples, "must be at least 1")
         if self.finetune_samples is not None:
             check_config(self.finetune_samples >= 1, "finetune_samples", self.finetune_samples,
                          "must be at least 1, or null for all the data")
@@ -165,17 +158,17 @@ class FinetuneOutputConfig(RunConfig):
     """LoRA only: write just the adapter (``output/adapter``, peft format) instead of the merged model."""
 
 
-@dataclass
+@grouped
 class FinetuneConfig(GroupedConfig):
     """Recovery fine-tuning of a (pruned) model with LoRA or full fine-tuning."""
 
-    source: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
-    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    evaluation: FinetuneEvaluationConfig = field(default_factory=FinetuneEvaluationConfig)
-    run: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    source: FinetuneModelConfig
+    data: FinetuneDataConfig
+    training: TrainingConfig
+    adapter: AdapterConfig
+    evaluation: FinetuneEvaluationConfig
+    run: FinetuneOutputConfig
+    distributed: DistributedConfig
 
     def __post_init__(self) -> None:
         check_config(not (self.run.save_adapter_only and self.adapter.finetune_method == "full"), "save_adapter_only",

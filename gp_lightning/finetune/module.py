@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from gp_lightning.finetune.config import TrainingConfig
 from gp_lightning.finetune.data import IGNORE
 from gp_lightning.model.layout import decoder_layers
-from gp_lightning.runtime.sharding import checkpoint_layers, shard_layers
+from gp_lightning.runtime.sharding import recompute_layers_in_backward, shard_layers
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -55,15 +56,11 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
 class FinetuneModule(L.LightningModule):
     """Trains whatever in ``model`` requires grad (the adapters in LoRA mode, everything in full mode)."""
 
-    def __init__(self, model: nn.Module, learning_rate: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 lr_scheduler: str = "linear", shard: bool = False, activation_checkpointing: bool = False,
-                 adapter_checkpoints: bool = False) -> None:
+    def __init__(self, model: nn.Module, training: TrainingConfig | None = None, shard: bool = False,
+                 activation_checkpointing: bool = False, adapter_checkpoints: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.lr_scheduler = lr_scheduler
+        self.training_config = training or TrainingConfig()
         self.shard = shard
         self.activation_checkpointing = activation_checkpointing
         self.adapter_checkpoints = adapter_checkpoints
@@ -76,7 +73,7 @@ class FinetuneModule(L.LightningModule):
         """
         layers = decoder_layers(base_causal_lm(self.model))
         if self.activation_checkpointing and not getattr(self, "_checkpointed", False):
-            checkpoint_layers(layers)
+            recompute_layers_in_backward(layers)
             self._checkpointed = True
         if self.shard and not getattr(self, "_sharded", False):
             shard_layers(self.model, layers, self.device_mesh, str(self.trainer.precision))
@@ -107,9 +104,10 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        t = self.training_config
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.warmup_steps, total, self.lr_scheduler))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total, t.lr_scheduler))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_keys(self) -> set[str]:

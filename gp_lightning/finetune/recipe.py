@@ -144,8 +144,8 @@ class FinetuneRecipe(Recipe):
 
     def train(self, model: torch.nn.Module) -> FinetuneModule:
         cfg, t = self.cfg, self.cfg.training
-        module = FinetuneModule(model, t.learning_rate, t.weight_decay, t.warmup_steps, t.lr_scheduler,
-                                shard=self.shard, activation_checkpointing=cfg.distributed.activation_checkpointing,
+        module = FinetuneModule(model, t, shard=self.shard,
+                                activation_checkpointing=cfg.distributed.activation_checkpointing,
                                 adapter_checkpoints=cfg.adapter.finetune_method == "lora")
         trainer = self.trainer()
         data = FinetuneData(self.train_examples, self.val_examples, cfg.data.batch_size, pad_token_id(self.tokenizer),
@@ -269,8 +269,4 @@ class FinetuneRecipe(Recipe):
 
 def finetune(config: FinetuneConfig | None = None, **keys: Any) -> FinetuneResult:
     """Fine-tune in one call: ``finetune(model="runs/x/model", output="runs/x-ft", finetune_method="lora")``."""
-    if config is None:
-        config = FinetuneConfig.from_flat(keys)
-    elif keys:
-        config = config.replace(**keys)
-    return FinetuneRecipe(config).run()
+    return FinetuneRecipe(FinetuneConfig.given(config, **keys)).run()

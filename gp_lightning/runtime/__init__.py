@@ -1,1 +1,2 @@
-"""Runtime: what every step stands on — process ranks and launchers, precision, sharding, files, errors, console."""
+"""Runtime: what every step stands on — process ranks and launchers, numerics, FSDP sharding and activation
+checkpointing, files and run directories, errors, the console, the shared config groups and recipe base."""

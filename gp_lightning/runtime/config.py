@@ -72,6 +72,15 @@ class DistributedConfig:
                      "must be at least 1, or auto")
 
 
+def grouped(cls: type[Config]) -> type[Config]:
+    """``@dataclass`` for a workflow config: every annotated field is an argument group, by default its defaults."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__dict__.get("__annotations__", {}):
+        if name not in cls.__dict__:
+            setattr(cls, name, dataclasses.field(default_factory=hints[name]))
+    return dataclass(cls)
+
+
 class GroupedConfig:
     """Base of the workflow configs: dataclasses whose fields are argument groups with flat keys."""
 
@@ -116,3 +125,10 @@ class GroupedConfig:
     def replace(self: Config, **values: Any) -> Config:
         """A copy with some flat keys changed (validated again)."""
         return type(self).from_flat({**self.to_dict(), **values})
+
+    @classmethod
+    def given(cls: type[Config], config: Config | None = None, **keys: Any) -> Config:
+        """``config`` with ``keys`` changed, or the defaults with ``keys`` (the one-call entries' arguments)."""
+        if config is None:
+            return cls.from_flat(keys)
+        return config.replace(**keys) if keys else config

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-def checkpoint_layers(layers: nn.ModuleList) -> None:
+def recompute_layers_in_backward(layers: nn.ModuleList) -> None:
     """Keep only each layer's input for backward and recompute the rest: activation memory of about
     one layer instead of all, for roughly a third more compute."""
     from torch.distributed._composable import checkpoint

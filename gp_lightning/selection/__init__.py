@@ -1,2 +1,3 @@
-"""Selection: which units go. ``constraints`` holds the per-layer limits, ``greedy`` the knapsack,
-``result`` what came out (the plan, budget figures and a per-layer summary)."""
+"""Selection: which units go. ``config`` holds the budget and per-layer limits, ``greedy`` the knapsack,
+``plan`` the kept units (the hand-off to surgery), ``result`` what came out (budget figures, a per-layer
+summary)."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from gp_lightning.model.layout import LayerLayout, ModelLayout
 from gp_lightning.runtime.errors import ConfigError, check_config
+
+if TYPE_CHECKING:  # the config stays importable without torch
+    from gp_lightning.model.layout import LayerLayout, ModelLayout
 
 
 @dataclass(frozen=True)

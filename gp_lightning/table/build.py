@@ -1,4 +1,11 @@
-"""The raw global group table: one row per pruning unit of the whole model, in model order."""
+"""The raw global group table: one row per pruning unit of the whole model, in model order.
+
+Words, once: a *unit* is what pruning removes, either an attention GQA group (one KV head, its
+query heads, their o_proj columns) or an MLP channel. The table's columns keep the names the
+pruning guides use: ``group_type`` is the unit's kind (``attention`` or ``mlp``) and ``group_idx``
+its index within its layer's block, so an MLP channel is a "group" of the table too. A *block* is
+the attention or the MLP of one layer.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import pandas as pd
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.model.layout import ModelLayout
 
-#: Identify a unit.
+#: Identify a unit (layer, unit kind, unit index).
 KEY = ["layer_idx", "group_type", "group_idx"]
 #: Identify a block (the attention or the MLP of one layer).
 BLOCK = ["layer_idx", "group_type"]

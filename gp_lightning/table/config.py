@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gp_lightning.runtime.errors import ConfigError, check_config
-from gp_lightning.table.normalize import Normalization, NormalizationLevel
+
+Normalization = Literal["none", "minmax", "zscore", "log", "sqrt"]
+NormalizationLevel = Literal["layer", "block"]
 
 #: The keys of the five transforms (what table_transforms.json and the checkpoint's provenance record).
 TRANSFORM_KEYS = ("clip_percentile_low", "clip_percentile_high", "normalization", "normalization_level",
@@ -64,13 +66,9 @@ class TableConfig:
         check_config(not (self.table_only and self.from_table), "table_only", self.table_only,
                      "cannot be combined with from_table (first --table_only, then --from_table in another run)")
 
-    @property
-    def needs_block_losses(self) -> bool:
-        return self.temperature > 0
-
-    @property
-    def needs_layer_losses(self) -> bool:
-        return self.tau > 0
+    def losses_needed(self) -> tuple[bool, bool]:
+        """Which skip-ablation losses the corrections need: (B of every block for T, L of every layer for tau)."""
+        return self.temperature > 0, self.tau > 0
 
     def transform_settings(self) -> dict[str, Any]:
         """The settings of the five transforms, by key."""

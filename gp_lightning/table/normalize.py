@@ -12,15 +12,14 @@ first just because it is flat.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gp_lightning.table.build import BLOCK
+from gp_lightning.table.config import Normalization, NormalizationLevel
 
-Normalization = Literal["none", "minmax", "zscore", "log", "sqrt"]
-NormalizationLevel = Literal["layer", "block"]
 #: Value given to every unit of a constant group.
 CONSTANT_GROUP_VALUE = 1.0
 

@@ -53,7 +53,7 @@ def transform_table(table: pd.DataFrame, transforms: TableConfig, num_layers: in
     table["importance_normalized"] = values
 
     table["B"] = _aligned(table, block_loss, BLOCK, "B")
-    if t.needs_block_losses:
+    if t.losses_needed()[0]:
         if table["B"].isna().any():
             raise ConfigError("temperature > 0 needs the block ablation losses B for every block, and some are missing.")
         values, report["temperature"] = block_temperature(table, values, table["B"], t.temperature)
@@ -61,7 +61,7 @@ def transform_table(table: pd.DataFrame, transforms: TableConfig, num_layers: in
 
     table["L"] = _aligned(table, layer_loss, ["layer_idx"], "L")
     table["tau_factor"] = 1.0
-    if t.needs_layer_losses:
+    if t.losses_needed()[1]:
         if table["L"].isna().any():
             raise ConfigError("tau > 0 needs the layer ablation losses L for every layer, and some are missing.")
         values, table["tau_factor"], report["tau"] = layer_tau(table, values, table["L"], t.tau)
