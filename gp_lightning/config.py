@@ -17,6 +17,7 @@ import yaml
 
 from gp_lightning.calibration.config import CalibrationConfig
 from gp_lightning.calibration.methods import check_capability
+from gp_lightning.compensation.config import CompensationConfig
 from gp_lightning.data.config import DataConfig
 from gp_lightning.evaluation.config import EvaluationConfig
 from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
@@ -79,6 +80,7 @@ class PruneConfig(GroupedConfig):
     calibration: CalibrationConfig
     table: TableConfig
     selection: SelectionConfig
+    refit: CompensationConfig
     evaluation: EvaluationConfig
     run: OutputConfig
     distributed: DistributedConfig
@@ -95,7 +97,7 @@ class PruneConfig(GroupedConfig):
     def finetune_settings(self) -> FinetuneConfig:
         """The fine-tuning config of ``finetune``: shared keys of this run, then ``finetune_config``."""
         flat = self.to_dict()
-        values: dict[str, Any] = {key: flat[key] for key in SHARED_WITH_PRUNE}
+        values: dict[str, Any] = {key: flat[key] for key in SHARED_WITH_PRUNE} | {"teacher": self.source.model}
         path_text = self.recovery.finetune_config
         if path_text:
             path = Path(path_text).expanduser()

@@ -12,6 +12,7 @@ directory is made, so a bad invocation leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from gp_lightning.analysis.run_directory import Analysis, PruneResults, PruneRun
 from gp_lightning.calibration.methods import needs_calibration_data
 from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
+from gp_lightning.compensation.run import Compensation, compensate
 from gp_lightning.config import PruneConfig
 from gp_lightning.data.sources import check_source, load_text
 from gp_lightning.data.windows import calibration_windows, tokenize
@@ -39,11 +41,11 @@ from gp_lightning.model.source import local_checkpoint_dir
 from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.runtime.launch import launcher_warning
 from gp_lightning.runtime.precision import load_dtype
-from gp_lightning.runtime.ranks import broadcast_from_zero, distributed, world_size
+from gp_lightning.runtime.ranks import broadcast_from_zero, distributed, process_group, world_size
 from gp_lightning.runtime.recipe import Recipe
 from gp_lightning.selection.greedy import check_budget, select
 from gp_lightning.selection.plan import PruningPlan
-from gp_lightning.selection.result import Selection
+from gp_lightning.selection.result import Selection, with_plan
 from gp_lightning.surgery.in_memory import apply_plan
 from gp_lightning.surgery.streamed import stream_prune
 from gp_lightning.table.ablation import AblationLosses, ablation_losses
@@ -82,6 +84,7 @@ class PruneRecipe(Recipe):
         self.layout: ModelLayout | None = None
         self.saved_table: pd.DataFrame | None = None
         self.cal_windows: torch.Tensor | None = None
+        self.refit_windows: torch.Tensor | None = None  # the compensation's (the calibration windows first)
         self.evaluator = Evaluator(None, config.evaluation.eval_batch_size, "32-true", timings=self.timings)
         self.gradient_statistics: dict | None = None
 
@@ -101,7 +104,10 @@ class PruneRecipe(Recipe):
             self.saved_table = load_table(cfg.table.from_table, self.layout)
         if self._needs_calibration_windows():
             tokens = tokenize(load_text(cfg.data.dataset, "calibration"), self.tokenizer)
-            self.cal_windows = calibration_windows(tokens, cfg.data.num_samples, cfg.data.seq_len, cfg.run.seed)
+            refit = cfg.refit.compensation_samples or cfg.data.num_samples
+            count = max(cfg.data.num_samples, refit if cfg.refit.enabled else 0)
+            windows = calibration_windows(tokens, count, cfg.data.seq_len, cfg.run.seed)  # the first ones calibrate
+            self.cal_windows, self.refit_windows = windows[: cfg.data.num_samples], windows[:refit]
         e = cfg.evaluation
         needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings)
@@ -143,7 +149,8 @@ class PruneRecipe(Recipe):
 
     def _needs_calibration_windows(self) -> bool:
         cfg, t = self.cfg, self.cfg.table
-        if t.from_table is None and needs_calibration_data(cfg.calibration.importance_method):
+        if (t.from_table is None and needs_calibration_data(cfg.calibration.importance_method)) or (
+                cfg.refit.enabled and not t.table_only):
             return True
         blocks, layers = t.losses_needed()
         return (blocks and saved_losses(self.saved_table, "B") is None) or (
@@ -206,25 +213,49 @@ class PruneRecipe(Recipe):
         self.writer.table(ordered)
         return ordered
 
-    def select(self, ordered: OrderedTable) -> tuple[Selection, Analysis]:
-        """The selection step and its analysis (summary, diagnosis, plots)."""
+    def select(self, ordered: OrderedTable) -> Selection:
+        """The selection step: lowest scores first until the budget is met."""
         cfg = self.cfg
         assert self.layout is not None
         selection = select(ordered.table, self.layout, cfg.selection)
-        analysis = analyze(self.layout, selection, ordered, self.gradient_statistics, cfg.run.extreme_rate)
-        self.writer.selection(selection, analysis)
-        self.timings["analysis_s"] = analysis.seconds + (self.gradient_statistics or {}).get("seconds", 0.0)
         log.info("selected %d units: %.4f of all params (%.4f of prunable), target %.4f", len(selection.pruned),
                  selection.ratio, selection.ratio_of_prunable, cfg.selection.pruning_ratio)
-        return selection, analysis
+        return selection
+
+    def compensate(self, plan: PruningPlan) -> Compensation | None:
+        """The compensation step (every rank of a distributed run joins: each walks its own windows)."""
+        refit = self.cfg.refit
+        if not refit.enabled:
+            return None
+        assert self.layout is not None and self.refit_windows is not None
+        rank, world = process_group()
+        with self.timed("compensation_s"):
+            result = compensate(self.full_model(), self.layout, plan, self.refit_windows, refit,
+                                self.cfg.data.batch_size, rank, world)
+        summary = result.summary(refit)
+        self.writer.compensation(summary)
+        log.info("compensation (%s%s) of %d projections in %.1f s: mean relative output error %.4f -> %.4f",
+                 refit.compensation, ", sequential" if refit.sequential else "", len(result.report),
+                 self.timings["compensation_s"], summary["mean_relative_error_before"],
+                 summary["mean_relative_error_after"])
+        return result
+
+    def analyze(self, selection: Selection, ordered: OrderedTable) -> Analysis:
+        """The analysis step (summary, diagnosis, plots), written with the selection."""
+        assert self.layout is not None
+        analysis = analyze(self.layout, selection, ordered, self.gradient_statistics, self.cfg.run.extreme_rate)
+        self.writer.selection(selection, analysis)
+        self.timings["analysis_s"] = analysis.seconds + (self.gradient_statistics or {}).get("seconds", 0.0)
+        return analysis
 
     def provenance(self, selection: Selection) -> dict[str, Any]:
         cfg = self.cfg
         return {"base_model": cfg.source.model, "pruning_ratio": cfg.selection.pruning_ratio,
                 "achieved_ratio": selection.ratio, "importance_method": cfg.calibration.importance_method,
-                "table_transforms": cfg.table.transform_settings(), "gp_lightning_version": __version__}
+                "table_transforms": cfg.table.transform_settings(), "compensation": dataclasses.asdict(cfg.refit),
+                "gp_lightning_version": __version__}
 
-    def prune(self, selection: Selection) -> torch.nn.Module:
+    def prune(self, selection: Selection, compensation: Compensation | None = None) -> torch.nn.Module:
         """The surgery step: in memory (then saved), or streamed from the dense safetensors into ``model/``."""
         assert self.layout is not None
         if self.cfg.run.streamed_surgery:
@@ -232,10 +263,11 @@ class PruneRecipe(Recipe):
             self.model = None  # the weights are read from disk instead
             with self.timed("surgery_s"):
                 stream_prune(source, self.layout, selection.plan, self.provenance(selection), self.run_dir / "model",
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, compensation=compensation)
             return load_pruned(self.run_dir / "model")
         with self.timed("surgery_s"):
-            pruned = apply_plan(self.full_model(), self.layout, selection.plan, self.provenance(selection))
+            pruned = apply_plan(self.full_model(), self.layout, selection.plan, self.provenance(selection),
+                                compensation)
         self.model = None
         self.save(pruned)
         return pruned
@@ -256,27 +288,32 @@ class PruneRecipe(Recipe):
                 return self._follow_rank_zero(raw)
             try:
                 ordered = self.order(raw)
-                chosen = None if self.cfg.table.table_only else self.select(ordered)
+                selection = None if self.cfg.table.table_only else self.select(ordered)
             except BaseException as exc:
                 broadcast_from_zero({"error": f"{type(exc).__name__}: {exc}"})
                 raise
-            broadcast_from_zero({"plan": None if chosen is None else chosen[0].plan.to_json()})
-            if chosen is None:
+            broadcast_from_zero({"plan": None if selection is None else selection.plan.to_json()})
+            if selection is None:
                 return self._finish_table_only(ordered)
-            return self._finish(ordered, *chosen)
+            return self._finish(ordered, selection)
         finally:
             self.cleanup()
 
-    def _finish(self, ordered: OrderedTable, selection: Selection, analysis: Analysis) -> RunResult:
-        """Rank 0 after selection: surgery, evaluation, results, and the fine-tune if asked."""
+    def _finish(self, ordered: OrderedTable, selection: Selection) -> RunResult:
+        """Rank 0 after selection: compensation, analysis, surgery, evaluation, results, the fine-tune if asked."""
         assert self.layout is not None
-        pruned = self.prune(selection)
+        compensation = self.compensate(selection.plan)
+        if compensation is not None and compensation.plan.to_json() != selection.plan.to_json():
+            selection = with_plan(selection, compensation.plan, ordered.table)  # within_layer: obs chose the units
+        analysis = self.analyze(selection, ordered)
+        pruned = self.prune(selection, compensation)
         if self.cfg.evaluation.test_after_prune:
             self.evaluator.measure(pruned, "after")
         params_after = sum(p.numel() for p in pruned.parameters())
+        output_bias = sum(p.numel() for name, p in pruned.named_parameters() if name.endswith("_output_bias"))
         self.writer.comparison(pruning_comparison(self.layout, analysis.summary, params_after))
         e = self.cfg.evaluation
-        results = PruneResults(selection, params_after, self.evaluator.results, e.eval_dataset, e.eval_seq_len,
+        results = PruneResults(selection, params_after, output_bias, self.evaluator.results, e.eval_dataset, e.eval_seq_len,
                                self.evaluator.window_count, self.precision, self.eval_precision,
                                analysis.extreme_layers, self.timings)
         self.writer.results(results.to_dict(), self._describe(results.to_dict()))
@@ -322,6 +359,8 @@ class PruneRecipe(Recipe):
         plan = None if message["plan"] is None else PruningPlan.from_json(message["plan"])
         log.info("rank %d: received the plan of rank 0 (%s)", self.rank,
                  "table only" if plan is None else f"{sum(len(lp.keep_channels) for lp in plan.layers)} channels kept")
+        if plan is not None:
+            self.compensate(plan)  # its Gram sums need every rank
         finetuned = self.finetune(None) if self.cfg.recovery.finetune and plan is not None else None
         return RunResult(self.run_dir, raw, None, None, {"rank": self.rank}, finetuned)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,14 +225,19 @@ def test_train_cli_and_prune_finetune(tmp_path: Path, pruned_checkpoint: Path, t
 
 
 @pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path) -> Path:
+def single_process_run(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path,
+                       tiny_checkpoint: Path) -> Path:
     out = tmp_path_factory.mktemp("single-ft") / "run"
-    assert train_main([*_distributed_args(pruned_checkpoint, wikitext), "--batch_size", "4", "--output", str(out)]) == 0
+    args = [*_distributed_args(pruned_checkpoint, wikitext, tiny_checkpoint), "--batch_size", "4", "--output", str(out)]
+    assert train_main(args) == 0
+    assert json.loads((out / "evaluation_results.json").read_text())["finetune_loss"] == "kd+lm"
     return out
 
 
-def _distributed_args(checkpoint: Path, wikitext: Path) -> list[str]:
-    return ["--model", str(checkpoint), "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
+def _distributed_args(checkpoint: Path, wikitext: Path, teacher: Path) -> list[str]:
+    """Distillation from the dense model mixed with the LM loss: both losses, and the teacher, under every strategy."""
+    return ["--model", str(checkpoint), "--finetune_loss", "kd+lm", "--teacher", str(teacher), "--kd_temperature", "2",
+            "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
             str(wikitext / "test.txt"), "--seq_len", "32", "--eval_seq_len", "32", "--eval_max_windows", "4",
             "--finetune_samples", "8", "--val_samples", "2", "--learning_rate", "0.01", "--lora_dropout", "0",
             "--log_every_n_steps", "1", "--test_before_finetune", "false", "--precision", "32-true",
@@ -240,11 +246,12 @@ def _distributed_args(checkpoint: Path, wikitext: Path) -> list[str]:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_are_the_same_training_as_one_process(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path,
-                                                         single_process_run: Path, strategy: str) -> None:
+                                                         single_process_run: Path, tiny_checkpoint: Path,
+                                                         strategy: str) -> None:
     """2 gloo ranks x batch 2 see the same examples per step as 1 process x batch 4: same losses, same weights."""
     import socket
 
-    common = _distributed_args(pruned_checkpoint, wikitext)
+    common = _distributed_args(pruned_checkpoint, wikitext, tiny_checkpoint)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -263,3 +270,57 @@ def test_two_ranks_are_the_same_training_as_one_process(tmp_path: Path, pruned_c
     a, b = load_pruned(single_process_run / "model"), load_pruned(tmp_path / "ddp" / "model")
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kd_loss_is_the_temperature_scaled_kl_of_the_counted_positions() -> None:
+    from gp_lightning.finetune.distill import kd_loss_sum, mixed_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, :3] = IGNORE  # a prompt: positions predicting it do not count
+    total, count = kd_loss_sum(student, teacher, labels, temperature=2.0)
+    expected, n = 0.0, 0
+    for b in range(2):
+        for t in range(5):
+            if labels[b, t + 1] != IGNORE:
+                p = torch.softmax(teacher[b, t] / 2, -1)
+                expected += float((p * (p.log() - torch.log_softmax(student[b, t] / 2, -1))).sum()) * 4
+                n += 1
+    assert int(count) == n and float(total) == pytest.approx(expected, rel=1e-5)
+    lm, kd = torch.tensor(2.0), torch.tensor(4.0)
+    assert float(mixed_loss(lm, kd, "kd+lm", 0.25)) == pytest.approx(2.5)
+    assert float(mixed_loss(lm, kd, "kd", 0.25)) == 4.0 and float(mixed_loss(lm, None, "lm", 0.25)) == 2.0
+
+
+def test_distillation_trains_toward_the_teacher_and_refuses_another_vocabulary(
+        tmp_path: Path, pruned_checkpoint: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
+    from gp_lightning.finetune.distill import kd_loss_sum
+    from gp_lightning.finetune.module import batch_logits
+
+    recipe = FinetuneRecipe(settings(pruned_checkpoint, tmp_path / "kd", wikitext, finetune_loss="kd",
+                                     teacher=str(tiny_checkpoint), num_epochs=2, save_model=False,
+                                     finetune_method="full", learning_rate=3e-4))
+    recipe.setup()
+    try:
+        batch = collate(recipe.train_examples, 0)
+
+        def kl(model: torch.nn.Module) -> float:
+            with torch.no_grad():
+                total, count = kd_loss_sum(batch_logits(model.eval(), batch), batch_logits(recipe.teacher, batch),
+                                           batch["labels"])
+            return float(total / count)
+
+        before = kl(recipe.model)
+        module = recipe.train(recipe.trainable_model())
+        assert kl(module.model) < 0.7 * before  # the student moved toward the dense model's distribution
+    finally:
+        recipe.cleanup()
+    metrics = pd.read_csv(tmp_path / "kd" / "logs" / "csv" / "metrics.csv")
+    assert metrics["train_kd_loss_step"].notna().sum() == 8
+    other = tmp_path / "other-vocab"
+    tiny_model("llama", vocab=50).save_pretrained(other)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        finetune(settings(pruned_checkpoint, tmp_path / "kd2", wikitext, finetune_loss="kd", teacher=str(other)))
+    with pytest.raises(ConfigError, match="teacher"):
+        settings(pruned_checkpoint, tmp_path / "kd3", wikitext, finetune_loss="kd")

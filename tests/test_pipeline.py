@@ -49,7 +49,9 @@ def test_run_directory_and_reload(tmp_path: Path, tiny_checkpoint: Path, wikitex
     assert results["removed_params"] == int(pruned_rows["cost"].sum())
     assert results["achieved_ratio"] == pytest.approx(results["removed_params"] / results["total_params"])
     assert results["params_after"] == sum(p.numel() for p in result.pruned_model.parameters())
-    assert results["params_after"] <= results["total_params"] - results["removed_params"]
+    # emptied blocks lose their norms too; compensation adds an output bias per refit block that had none
+    assert results["output_bias_params"] > 0
+    assert results["params_after"] <= results["total_params"] - results["removed_params"] + results["output_bias_params"]
     assert results["ppl_after"] > 1.0 and results["ppl_before"] > 1.0
     comparison = json.loads((run / "analysis" / "pruning_comparison.json").read_text())
     assert comparison["total_params_after"] == results["params_after"]
@@ -92,7 +94,11 @@ def test_cli_prints_summary(tmp_path: Path, tiny_checkpoint: Path, wikitext: Pat
     assert "Pruned" in out and "Perplexity" in out
 
 
-@pytest.mark.parametrize("extra", [{}, {"temperature": 1.0, "normalization": "log", "clip_percentile_low": 5.0}])
+@pytest.mark.parametrize("extra", [
+    {},  # compensation (the default) refits on the calibration text: the second step reads it too
+    {"temperature": 1.0, "normalization": "log", "clip_percentile_low": 5.0, "compensation": "none",
+     "within_layer": "score"},
+])
 def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
                                                    extra: dict) -> None:
     quiet = dict(test_before_prune=False, test_after_prune=False, **extra)
@@ -101,9 +107,10 @@ def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoi
     assert first.selection is None and not (tmp_path / "table" / "pruning_plan.json").exists()
     assert (tmp_path / "table" / "table_transforms.json").exists()
     table_csv = tmp_path / "table" / "global_group_table.csv"
-    # the second step needs no calibration text when the saved table already has what it needs
+    # without compensation the second step needs no calibration text when the saved table has what it needs
+    text = {} if extra.get("compensation") != "none" else {"dataset": str(tmp_path / "missing.txt")}
     second = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "second", from_table=str(table_csv),
-                             dataset=str(tmp_path / "missing.txt"), **quiet))
+                             **text, **quiet))
     pd.testing.assert_frame_equal(second.table, one.table, check_exact=True)
     assert second.selection.plan.to_json() == one.selection.plan.to_json()
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))

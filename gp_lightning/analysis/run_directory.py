@@ -87,6 +87,10 @@ class PruneRunWriter:
             save_png(figure, self.run_dir / "visualization" / name)
         analysis.seconds += time.perf_counter() - start
 
+    def compensation(self, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            write_json(self.run_dir / "analysis" / "compensation.json", summary)
+
     def comparison(self, comparison: dict[str, Any]) -> None:
         if self.enabled:
             write_json(self.run_dir / "analysis" / "pruning_comparison.json", comparison)
@@ -105,6 +109,7 @@ class PruneResults:
 
     selection: Selection
     params_after: int  # counted on the real pruned model (emptied blocks also lose their norms)
+    output_bias_params: int  # of which the blocks' own output biases (kept from a skipped block, or compensation's)
     measured: dict[str, Any]  # ppl_before / ppl_after / importance_details
     eval_dataset: str
     eval_seq_len: int
@@ -119,6 +124,7 @@ class PruneResults:
         out = {
             **self.selection.summary(),
             "params_after": self.params_after,
+            "output_bias_params": self.output_bias_params,
             "achieved_ratio_actual": 1 - self.params_after / self.selection.total_params,
             **self.measured,
             "eval_dataset": self.eval_dataset,

@@ -20,6 +20,7 @@ FinetuneMethod = Literal["lora", "full"]
 DataFormat = Literal["auto", "text", "instruction"]
 PromptFormat = Literal["auto", "chat", "plain"]
 Scheduler = Literal["linear", "cosine", "constant"]
+FinetuneLoss = Literal["lm", "kd", "kd+lm"]
 
 #: The projections of a Llama-style layer; LoRA goes on those that survived pruning.
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -136,6 +137,29 @@ class AdapterConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Distillation from the dense model"""
+
+    finetune_loss: FinetuneLoss = "lm"
+    """``lm``: next-token cross-entropy on the data. ``kd``: KL divergence to the ``teacher``'s next-token
+    distribution (logits computed on the fly, under no_grad, in ``eval_precision``). ``kd+lm``: ``kd_alpha *
+    kd + (1 - kd_alpha) * lm``. The validation loss that picks the best epoch is always the ``lm`` loss."""
+    teacher: str | None = None
+    """The model to distil from (``kd``, ``kd+lm``): the dense model the student was pruned from, with the same
+    tokenizer (``prune.py --finetune`` sets it to its ``model``)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of both distributions (the KL is scaled by its square)."""
+    kd_alpha: float = 0.5
+    """Weight of the KD term in ``kd+lm``."""
+
+    def __post_init__(self) -> None:
+        check_config(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be positive (1 is plain KD)")
+        check_config(0.0 <= self.kd_alpha <= 1.0, "kd_alpha", self.kd_alpha, "must be in [0, 1]")
+        check_config(self.finetune_loss == "lm" or bool(self.teacher), "teacher", self.teacher,
+                     f"must name the dense model to distil from with finetune_loss: {self.finetune_loss}")
+
+
+@dataclass
 class FinetuneEvaluationConfig(EvaluationWindows):
     """Held-out perplexity"""
 
@@ -165,6 +189,7 @@ class FinetuneConfig(GroupedConfig):
     source: FinetuneModelConfig
     data: FinetuneDataConfig
     training: TrainingConfig
+    distillation: DistillationConfig
     adapter: AdapterConfig
     evaluation: FinetuneEvaluationConfig
     run: FinetuneOutputConfig

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from gp_lightning.finetune.config import TrainingConfig
+from gp_lightning.finetune.config import DistillationConfig, TrainingConfig
 from gp_lightning.finetune.data import IGNORE
+from gp_lightning.finetune.distill import kd_loss_sum, mixed_loss
 from gp_lightning.model.layout import decoder_layers
+from gp_lightning.runtime.precision import autocast
 from gp_lightning.runtime.sharding import recompute_layers_in_backward, shard_layers
 
 
@@ -28,15 +30,24 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the batch (the attention mask only where there is padding)."""
+    mask = batch.get("attention_mask")
+    return model(input_ids=batch["input_ids"], attention_mask=None if mask is None or bool(mask.all()) else mask,
+                 use_cache=False).logits
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies over labels that are not -100, and how many there are."""
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, (targets != IGNORE).sum()
+
+
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropies over labels that are not -100, and how many there are."""
-    mask = batch.get("attention_mask")
-    logits = model(input_ids=batch["input_ids"], attention_mask=None if mask is None or bool(mask.all()) else mask,
-                   use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, (labels != IGNORE).sum()
+    return lm_loss_sum(batch_logits(model, batch), batch["labels"])
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Any:
@@ -57,14 +68,24 @@ class FinetuneModule(L.LightningModule):
     """Trains whatever in ``model`` requires grad (the adapters in LoRA mode, everything in full mode)."""
 
     def __init__(self, model: nn.Module, training: TrainingConfig | None = None, shard: bool = False,
-                 activation_checkpointing: bool = False, adapter_checkpoints: bool = False) -> None:
+                 activation_checkpointing: bool = False, adapter_checkpoints: bool = False,
+                 distillation: DistillationConfig | None = None, teacher: nn.Module | None = None,
+                 teacher_precision: str = "32-true") -> None:
         super().__init__()
         self.model = model
         self.training_config = training or TrainingConfig()
+        self.distillation = distillation or DistillationConfig()
+        # kept out of the module tree: no optimizer, checkpoint or gradient synchronization sees the teacher
+        self._teacher = [teacher] if teacher is not None else []
+        self.teacher_precision = teacher_precision
         self.shard = shard
         self.activation_checkpointing = activation_checkpointing
         self.adapter_checkpoints = adapter_checkpoints
         self.val_loss = MeanMetric()
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
 
     def configure_model(self) -> None:
         """Activation checkpointing per decoder layer (if asked), then FSDP2 sharding (if asked).
@@ -77,19 +98,41 @@ class FinetuneModule(L.LightningModule):
             self._checkpointed = True
         if self.shard and not getattr(self, "_sharded", False):
             shard_layers(self.model, layers, self.device_mesh, str(self.trainer.precision))
+            if self.teacher is not None:  # sharded like the student, computed in its own precision
+                shard_layers(self.teacher, decoder_layers(self.teacher), self.device_mesh, self.teacher_precision)
             self._sharded = True
 
     def on_fit_start(self) -> None:
-        """Train mode (adapter dropout on); models come from ``from_pretrained`` in eval mode."""
+        """Train mode (adapter dropout on); models come from ``from_pretrained`` in eval mode. The teacher
+        follows the student to its device and stays in eval mode."""
         self.model.train()
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        total, count = masked_lm_loss(self.model, batch)
-        loss = total / count.clamp(min=1)
+        logits = batch_logits(self.model, batch)
+        total, count = lm_loss_sum(logits, batch["labels"])
+        lm = total / count.clamp(min=1)
+        kd = None
+        size = batch["input_ids"].shape[0]
+        if self.distillation.finetune_loss != "lm":
+            kd_total, kd_count = kd_loss_sum(logits, self.teacher_logits(batch), batch["labels"],
+                                             self.distillation.kd_temperature)
+            kd = kd_total / kd_count.clamp(min=1)
+            self.log("train_kd_loss", kd, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
+            self.log("train_lm_loss", lm, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
+        loss = mixed_loss(lm, kd, self.distillation.finetune_loss, self.distillation.kd_alpha)
         # averaged over ranks: for equal-length examples, the curve of one process running the whole batch
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0],
-                 sync_dist=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         return loss
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dense model's logits of the batch, on the fly, in the evaluation precision."""
+        if self.teacher is None:
+            raise RuntimeError("finetune_loss needs a teacher, and none was given")
+        with autocast(self.teacher_precision, self.device):
+            return batch_logits(self.teacher, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         total, count = masked_lm_loss(self.model, batch)

@@ -28,6 +28,7 @@ from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
 from gp_lightning.finetune.lora import add_lora, merged, trainable_parameters
 from gp_lightning.finetune.module import FinetuneModule
+from gp_lightning.model.config import ModelConfig
 from gp_lightning.model.source import resolve
 from gp_lightning.runtime.config import DistributedConfig
 from gp_lightning.runtime.errors import ConfigError
@@ -76,6 +77,7 @@ class FinetuneRecipe(Recipe):
         self.steps = 0
         self.initial_val_loss = float("nan")
         self.curve = pd.DataFrame()
+        self.teacher: torch.nn.Module | None = None
 
     @property
     def evaluation(self) -> dict[str, Any]:
@@ -90,6 +92,7 @@ class FinetuneRecipe(Recipe):
         with self.timed("load_model_s"):
             if self.model is None:
                 self.model, self.tokenizer = cfg.source.load(load_dtype(self.precision))
+            self.teacher = self.load_teacher()
         d = cfg.data
         self.train_examples, self.val_examples = load_examples(
             d.dataset, d.data_format, self.tokenizer, d.seq_len, d.finetune_samples, d.val_samples, cfg.run.seed,
@@ -102,6 +105,23 @@ class FinetuneRecipe(Recipe):
         self.open_log(cfg.to_dict())
         log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples", __version__,
                  cfg.adapter.finetune_method, cfg.source.model, len(self.train_examples), len(self.val_examples))
+
+    def load_teacher(self) -> torch.nn.Module | None:
+        """The dense model to distil from (kd, kd+lm), frozen, in the evaluation precision."""
+        d, source = self.cfg.distillation, self.cfg.source
+        if d.finetune_loss == "lm":
+            return None
+        assert d.teacher is not None and self.model is not None
+        teacher, _ = ModelConfig(d.teacher, None, source.trust_remote_code, source.cache_dir).load(
+            load_dtype(self.eval_precision), with_tokenizer=False)
+        student_vocab = self.model.get_input_embeddings().num_embeddings
+        if teacher.get_input_embeddings().num_embeddings != student_vocab:
+            raise ConfigError(f"teacher {d.teacher} has a vocabulary of {teacher.get_input_embeddings().num_embeddings} "
+                              f"tokens, the model {student_vocab}: distillation needs the model the student was pruned "
+                              "from (the same tokenizer).")
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        return teacher.eval()
 
     # -- steps ---------------------------------------------------------------------------------
     def trainable_model(self) -> torch.nn.Module:
@@ -146,7 +166,9 @@ class FinetuneRecipe(Recipe):
         cfg, t = self.cfg, self.cfg.training
         module = FinetuneModule(model, t, shard=self.shard,
                                 activation_checkpointing=cfg.distributed.activation_checkpointing,
-                                adapter_checkpoints=cfg.adapter.finetune_method == "lora")
+                                adapter_checkpoints=cfg.adapter.finetune_method == "lora",
+                                distillation=cfg.distillation, teacher=self.teacher,
+                                teacher_precision=self.eval_precision)
         trainer = self.trainer()
         data = FinetuneData(self.train_examples, self.val_examples, cfg.data.batch_size, pad_token_id(self.tokenizer),
                             cfg.run.seed)
@@ -196,7 +218,8 @@ class FinetuneRecipe(Recipe):
 
     def provenance(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"finetune_method": cfg.adapter.finetune_method, "dataset": cfg.data.dataset,
+        return {"finetune_method": cfg.adapter.finetune_method, "finetune_loss": cfg.distillation.finetune_loss,
+                "dataset": cfg.data.dataset,
                 "num_epochs": cfg.training.num_epochs, "learning_rate": cfg.training.learning_rate,
                 "lora_r": cfg.adapter.lora_r, "lora_alpha": cfg.adapter.lora_alpha, "steps": self.steps,
                 "gp_lightning_version": __version__}
@@ -247,6 +270,7 @@ class FinetuneRecipe(Recipe):
         saved = cfg.run.save_model or cfg.run.save_adapter_only
         return {
             "finetune_method": cfg.adapter.finetune_method,
+            "finetune_loss": cfg.distillation.finetune_loss,
             **self.evaluation,
             "ppl_change": None if before is None or after is None else after / before - 1,
             "eval_dataset": cfg.evaluation.eval_dataset,

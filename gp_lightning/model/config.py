@@ -26,9 +26,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_config(bool(self.model), "model", self.model, "must name a model")
 
-    def load(self, dtype: Any) -> tuple[Any, Any]:
+    def load(self, dtype: Any, with_tokenizer: bool = True) -> tuple[Any, Any]:
         """``(model, tokenizer)`` with weights of ``dtype`` (see :func:`gp_lightning.model.source.load_model`)."""
         from gp_lightning.model.source import load_model
 
         return load_model(self.model, dtype=dtype, tokenizer_source=self.tokenizer,
-                          trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir)
+                          trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir,
+                          with_tokenizer=with_tokenizer)

@@ -120,8 +120,10 @@ def load_model(
     tokenizer_source: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
+    with_tokenizer: bool = True,
 ) -> tuple[torch.nn.Module, object]:
-    """Load ``(model, tokenizer)`` from any supported source, checking the architecture first."""
+    """Load ``(model, tokenizer)`` from any supported source, checking the architecture first
+    (``tokenizer`` is None with ``with_tokenizer=False``: a distillation teacher needs none)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from gp_lightning.model.gp_pruned import register_auto_classes
@@ -151,7 +153,7 @@ def load_model(
         warn_if_stale(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location) if with_tokenizer else None
     except Exception as exc:
         raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
     return model, tokenizer

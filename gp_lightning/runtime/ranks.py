@@ -45,3 +45,10 @@ def broadcast_from_zero(payload: Any) -> Any:
     box = [payload if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialized process group, or ``(0, 1)`` without one."""
+    if distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

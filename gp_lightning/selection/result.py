@@ -67,3 +67,15 @@ def layer_summary(layout: ModelLayout, plan: PruningPlan, table: pd.DataFrame | 
             "status": "dropped" if plan.dropped(layer.index) else ("empty" if lp.empty else "kept"),
         })
     return pd.DataFrame(rows)
+
+
+def with_plan(selection: Selection, plan: PruningPlan, table: pd.DataFrame) -> Selection:
+    """The same budget with another choice of units inside the blocks (compensation-aware): the removed
+    units of ``plan`` as rows of ``table``, in score order."""
+    removed = {(lp.index, "attention", g) for lp in plan.layers for g in set(range(lp.num_groups)) - set(lp.keep_groups)}
+    removed |= {(lp.index, "mlp", c) for lp in plan.layers for c in set(range(lp.num_channels)) - set(lp.keep_channels)}
+    keys = zip(table["layer_idx"].tolist(), table["group_type"].tolist(), table["group_idx"].tolist(), strict=True)
+    rows = [i for i, key in enumerate(keys) if key in removed]
+    pruned = table.iloc[rows].reset_index(drop=True)
+    return Selection(pruned, plan, selection.total_params, selection.prunable_params, selection.target_params,
+                     int(pruned["cost"].sum()))

@@ -8,6 +8,8 @@ dropped and the following layers are renumbered.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from accelerate import init_empty_weights
 from torch import nn
@@ -19,10 +21,15 @@ from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.surgery.pruned_config import pruned_config
 from gp_lightning.surgery.slicer import TensorSlicer, unit_rows
 
+if TYPE_CHECKING:
+    from gp_lightning.compensation.run import Compensation
 
-def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provenance: dict) -> GPPrunedForCausalLM:
-    """Return a new, physically smaller model carrying the dense model's remaining weights."""
-    config = pruned_config(model.config, layout, plan, provenance)
+
+def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provenance: dict,
+               compensation: Compensation | None = None) -> GPPrunedForCausalLM:
+    """Return a new, physically smaller model carrying the dense model's remaining weights (refit where
+    ``compensation`` refit them)."""
+    config = pruned_config(model.config, layout, plan, provenance, compensation)
     config._attn_implementation = getattr(model.config, "_attn_implementation", None)
     dtype = next(model.parameters()).dtype
     device = torch.get_default_device()  # where a freshly constructed model would live
@@ -30,7 +37,7 @@ def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provena
     dense = model.state_dict()
     dense_storages = {tensor.untyped_storage().data_ptr() for tensor in dense.values()}
     state = {}
-    for name, tensor in TensorSlicer(layout, plan).apply(dense.items()):
+    for name, tensor in TensorSlicer(layout, plan, compensation).apply(dense.items()):
         if name in tied:
             continue  # the embedding, tied below
         tensor = tensor.to(device=device, dtype=dtype)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gp_lightning.model.gp_pruned.configuration_gp_pruned import GPPrunedConfig
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.selection.plan import PruningPlan
+
+if TYPE_CHECKING:
+    from gp_lightning.compensation.run import Compensation
 
 #: Config keys of the dense config that must not be copied into the pruned one.
 _DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config",
@@ -14,8 +17,9 @@ _DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_ve
                      "allow_global_per_layer_attribute_access", "serialize_explicit_per_layer_config")
 
 
-def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, provenance: dict) -> GPPrunedConfig:
-    """The GPPrunedConfig describing the model after ``plan``."""
+def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, provenance: dict,
+                  compensation: Compensation | None = None) -> GPPrunedConfig:
+    """The GPPrunedConfig describing the model after ``plan`` (and its compensation's output biases)."""
     base = {k: v for k, v in _config_dict(dense_config).items() if k not in _DROP_CONFIG_KEYS}
     base_type = getattr(dense_config, "base_model_type", None) or dense_config.model_type
     kept = plan.kept_layers
@@ -38,7 +42,7 @@ def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, pro
         per_layer[new] = entry
     base["num_hidden_layers"] = len(kept)
     base["head_dim"] = layout.head_dim
-    base["output_bias"] = _output_biases(dense_config, layout, plan)
+    base["output_bias"] = _output_biases(dense_config, layout, plan, compensation)
     if isinstance(base.get("layer_types"), list):
         base["layer_types"] = [base["layer_types"][old] for old in kept]
     if "max_window_layers" in base:
@@ -49,20 +53,25 @@ def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, pro
     return config
 
 
-def _output_biases(dense_config: Any, layout: ModelLayout, plan: PruningPlan) -> dict[str, list[int]]:
+def _output_biases(dense_config: Any, layout: ModelLayout, plan: PruningPlan,
+                   compensation: Compensation | None) -> dict[str, list[int]]:
     """Per block, the (new) indices of the layers whose block output carries a bias of its own.
 
-    That is a skipped block whose o_proj / down_proj had a bias, and every block that already carried
-    one in a model pruned before.
+    That is a skipped block whose o_proj / down_proj had a bias, every block that already carried
+    one in a model pruned before, and every block the compensation gave a bias its projection had no
+    tensor for (or that it skips).
     """
     before = getattr(dense_config, "output_bias", None) or {}
+    refit = {} if compensation is None else compensation.biases
+    own = set() if compensation is None else compensation.own_bias
     biases: dict[str, list[int]] = {"self_attn": [], "mlp": []}
     for new, old in enumerate(plan.kept_layers):
         layer, lp = layout.layers[old], plan.layers[old]
-        if old in before.get("self_attn", []) or (not lp.keep_groups and layer.o_bias):
-            biases["self_attn"].append(new)
-        if old in before.get("mlp", []) or (not lp.keep_channels and layer.down_bias):
-            biases["mlp"].append(new)
+        for block, kept, has_bias in (("self_attn", lp.keep_groups, layer.o_bias),
+                                      ("mlp", lp.keep_channels, layer.down_bias)):
+            added = (old, block) in refit and (not kept or (old, block) not in own)
+            if old in before.get(block, []) or (not kept and has_bias) or added:
+                biases[block].append(new)
     return biases
 
 

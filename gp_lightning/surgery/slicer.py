@@ -3,18 +3,24 @@
 Works on names and tensors only, so it slices a model's in-memory state dict and checkpoint
 tensors streamed from disk alike. A layer whose attention (MLP) lost every unit loses that block's
 tensors (its output bias survives as the block's own output bias); a dropped layer loses all of
-them and the later layers are renumbered.
+them and the later layers are renumbered. With a compensation, the refit o_proj / down_proj weights
+and output biases are written instead of the sliced ones; an output bias the dense model had no
+tensor for comes out of :meth:`TensorSlicer.added`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from gp_lightning.model.layout import LayerLayout, ModelLayout
 from gp_lightning.selection.plan import LayerPlan, PruningPlan
+
+if TYPE_CHECKING:
+    from gp_lightning.compensation.run import Compensation
 
 _LAYER_PARAM = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -26,12 +32,14 @@ def unit_rows(groups: list[int], width: int) -> torch.Tensor:
 class TensorSlicer:
     """Maps a dense parameter ``(name, tensor)`` to its pruned form, or to nothing."""
 
-    def __init__(self, layout: ModelLayout, plan: PruningPlan) -> None:
+    def __init__(self, layout: ModelLayout, plan: PruningPlan, compensation: Compensation | None = None) -> None:
         self.layout = layout
         self.plan = plan
         kept = plan.kept_layers
         self.new_index = {old: new for new, old in enumerate(kept)}
-
+        self.weights = {} if compensation is None else compensation.weights
+        self.biases = {} if compensation is None else compensation.biases
+        self._placed: set[tuple[int, str]] = set()  # compensation biases written into a dense tensor
     def __call__(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         match = _LAYER_PARAM.match(name)
         if match is None:
@@ -42,8 +50,31 @@ class TensorSlicer:
         result = self._slice(self.layout.layers[old], self.plan.layers[old], match["rest"], tensor)
         if result is None:
             return None
-        rest, sliced = result
+        rest, sliced = self._compensated(old, match["rest"], *result)
         return f"{match['prefix']}.{self.new_index[old]}.{rest}", sliced
+
+    def _compensated(self, old: int, dense: str, rest: str, sliced: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The refit weight or output bias instead of the sliced one, where the compensation has one.
+
+        ``dense`` is the tensor's name in the dense layer, ``rest`` its name in the pruned one.
+        """
+        block = "self_attn" if dense.startswith("self_attn") else "mlp" if dense.startswith("mlp") else None
+        if block is None or (old, block) not in self.biases:
+            return rest, sliced
+        key, projection = (old, block), "o_proj" if block == "self_attn" else "down_proj"
+        if dense == f"{block}.{projection}.weight":
+            value = self.weights[key]
+        elif dense == f"{block}.{projection}.bias":  # the projection's own bias: the refit one replaces it
+            self._placed.add(key)
+            value = self.biases[key]
+        elif dense == f"{block}_output_bias":  # a pruned model's own output bias: the projection's refit adds to it
+            self._placed.add(key)
+            value = self.biases[key] + (0 if sliced.is_meta else sliced.to(self.biases[key].dtype))
+        else:
+            return rest, sliced
+        if sliced.is_meta:  # a dry run over stored shapes
+            return rest, torch.empty(value.shape, dtype=sliced.dtype, device="meta")
+        return rest, value.to(sliced.dtype).clone()
 
     def _slice(self, layer: LayerLayout, lp: LayerPlan, rest: str, tensor: torch.Tensor
                ) -> tuple[str, torch.Tensor] | None:
@@ -77,8 +108,20 @@ class TensorSlicer:
             return None
         return rest, tensor
 
-    def apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]], prefix: str = "model.layers"
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every pruned tensor of ``named_tensors``, then the added output biases (:meth:`added`)."""
         for name, tensor in named_tensors:
             out = self(name, tensor)
             if out is not None:
                 yield out
+        yield from self.added(prefix)
+
+    def added(self, prefix: str = "model.layers") -> Iterator[tuple[str, torch.Tensor]]:
+        """Compensation biases that no dense tensor carried: new ``<block>_output_bias`` tensors.
+
+        Call after every dense tensor has gone through the slicer.
+        """
+        for (old, block), bias in sorted(self.biases.items()):
+            if (old, block) not in self._placed and old in self.new_index:
+                yield f"{prefix}.{self.new_index[old]}.{block}_output_bias", bias.clone()

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -40,6 +40,9 @@ from gp_lightning.runtime.io import staged_directory
 from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.surgery.pruned_config import pruned_config
 from gp_lightning.surgery.slicer import TensorSlicer
+
+if TYPE_CHECKING:
+    from gp_lightning.compensation.run import Compensation
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class _Read:
 
 
 def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, dense_names: set[str],
-                expected: dict[str, tuple[int, ...]], tied: set[str], source: Path) -> list[_Read]:
+                expected: dict[str, tuple[int, ...]], tied: set[str], source: Path) -> list[_Read | str]:
     """Which stored tensor becomes which output tensor, in the pruned model's state-dict order.
 
     Runs the slicer on meta tensors of the stored shapes (from the file headers only), so a
@@ -107,7 +110,8 @@ def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, de
     file is written. Following the pruned model's order makes the shard split the one
     ``save_pretrained`` makes for the in-memory model. Stored tensors the dense model does not have
     (e.g. the ``rotary_emb.inv_freq`` buffers of old checkpoints) are skipped, as ``from_pretrained``
-    skips them.
+    skips them. A compensation's added output biases have no stored source: their names stand in the
+    list instead of a read.
     """
     reads: dict[str, _Read] = {}
     unused = []
@@ -136,11 +140,12 @@ def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, de
             reads[name] = _Read(name, path, source_name, sliced.numel() * itemsize)
     if unused:
         logger.warning("Streamed surgery ignores %d stored tensors the model does not use: %s", len(unused), unused)
-    missing = [name for name in expected if name not in reads]
+    added = {name for name, _ in slicer.added()}
+    missing = [name for name in expected if name not in reads and name not in added]
     if missing:
         raise ModelSourceError(f"The checkpoint in '{source}' lacks tensors the pruned model needs: {missing}. "
                                "It is incomplete or does not match the layout: download it again.")
-    return [reads[name] for name in expected]
+    return [reads.get(name, name) for name in expected]
 
 
 def _read_tensor(read: _Read) -> torch.Tensor:
@@ -276,6 +281,7 @@ def stream_prune(
     tokenizer: object | None = None,
     max_shard_size: int | str = "5GB",
     dense_config: Any = None,
+    compensation: Compensation | None = None,
 ) -> Path:
     """Apply ``plan`` to the safetensors checkpoint in ``source`` and save the pruned checkpoint to ``output``.
 
@@ -283,7 +289,8 @@ def stream_prune(
     (same tensors, config, modeling files and generation config) but the dense model is never
     loaded: tensors are read one at a time and written in shards of at most ``max_shard_size``
     bytes, each tensor in its stored dtype. ``layout`` must describe the checkpoint
-    (:func:`describe_checkpoint` reads it without loading weights). Writing is atomic: into a
+    (:func:`describe_checkpoint` reads it without loading weights). With ``compensation`` its refit
+    weights and output biases are written instead of the sliced ones. Writing is atomic: into a
     staging directory that is renamed onto ``output`` when complete and removed on failure.
     """
     source, output = Path(source), Path(output)
@@ -291,20 +298,22 @@ def stream_prune(
     if dense_config is None:
         dense_config = load_dense_config(source)
     max_bytes = _parse_size(max_shard_size)
-    config = pruned_config(dense_config, layout, plan, provenance)
+    config = pruned_config(dense_config, layout, plan, provenance, compensation)
     model = _meta_model(config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
-    slicer = TensorSlicer(layout, plan)
     dense_names = set(dense_meta_model(dense_config).state_dict())
-    reads = _plan_reads(files, layout, slicer, dense_names, expected, tied, source)
+    reads = _plan_reads(files, layout, TensorSlicer(layout, plan, compensation), dense_names, expected, tied, source)
+    slicer = TensorSlicer(layout, plan, compensation)
     generation_config = _generation_config(source, dense_config)
 
     with staged_directory(output) as staging:
         writer = _ShardWriter(staging, max_bytes)
         written: dict[str, torch.dtype] = {}
         for read in reads:
+            if isinstance(read, str):  # written after the stored tensors (the slicer knows which only then)
+                continue
             writer.make_room(read.nbytes)
             result = slicer(read.source_name, _read_tensor(read))
             if result is None or result[0] != read.name:  # cannot happen: the slicer looks at names only
@@ -312,6 +321,9 @@ def stream_prune(
             written[read.name] = result[1].dtype
             writer.add(read.name, result[1].contiguous())
             del result  # a sliced input is freed now, one passed through when its shard is written
+        for name, tensor in slicer.added():
+            written[name] = tensor.dtype
+            writer.add(name, tensor.contiguous())
         writer.finish(model.num_parameters())
         _save_config(staging, config, model, _model_dtype(model, written), generation_config)
         if tokenizer is not None:

@@ -1,0 +1,54 @@
+"""The compensation group: how the weights that remain are refit after selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gp_lightning.runtime.errors import check_config
+
+CompensationMethod = Literal["none", "bias", "least_squares"]
+WithinLayer = Literal["score", "obs"]
+
+
+@dataclass
+class CompensationConfig:
+    """Compensation (refit after selection)"""
+
+    compensation: CompensationMethod = "least_squares"
+    """After selection, refit what remains of each o_proj and down_proj on the calibration windows so that the
+    block's output stays as close as possible to the dense one. ``least_squares``: the kept columns and an
+    output bias, fit to the dense output (float64, damped). ``bias``: only an output bias carrying the removed
+    inputs' mean contribution (FLAP's). ``none``: the kept weights stay the dense ones."""
+    sequential: bool = True
+    """Refit layer by layer in order, each layer seeing the already pruned and compensated layers' outputs
+    (SparseGPT/SlimGPT style), so errors do not accumulate; false: every layer sees the dense model's inputs."""
+    within_layer: WithinLayer = "obs"
+    """Which units a block loses (the global selection decides how many). ``score``: the lowest scores of the
+    table. ``obs``: those whose removal the refit absorbs best (structured OBS error of the o_proj/down_proj
+    columns, a GQA group's query heads as one block); it assumes the least-squares refit, so with ``bias`` or
+    ``none`` the table's scores decide."""
+    compensation_damping: float = 0.01
+    """Ridge damping of the least-squares systems, as a fraction of the mean diagonal of the kept inputs' Gram
+    matrix; the ridge pulls the refit toward the dense weights (more damping if a system is singular; a
+    projection whose refit would not lower the error keeps FLAP's bias or nothing, as
+    ``analysis/compensation.json`` records)."""
+    compensation_samples: int | None = None
+    """Calibration windows the refit sees (null: the ``num_samples`` windows calibration used). More windows
+    than ``num_samples`` are drawn from ``dataset`` with ``seed`` (the calibration windows first): a refit of
+    down_proj has as many unknowns per output as the MLP has channels, and it fits better with more tokens."""
+
+    def __post_init__(self) -> None:
+        check_config(self.compensation_damping >= 0, "compensation_damping", self.compensation_damping, "must be >= 0")
+        if self.compensation_samples is not None:
+            check_config(self.compensation_samples >= 1, "compensation_samples", self.compensation_samples,
+                         "must be at least 1, or null for all calibration windows")
+
+    @property
+    def enabled(self) -> bool:
+        return self.compensation != "none"
+
+    @property
+    def obs_selection(self) -> bool:
+        """Whether the refit, not the table, picks each block's units."""
+        return self.within_layer == "obs" and self.compensation == "least_squares"

@@ -1,0 +1,185 @@
+"""Walk the decoder layer by layer over the calibration windows, with one layer's statistics in memory.
+
+The hidden states entering layer 0 (and the keyword arguments the model hands its layers: masks,
+rotary embeddings) are captured once by stopping the model's forward at layer 0. Then, for each
+layer in turn, the Gram matrices of its o_proj and down_proj inputs are accumulated over every
+batch, the projections are refit, and the layer's outputs become the next layer's inputs:
+
+- ``sequential``: attention statistics from this layer's inputs, refit attention, MLP statistics
+  with the refit attention in place, refit MLP, and the outputs of the pruned-and-compensated layer
+  go on (SparseGPT / SlimGPT style): later layers are fit to what they will really see.
+- not sequential: both Grams from one pass of the dense layer, whose outputs go on.
+
+Removing a unit inside the running model means zeroing its o_proj (down_proj) columns: its heads
+(channels) then add nothing, exactly as after surgery. Refit weights are written into the layer in
+place and an added output bias is a forward hook, so the model walked is the masked, compensated
+dense model (which the surgery then slices). With several ranks each rank walks its own windows and
+the Gram sums are all-reduced (once per block), so every rank computes the same refit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gp_lightning.model.layout import decoder_layers
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (the rest of it is not needed)."""
+
+
+@dataclass
+class Batches:
+    """The hidden states entering the current layer, batch by batch, the keyword arguments the model passes
+    its layers for each batch, and each window's weight (0: padding of an uneven rank shard)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    weights: list[torch.Tensor]
+
+    def on(self, hidden: list[torch.Tensor]) -> Batches:
+        """The same batches carrying other hidden states."""
+        return Batches(hidden, self.kwargs, self.weights)
+
+
+def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.Tensor, batch_size: int
+                       ) -> Batches:
+    """Run the model on each batch up to its first decoder layer and keep what that layer receives."""
+    captured: dict[str, Any] = {}
+
+    def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = dict(kwargs)
+        raise _Stop
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    batches = Batches([], [], [])
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                batches.hidden.append(captured["hidden"].detach())
+                batches.kwargs.append(captured["kwargs"])
+                batches.weights.append(weights[start : start + batch_size])
+    finally:
+        handle.remove()
+    return batches
+
+
+class Gram:
+    """``sum [x; 1] [x; 1]^T`` over the tokens of real windows, accumulated in float32 (a few thousand tokens of
+    activations: float32 sums keep about six digits, the refit itself is float64)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.value = torch.zeros(features + 1, features + 1, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
+        real = x[weights.to(x.device) > 0].reshape(-1, x.shape[-1]).float()
+        augmented = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
+        self.value.addmm_(augmented.T, augmented)
+
+
+def all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over all ranks in one collective (nothing in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    start = 0
+    for t in tensors:
+        t.copy_(flat[start : start + t.numel()].view_as(t))
+        start += t.numel()
+
+
+def captured_inputs(run: Callable[[torch.Tensor, dict[str, Any]], Any], target: nn.Module, batches: Batches,
+                    hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The input of ``target`` in ``run(hidden, kwargs)`` for every batch; each pass ends at ``target``."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        for h, kwargs in zip(hidden if hidden is not None else batches.hidden, batches.kwargs, strict=True):
+            with contextlib.suppress(_Stop), torch.no_grad():
+                run(h, kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def gram_of(inputs: list[torch.Tensor], batches: Batches) -> torch.Tensor:
+    """The all-reduced Gram matrix of a projection's captured inputs (padding windows left out)."""
+    gram = Gram(inputs[0].shape[-1], inputs[0].device)
+    for x, weights in zip(inputs, batches.weights, strict=True):
+        gram.add(x, weights)
+    all_reduce([gram.value])
+    return gram.value
+
+
+def dense_pass(layer: nn.Module, batches: Batches, projections: list[nn.Linear]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One pass of the unchanged layer: the Gram of each projection's inputs, and the layer's outputs."""
+    grams = [Gram(p.in_features, p.weight.device) for p in projections]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        return lambda module, args: grams[index].add(args[0].detach(), current["weights"])
+
+    handles = [p.register_forward_pre_hook(hook_for(i)) for i, p in enumerate(projections)]
+    outputs = []
+    try:
+        with torch.no_grad():
+            for hidden, kwargs, weights in zip(batches.hidden, batches.kwargs, batches.weights, strict=True):
+                current["weights"] = weights
+                out = layer(hidden, **kwargs)
+                outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+    values = [g.value for g in grams]
+    all_reduce(values)
+    return values, outputs
+
+
+def layer_outputs(layer: nn.Module, batches: Batches) -> list[torch.Tensor]:
+    """The layer's output hidden states for every batch (the next layer's inputs)."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(batches.hidden, batches.kwargs, strict=True):
+            out = layer(hidden, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outputs
+
+
+@dataclass
+class AddedBias:
+    """Forward hooks that add the refit output biases of projections that have no bias of their own."""
+
+    handles: list[Any] = field(default_factory=list)
+
+    def add(self, projection: nn.Linear, bias: torch.Tensor) -> None:
+        value = bias.to(projection.weight.dtype)
+        self.handles.append(projection.register_forward_hook(lambda module, args, out: out + value.to(out.device)))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def progress(layers: int, rank: int) -> Iterator[int]:
+    return iter(tqdm(range(layers), desc="Compensation", unit="layer", disable=rank != 0))

@@ -1,0 +1,187 @@
+"""The math of compensation, on one projection: y = W x + b, some input columns of W removed.
+
+Everything works on the Gram matrix of the projection's inputs over the calibration tokens,
+augmented with a constant 1 (``G = sum [x; 1] [x; 1]^T``), in float64: it holds the means (for a
+bias) and the second moments (for a refit), and every output error is a quadratic form in it.
+
+- ``none``: keep ``W[:, S]`` (S: the kept columns) and ``b``.
+- ``bias`` (FLAP): keep ``W[:, S]``; the bias takes the removed inputs' mean contribution,
+  ``b + W[:, R] mean(x_R)``, so the output mean is unchanged.
+- ``least_squares``: ``[W_S', b'] = ([W, b] G[:, K] + lambda [W_S, 0]) (G[K, K] + lambda D)^-1`` with K
+  = S and the constant: the refit minimizing the output error over the calibration tokens, with a
+  ridge that pulls the kept weights toward the dense ones (a few thousand tokens are few for a
+  down_proj with thousands of inputs; shrinking toward zero instead measured worse). ``lambda`` is
+  ``damping`` times the mean diagonal of ``G[S, S]`` and D is the identity on the feature columns
+  (the constant is not damped). A system that is not positive definite gets 10x the damping, up to
+  three times; a refit whose error is not below the bias-only error falls back to that (and that to
+  ``none``), so compensation never increases the calibration-set output error.
+
+:func:`obs_removals` picks which units to remove from a block so that the refit absorbs the loss
+best: greedy structured OBS on the inverse Gram (a unit's error is ``tr(W_Q (Hinv_QQ)^-1 W_Q^T)``),
+several units per step, the inverse updated by the Schur complement after each step (in float32:
+it only ranks units).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Retries of a non-positive-definite system, each with 10x the damping.
+_RETRIES = 3
+
+
+@dataclass
+class Refit:
+    """The compensated projection: the kept columns' weights, the output bias, and how well it fits."""
+
+    weight: torch.Tensor  # out x |S|, float64
+    bias: torch.Tensor  # out, float64 (the full output bias: the old one, changed)
+    method: str  # what was applied: none | bias | least_squares
+    error_before: float  # relative output error of plain slicing
+    error_after: float  # relative output error of this refit
+    damping: float = 0.0  # the ridge term used (least squares)
+    fallback: str | None = None  # why the asked method was not applied
+
+
+@dataclass
+class Objective:
+    """``min_V sum_t ||y_t - V xa_t[K]||^2`` over the calibration tokens with ``y = [W, b] xa`` (the layer's own
+    output), held as sums: ``gram = sum xa xa^T`` and ``total = sum ||y||^2``.
+
+    Its right-hand side ``[W, b] G[:, K]`` is formed for the columns a refit keeps only, in float64.
+    """
+
+    target: torch.Tensor  # [W, b], float64
+    gram: torch.Tensor
+    total: float
+
+    @classmethod
+    def of_layer(cls, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor) -> Objective:
+        target = _augmented(weight, bias)
+        total = float(((target.float() @ gram.float()) * target.float()).sum())
+        return cls(target, gram, total)
+
+    def rhs(self, index: torch.Tensor) -> torch.Tensor:
+        """``sum y xa[index]^T`` (out x |index|), float64."""
+        return self.target @ self.gram[:, index].double()
+
+    def error(self, values: torch.Tensor, index: torch.Tensor, rhs: torch.Tensor) -> float:
+        """``sum ||y - V xa[index]||^2`` for the weights ``values`` (out x |index|); ``rhs`` = :meth:`rhs`."""
+        system = self.gram[index][:, index].float()
+        fitted = float(((values.float() @ system) * values.float()).sum())
+        return self.total - 2 * float((values * rhs).sum()) + fitted
+
+    def relative(self, error_squared: float) -> float:
+        return (max(error_squared, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
+
+
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[W, b]`` in float64 (a zero bias when there is none)."""
+    weight = weight.detach().double()
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    return torch.cat([weight, bias[:, None]], dim=1)
+
+
+def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping: float, prior: torch.Tensor
+           ) -> tuple[torch.Tensor, float] | None:
+    """Least squares on the columns ``index`` (the kept ones, then the constant), float64, with a ridge that
+    pulls the feature weights toward ``prior`` (the dense ones) rather than toward zero: the solution and the
+    ridge term, or None when the system stays indefinite."""
+    system = objective.gram[index][:, index].double()
+    scale = float(system.diagonal()[:-1].mean()) if len(index) > 1 else 0.0
+    lam = damping * scale
+    for _ in range(_RETRIES + 1):
+        damped = system.clone()
+        damped.diagonal()[:-1] += lam
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            pulled = rhs.clone()
+            pulled[:, :-1] += lam * prior[:, :-1]
+            return torch.cholesky_solve(pulled.T, chol).T, lam
+        lam = max(lam * 10, 1e-8 * max(scale, 1.0))
+    return None
+
+
+def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: torch.Tensor, method: str,
+          damping: float = 0.01) -> Refit:
+    """Compensate a projection for removed input columns (all but ``kept``), as ``method`` says.
+
+    Output errors are relative to the dense projection's output over the calibration tokens, from the
+    sums of the objective (no product over the tokens is formed again).
+    """
+    objective = Objective.of_layer(weight, bias, gram)
+    columns = objective.target.shape[1] - 1
+    kept = kept.to(torch.long)
+    index = torch.cat([kept, torch.tensor([columns])])
+    rhs = objective.rhs(index)
+    plain_values = objective.target[:, index]
+    before = objective.relative(objective.error(plain_values, index, rhs))
+    plain = Refit(plain_values[:, :-1], plain_values[:, -1], "none", before, before)
+    tokens = float(gram[-1, -1])
+    if method == "none" or len(kept) == columns or tokens <= 0:
+        return plain
+    # bias only: the kept weights stay, the bias takes the mean of what they leave unexplained
+    residual_mean = (rhs[:, -1] - plain_values[:, :-1] @ gram[kept, -1].double()) / tokens
+    flap_values = torch.cat([plain_values[:, :-1], residual_mean[:, None]], dim=1)
+    flap_error = objective.relative(objective.error(flap_values, index, rhs))
+    best = Refit(flap_values[:, :-1], flap_values[:, -1], "bias", before, flap_error) if flap_error <= before else plain
+    if method == "bias" or len(kept) == 0:  # with nothing kept, least squares is the bias
+        return best
+    solved = _solve(objective, index, rhs, damping, plain_values)
+    if solved is None:
+        best.fallback = "the least-squares system is not positive definite even with 1000x the damping"
+        return best
+    values, lam = solved
+    error = objective.relative(objective.error(values, index, rhs))
+    if error > best.error_after * (1 + 1e-9):
+        best.fallback = f"least squares ({error:.4g}) did not lower the error below {best.method} ({best.error_after:.4g})"
+        return best
+    return Refit(values[:, :-1], values[:, -1], "least_squares", before, error, lam)
+
+
+def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, count: int, damping: float = 0.01
+                 ) -> list[int]:
+    """The ``count`` units (consecutive blocks of ``unit_width`` input columns) whose removal, followed by a
+    least-squares refit, costs the least output error (greedy structured OBS)."""
+    columns = weight.shape[1]
+    units = columns // unit_width
+    if count <= 0:
+        return []
+    if count >= units:
+        return list(range(units))
+    # the constant input (the output bias) is a column that is never removed: its weight absorbs the means.
+    # float32 (damped): this only ranks units, the refit of the chosen set is float64
+    weight = torch.cat([weight.float(), weight.new_zeros(weight.shape[0], 1, dtype=torch.float32)], dim=1)
+    system = gram.double().clone()
+    system.diagonal()[:-1] += damping * float(system.diagonal()[:-1].mean()) + 1e-12
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(system)).float()
+    alive = torch.ones(units, dtype=torch.bool)
+    removed: list[int] = []
+    step = max(1, -(-count // 16))  # about 16 inverse updates whatever the count
+    while len(removed) < count:
+        scores = _obs_scores(weight[:, :columns], inverse[:columns, :columns], unit_width)
+        scores[~alive] = float("inf")
+        take = torch.argsort(scores)[: min(step, count - len(removed))]
+        cols = (take[:, None] * unit_width + torch.arange(unit_width)).reshape(-1)
+        block_inv = torch.linalg.inv(inverse[cols][:, cols])
+        weight -= weight[:, cols] @ block_inv @ inverse[cols]  # the OBS update of the remaining weights
+        inverse -= inverse[:, cols] @ block_inv @ inverse[cols]
+        inverse[cols] = 0
+        inverse[:, cols] = 0
+        inverse[cols, cols] = 1.0  # removed columns: an identity block, so their own blocks stay invertible
+        weight[:, cols] = 0
+        alive[take] = False
+        removed += take.tolist()
+    return sorted(removed)
+
+
+def _obs_scores(weight: torch.Tensor, inverse: torch.Tensor, width: int) -> torch.Tensor:
+    """``tr(W_Q (Hinv_QQ)^-1 W_Q^T)`` for every unit Q of ``width`` consecutive columns at once."""
+    units = weight.shape[1] // width
+    if width == 1:
+        return weight.square().sum(dim=0) / inverse.diagonal()
+    blocks = inverse.view(units, width, units, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # units x w x w
+    w = weight.view(weight.shape[0], units, width)
+    return torch.einsum("oui,uij,ouj->u", w, torch.linalg.inv(blocks), w)

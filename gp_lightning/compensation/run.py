@@ -1,0 +1,233 @@
+"""The compensation step: a plan and the calibration windows in, refit weights (and a possibly refined plan) out.
+
+For each layer, each block that loses units gets its projection (o_proj for attention, down_proj for
+the MLP) refit on the Gram matrix of its inputs (:mod:`.refit`); with ``within_layer: obs`` the
+units the block loses are chosen first, by the same statistics. The result is what surgery needs:
+per block the kept columns' weights and the output bias, and the plan with the units removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gp_lightning.compensation.config import CompensationConfig
+from gp_lightning.compensation.layerwise import (
+    AddedBias,
+    Batches,
+    captured_inputs,
+    dense_pass,
+    first_layer_inputs,
+    gram_of,
+    layer_outputs,
+    progress,
+)
+from gp_lightning.compensation.refit import Refit, obs_removals, refit
+from gp_lightning.data.windows import rank_shard
+from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
+from gp_lightning.runtime.errors import ConfigError
+from gp_lightning.selection.plan import LayerPlan, PruningPlan
+
+log = logging.getLogger("gp_lightning")
+
+#: The projection refit for each block, and the unit kind it belongs to.
+BLOCKS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+
+@dataclass
+class Compensation:
+    """What surgery needs to write the compensated model, and what was done (``analysis/compensation.json``)."""
+
+    plan: PruningPlan
+    weights: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, block) -> out x kept
+    biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, block) -> output bias
+    own_bias: set[tuple[int, str]] = field(default_factory=set)  # blocks whose projection has a bias tensor
+    report: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, config: CompensationConfig) -> dict[str, Any]:
+        before = [r["relative_error_before"] for r in self.report]
+        after = [r["relative_error_after"] for r in self.report]
+        return {"settings": dataclasses.asdict(config), "projections": self.report,
+                "mean_relative_error_before": sum(before) / len(before) if before else 0.0,
+                "mean_relative_error_after": sum(after) / len(after) if after else 0.0,
+                "fallbacks": sum(1 for r in self.report if r["fallback"]), "seconds": self.seconds}
+
+
+def _unit_width(layer: LayerLayout, block: str) -> int:
+    return layer.queries_per_kv * layer.head_dim if block == "self_attn" else 1
+
+
+def _kept(lp: LayerPlan, block: str) -> list[int]:
+    return lp.keep_groups if block == "self_attn" else lp.keep_channels
+
+
+def _units(lp: LayerPlan, block: str) -> int:
+    return lp.num_groups if block == "self_attn" else lp.num_channels
+
+
+def _columns(units: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
+
+
+def _check_homogeneous(model: nn.Module) -> None:
+    types = {getattr(layer, "attention_type", None) for layer in decoder_layers(model)}
+    types |= set(getattr(model.config, "layer_types", None) or [])
+    types.discard(None)
+    if len(types) > 1:
+        raise ConfigError(f"compensation walks the layers with the first layer's attention mask, but this model mixes "
+                          f"{sorted(types)} layers: use compensation: none for it.")
+
+
+class _Walker:
+    """Walks one rank's windows through the layers, refitting each block that loses units."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, plan: PruningPlan, config: CompensationConfig) -> None:
+        self.model, self.layout, self.config = model, layout, config
+        self.plan = PruningPlan([dataclasses.replace(lp) for lp in plan.layers], plan.remove_empty_layers, plan.meta)
+        self.result = Compensation(self.plan)
+        self.hooks = AddedBias()
+
+    def blocks(self, index: int) -> dict[str, nn.Linear]:
+        """The blocks of layer ``index`` that lose units, with the projection refit for each."""
+        lp, module = self.plan.layers[index], decoder_layers(self.model)[index]
+        return {block: getattr(getattr(module, block), name) for block, name in BLOCKS
+                if len(_kept(lp, block)) < _units(lp, block)}
+
+    def layer(self, index: int, batches: Batches) -> Batches:
+        """Refit the blocks of one layer; return what enters the next layer (pruned and compensated, or dense)."""
+        module = decoder_layers(self.model)[index]
+        if self.plan.dropped(index):  # depth pruning: the layer is gone, what enters it goes on
+            return batches
+        blocks = self.blocks(index)
+        if not blocks:
+            return batches.on(layer_outputs(module, batches))
+        if not self.config.sequential:
+            grams, outputs = dense_pass(module, batches, list(blocks.values()))
+            for (block, projection), gram in zip(blocks.items(), grams, strict=True):
+                self.block(index, block, projection, gram)
+            return batches.on(outputs)
+        return batches.on(self.sequential_layer(index, module, batches, blocks))
+
+    def sequential_layer(self, index: int, module: nn.Module, batches: Batches, blocks: dict[str, nn.Linear]
+                         ) -> list[torch.Tensor]:
+        """Attention first, then the MLP on the compensated attention's output: one pass through the layer.
+
+        A layer computes ``h1 = h + attn(norm1(h)) (+ its output bias)`` and ``out = h1 + mlp(norm2(h1)) (+ its
+        output bias)`` (Llama, Mistral, Qwen2, gp_pruned); o_proj and down_proj are applied here to their captured
+        inputs after the refit, and the first batch is checked against the layer's own forward.
+        """
+        def run_layer(h: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+            return module(h, **kwargs)
+
+        if "self_attn" in blocks:
+            o_proj, own = blocks["self_attn"], _own_bias(module, "self_attn")
+            inputs = captured_inputs(run_layer, o_proj, batches)
+            self.block(index, "self_attn", o_proj, gram_of(inputs, batches))
+            with torch.no_grad():
+                mid = [h + o_proj(x) + own for h, x in zip(batches.hidden, inputs, strict=True)]
+        else:
+            mid = captured_inputs(run_layer, module.post_attention_layernorm, batches)
+        own = _own_bias(module, "mlp")
+        if "mlp" in blocks:
+            down = blocks["mlp"]
+            inputs = captured_inputs(lambda h, kwargs: module.mlp(module.post_attention_layernorm(h)), down, batches,
+                                     hidden=mid)
+            self.block(index, "mlp", down, gram_of(inputs, batches))
+            with torch.no_grad():
+                outputs = [h + down(x) + own for h, x in zip(mid, inputs, strict=True)]
+        else:
+            with torch.no_grad():
+                outputs = [h + module.mlp(module.post_attention_layernorm(h)) + own for h in mid]
+        _check_structure(module, batches, outputs[0])
+        return outputs
+
+    def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> None:
+        layer, lp = self.layout.layers[index], self.plan.layers[index]
+        width, units = _unit_width(layer, block), _units(lp, block)
+        if self.config.obs_selection:
+            gone = obs_removals(projection.weight, gram, width, units - len(_kept(lp, block)),
+                                self.config.compensation_damping)
+            kept = [u for u in range(units) if u not in set(gone)]
+            if block == "self_attn":
+                lp.keep_groups = kept
+            else:
+                lp.keep_channels = kept
+        kept_columns = _columns(_kept(lp, block), width)
+        fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
+                    self.config.compensation_damping)
+        self.apply(projection, kept_columns, fit)
+        if fit.method != "none":
+            self.result.weights[(index, block)] = fit.weight.to(projection.weight.dtype)
+            self.result.biases[(index, block)] = fit.bias.to(projection.weight.dtype)
+            if projection.bias is not None:
+                self.result.own_bias.add((index, block))
+        self.record(index, block, projection, gram, fit, units - len(_kept(lp, block)))
+
+    def apply(self, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> None:
+        """Write the refit into the running model: removed columns zero, kept columns refit, the bias."""
+        with torch.no_grad():
+            weight = torch.zeros_like(projection.weight)
+            weight[:, kept] = fit.weight.to(weight.dtype)
+            projection.weight.copy_(weight)
+            if projection.bias is not None:
+                projection.bias.copy_(fit.bias.to(projection.bias.dtype))
+            elif bool(fit.bias.abs().sum() > 0):
+                self.hooks.add(projection, fit.bias)
+
+    def record(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor, fit: Refit,
+               removed: int) -> None:
+        name = "o_proj" if block == "self_attn" else "down_proj"
+        self.result.report.append({
+            "layer": index, "projection": name, "units_removed": removed, "asked": self.config.compensation,
+            "method": fit.method, "relative_error_before": fit.error_before, "relative_error_after": fit.error_after,
+            "damping": fit.damping, "fallback": fit.fallback, "tokens": int(gram[-1, -1]),
+        })
+        if fit.fallback:
+            log.warning("compensation of layer %d %s: %s; used %s", index, name, fit.fallback, fit.method)
+
+
+def _own_bias(module: nn.Module, block: str) -> torch.Tensor | float:
+    """A gp_pruned layer's own output bias of ``block`` (0 when it has none)."""
+    bias = getattr(module, f"{block}_output_bias", None)
+    return 0.0 if bias is None else bias
+
+
+def _check_structure(module: nn.Module, batches: Batches, output: torch.Tensor) -> None:
+    """The outputs put together from the blocks must be the layer's own outputs (first batch)."""
+    expected = layer_outputs(module, Batches(batches.hidden[:1], batches.kwargs[:1], batches.weights[:1]))[0]
+    scale = float(expected.float().abs().max()) or 1.0
+    if float((expected.float() - output.float()).abs().max()) > 2e-2 * scale:
+        raise RuntimeError(f"{type(module).__name__} does not compute h + attn(norm(h)), then + mlp(norm(.)): "
+                           "the layer-by-layer compensation cannot follow it (use sequential: false).")
+
+
+def compensate(model: nn.Module, layout: ModelLayout, plan: PruningPlan, windows: torch.Tensor,
+               config: CompensationConfig, batch_size: int, rank: int = 0, world: int = 1) -> Compensation:
+    """Refit every block that loses units.
+
+    ``model`` is left masked and compensated (removed columns zero, kept ones refit); the added output
+    biases are only in the result. Under several processes every rank passes its own shard of
+    ``windows`` and gets the same result.
+    """
+    start = time.perf_counter()
+    _check_homogeneous(model)
+    if config.compensation_samples is not None:
+        windows = windows[: config.compensation_samples]
+    indices, weights = rank_shard(windows.shape[0], rank, world)
+    model.eval()
+    batches = first_layer_inputs(model, windows[indices], weights, batch_size)
+    walker = _Walker(model, layout, plan, config)
+    try:
+        for index in progress(layout.num_layers, rank):
+            batches = walker.layer(index, batches)
+    finally:
+        walker.hooks.remove()
+    walker.result.seconds = time.perf_counter() - start
+    return walker.result

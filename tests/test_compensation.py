@@ -1,0 +1,226 @@
+"""Compensation: the refit is the least-squares solution, never worse than slicing, and surgery writes it exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from gp_lightning.compensation.config import CompensationConfig
+from gp_lightning.compensation.refit import obs_removals, refit
+from gp_lightning.compensation.run import BLOCKS, Compensation, compensate
+from gp_lightning.export.checkpoint import load_pruned, save_pruned
+from gp_lightning.model.layout import decoder_layers, describe
+from gp_lightning.selection.plan import PruningPlan
+from gp_lightning.surgery.in_memory import apply_plan
+
+WINDOWS = torch.randint(0, 101, (12, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _projection_data(seed: int = 0, tokens: int = 300, features: int = 24, out: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g, dtype=torch.float64) @ torch.randn(
+        features, features, generator=g, dtype=torch.float64) + 0.5
+    weight = torch.randn(out, features, generator=g, dtype=torch.float64)
+    bias = torch.randn(out, generator=g, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(tokens, 1, dtype=torch.float64)], dim=1)
+    return x, weight, bias, xa.T @ xa
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 0.3])
+def test_refit_is_the_closed_form_least_squares_solution(damping: float) -> None:
+    x, weight, bias, gram = _projection_data()
+    kept = torch.tensor([0, 2, 3, 5, 8, 9, 13, 14, 17, 20, 23])
+    fit = refit(weight, bias, gram, kept, "least_squares", damping)
+    assert fit.method == "least_squares" and fit.fallback is None
+    # reference: numpy least squares on the stacked system [X_K 1; sqrt(lam) I 0] V^T = [Y; sqrt(lam) W_K^T]
+    y = (x @ weight.T + bias).numpy()
+    xk = np.concatenate([x[:, kept].numpy(), np.ones((x.shape[0], 1))], axis=1)
+    lam = damping * float(gram[kept][:, kept].diagonal().mean())
+    ridge = np.sqrt(lam) * np.eye(len(kept), len(kept) + 1)
+    a = np.concatenate([xk, ridge], axis=0)
+    b = np.concatenate([y, np.sqrt(lam) * weight[:, kept].numpy().T], axis=0)
+    reference = np.linalg.lstsq(a, b, rcond=None)[0].T
+    np.testing.assert_allclose(fit.weight.numpy(), reference[:, :-1], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(fit.bias.numpy(), reference[:, -1], rtol=1e-7, atol=1e-9)
+    # the reported errors are the measured ones
+    sliced = x[:, kept] @ weight[:, kept].T + bias
+    refit_out = x[:, kept] @ fit.weight.T + fit.bias
+    norm = np.linalg.norm(y)
+    assert fit.error_before == pytest.approx(np.linalg.norm(y - sliced.numpy()) / norm, rel=1e-5)
+    assert fit.error_after == pytest.approx(np.linalg.norm(y - refit_out.numpy()) / norm, rel=1e-5)
+    assert fit.error_after < fit.error_before
+
+
+def test_bias_only_keeps_the_output_mean_and_no_method_is_worse_than_slicing() -> None:
+    x, weight, bias, gram = _projection_data(seed=1)
+    kept = torch.arange(0, 24, 2)
+    flap = refit(weight, bias, gram, kept, "bias")
+    removed = torch.arange(1, 24, 2)
+    expected = bias + weight[:, removed] @ x[:, removed].mean(dim=0)
+    torch.testing.assert_close(flap.bias, expected)
+    torch.testing.assert_close(flap.weight, weight[:, kept])
+    none = refit(weight, bias, gram, kept, "none")
+    assert none.error_after == none.error_before and torch.equal(none.weight, weight[:, kept])
+    ls = refit(weight, bias, gram, kept, "least_squares")
+    assert ls.error_after <= flap.error_after <= none.error_after
+
+
+def test_an_indefinite_system_falls_back_and_says_why() -> None:
+    _, weight, bias, gram = _projection_data(seed=2)
+    broken = gram.clone()
+    broken[:-1, :-1] = -torch.eye(24, dtype=torch.float64)  # no Gram matrix of data looks like this
+    fit = refit(weight, bias, broken, torch.arange(12), "least_squares", 0.0)
+    assert fit.method in ("bias", "none") and "not positive definite" in fit.fallback
+
+
+def test_obs_picks_the_units_whose_removal_costs_least() -> None:
+    from itertools import combinations
+
+    _, weight, bias, gram = _projection_data(seed=3, features=32)
+    best = min(combinations(range(8), 2), key=lambda gone: refit(
+        weight, bias, gram, torch.tensor([c for u in range(8) if u not in gone for c in range(u * 4, u * 4 + 4)]),
+        "least_squares", 0.0).error_after)
+    assert obs_removals(weight, gram, 4, 2, 0.0) == sorted(best)
+
+
+def _plan(dense: torch.nn.Module, last_only: bool = False) -> PruningPlan:
+    layout = describe(dense)
+    if last_only:  # the last block only: what enters it is the same whether earlier layers were refit or not
+        return PruningPlan.from_removals(layout, {}, {3: set(range(0, 24, 3))})
+    return PruningPlan.from_removals(layout, {0: {1}, 2: {0, 1, 2}}, {1: set(range(0, 24, 3)), 3: set(range(10))})
+
+
+CASES = [("llama", {"attention_bias": True, "mlp_bias": True}), ("qwen2", {}), ("mistral", {})]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("arch,extra", CASES)
+def test_compensation_lowers_every_error_and_surgery_writes_it(arch: str, extra: dict, sequential: bool,
+                                                               tmp_path: Path) -> None:
+    dense = tiny_model(arch, layers=4, gqa=2, num_kv=3, **extra)
+    layout = describe(dense)
+    work = copy.deepcopy(dense)
+    result = compensate(work, layout, _plan(dense), WINDOWS, CompensationConfig(sequential=sequential), 4)
+    assert len(result.report) == 4  # every block that lost units: 2 o_proj (one emptied), 2 down_proj
+    for entry in result.report:
+        assert entry["relative_error_after"] <= entry["relative_error_before"] + 1e-12
+    assert any(e["relative_error_after"] < 0.8 * e["relative_error_before"] for e in result.report)
+    pruned = apply_plan(work, layout, result.plan, {}, result)
+    reference = _compensated_reference(dense, layout, result)
+    with torch.no_grad():
+        expected, got = reference(input_ids=WINDOWS).logits, pruned(input_ids=WINDOWS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # surgery writes exactly the refit
+    # the checkpoint carries it: output biases in the config, both loaders give the same logits
+    save_pruned(pruned, None, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    own = set(result.own_bias)
+    added = {(layer, block) for layer, block in result.biases if (layer, block) not in own}
+    listed = {(new, block) for block, layers in config["output_bias"].items() for new in layers}
+    kept = result.plan.kept_layers
+    assert {(kept.index(layer), block) for layer, block in added} <= listed
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "model")(input_ids=WINDOWS).logits, got)
+
+
+def _compensated_reference(dense: torch.nn.Module, layout: object, result: Compensation) -> torch.nn.Module:
+    """The dense model with the removed columns zeroed and the refit written in by hand (biases as hooks)."""
+    model = copy.deepcopy(dense)
+    for (index, block), weight in result.weights.items():
+        lp = result.plan.layers[index]
+        projection = getattr(getattr(decoder_layers(model)[index], block), dict(BLOCKS)[block])
+        layer = layout.layers[index]
+        width = layer.queries_per_kv * layer.head_dim if block == "self_attn" else 1
+        units = lp.keep_groups if block == "self_attn" else lp.keep_channels
+        kept = torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
+        with torch.no_grad():
+            full = torch.zeros_like(projection.weight)
+            full[:, kept] = weight
+            projection.weight.copy_(full)
+            bias = result.biases[(index, block)]
+            if projection.bias is not None:
+                projection.bias.copy_(bias)
+            else:
+                projection.register_forward_hook(lambda module, args, out, b=bias: out + b)
+    return model
+
+
+def test_sequential_equals_non_sequential_when_only_the_last_block_is_pruned() -> None:
+    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+    layout = describe(dense)
+    runs = [compensate(copy.deepcopy(dense), layout, _plan(dense, last_only=True), WINDOWS,
+                       CompensationConfig(sequential=sequential), 4) for sequential in (False, True)]
+    assert runs[0].weights.keys() == runs[1].weights.keys() == {(3, "mlp")}
+    for key in runs[0].weights:
+        torch.testing.assert_close(runs[1].weights[key], runs[0].weights[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(runs[1].biases[key], runs[0].biases[key], rtol=1e-5, atol=1e-6)
+    nothing = compensate(copy.deepcopy(dense), layout, PruningPlan.from_removals(layout, {}, {}), WINDOWS,
+                         CompensationConfig(), 4)
+    assert not nothing.weights and not nothing.report
+
+
+def test_two_ranks_give_the_gram_sums_of_one_process(tmp_path: Path) -> None:
+    """Seven windows over two gloo ranks (one padded): the same refit as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from safetensors.torch import save_file
+        from test_compensation import WINDOWS, _plan, tiny_model
+        from gp_lightning.compensation.config import CompensationConfig
+        from gp_lightning.compensation.run import compensate
+        from gp_lightning.model.layout import describe
+        dist.init_process_group("gloo")
+        dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+        result = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2,
+                            dist.get_rank(), dist.get_world_size())
+        if dist.get_rank() == 0:
+            save_file({{f"{{k[0]}}.{{k[1]}}.{{kind}}": v.contiguous() for kind, d in (("w", result.weights),
+                       ("b", result.biases)) for k, v in d.items()}}, {str(tmp_path / "ranks.st")!r})
+        dist.destroy_process_group()
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", port, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    ranks = load_file(tmp_path / "ranks.st")
+    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+    single = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2)
+    assert len(ranks) == 2 * len(single.weights)
+    for (layer, block), weight in single.weights.items():
+        torch.testing.assert_close(ranks[f"{layer}.{block}.w"], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ranks[f"{layer}.{block}.b"], single.biases[(layer, block)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,extra", [CASES[0], CASES[1]])
+def test_streamed_surgery_writes_the_refit_weights(arch: str, extra: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from gp_lightning.surgery.streamed import stream_prune
+
+    dense = tiny_model(arch, layers=4, gqa=2, num_kv=3, **extra)
+    dense.save_pretrained(tmp_path / "dense")
+    layout = describe(dense)
+    result = compensate(copy.deepcopy(dense), layout, _plan(dense), WINDOWS, CompensationConfig(), 4)
+    save_pruned(apply_plan(copy.deepcopy(dense), layout, result.plan, {}, result), None, tmp_path / "memory")
+    stream_prune(tmp_path / "dense", layout, result.plan, {}, tmp_path / "streamed", compensation=result)
+    a, b = (load_file(tmp_path / kind / "model.safetensors") for kind in ("memory", "streamed"))
+    assert a.keys() == b.keys() and any(k.endswith("_output_bias") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    configs = [json.loads((tmp_path / kind / "config.json").read_text()) for kind in ("memory", "streamed")]
+    assert configs[0]["output_bias"] == configs[1]["output_bias"]
