@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from gp_lightning.model.layout import ModelLayout
 
 METHODS = ("plain", "calibration")
+#: ``bench/speed.py`` section 5 also times the compensation step in these workers (not part of this report).
+COMPENSATION = "compensation"
 TIME_GOAL = 1 / 0.9  # calibration/plain wall time: Lightning keeps >= 90% of the plain loop's throughput
 MEMORY_GOAL = 1.05  # calibration/plain peak RSS
 Runs = dict[str, list[common.Row]]
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_calibration_arguments(parser, num_samples=16)
     parser.add_argument("--repeats", type=int, default=1, help="subprocess runs per method (medians reported)")
     common.add_output(parser, "calibration_overhead.md")
-    common.add_worker_arguments(parser, choices=METHODS)
+    common.add_worker_arguments(parser, choices=(*METHODS, COMPENSATION))
     return parser.parse_args(argv)
 
 
@@ -54,6 +56,8 @@ def _calibrate(method: str, model: nn.Module, layout: ModelLayout, windows: torc
     from gp_lightning.calibration.run import run_calibration
     from gp_lightning.runtime.config import DistributedConfig
 
+    if method == COMPENSATION:
+        return _compensate(model, layout, windows, batch_size)
     if method == "plain":
         total_target_tokens = windows[:, 1:].numel()
         for batch in windows.split(batch_size):
@@ -66,6 +70,28 @@ def _calibrate(method: str, model: nn.Module, layout: ModelLayout, windows: torc
         run_calibration(model, layout, windows, batch_size, CalibrationConfig(importance_method="taylor"),
                         DistributedConfig(accelerator="cpu"), precision="32-true", run_dir=root, progress=False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _compensate(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int) -> int:
+    """The default compensation (least squares, sequential, OBS) of a 20% plan on the same windows; the plan is
+    selected from a data-free magnitude table before the clock starts, in :func:`worker`."""
+    from gp_lightning.compensation.config import CompensationConfig
+    from gp_lightning.compensation.run import compensate
+
+    plan = model.gp_bench_plan
+    result = compensate(model, layout, plan, windows, CompensationConfig(), batch_size)
+    return sum(w.numel() for w in result.weights.values())
+
+
+def _magnitude_plan(model: nn.Module, layout: ModelLayout) -> None:
+    """A 20% plan from magnitude importance (no data), kept on the model for :func:`_compensate`."""
+    from gp_lightning.calibration.baselines import magnitude_importance
+    from gp_lightning.selection.config import SelectionConfig
+    from gp_lightning.selection.greedy import select
+    from gp_lightning.table.build import build_table, by_score
+
+    table = by_score(build_table(layout, magnitude_importance(model, layout)))
+    model.gp_bench_plan = select(table, layout, SelectionConfig(pruning_ratio=0.2)).plan
 
 
 def worker(method: str, spec: common.Row) -> common.Row:
@@ -82,6 +108,8 @@ def worker(method: str, spec: common.Row) -> common.Row:
     layout = describe(model)
     windows = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer), spec["num_samples"],
                                   spec["seq_len"], common.SEED)
+    if method == COMPENSATION:
+        _magnitude_plan(model, layout)
     loaded_rss, loaded_peak = common.proc_status_mib("VmRSS"), common.peak_rss_mib()
 
     start, cpu_start, load_start = time.perf_counter(), common.cpu_seconds(), os.getloadavg()[0]
@@ -102,14 +130,16 @@ def worker(method: str, spec: common.Row) -> common.Row:
     }
 
 
-WORKERS: dict[str, Callable[[common.Row], common.Row]] = {method: partial(worker, method) for method in METHODS}
+WORKERS: dict[str, Callable[[common.Row], common.Row]] = {method: partial(worker, method)
+                                                          for method in (*METHODS, COMPENSATION)}
 
 
-def measure(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Runs:
+def measure(args: argparse.Namespace, env: Mapping[str, str] | None = None,
+            methods: tuple[str, ...] = METHODS) -> Runs:
     """``args.repeats`` worker runs per method, in alternating order; each run with its order and the load."""
     spec = {key: getattr(args, key) for key in ("model", "num_samples", "seq_len", "batch_size")}
-    runs: Runs = {method: [] for method in METHODS}
-    for order, (repeat, method) in enumerate(common.alternating(METHODS, args.repeats)):
+    runs: Runs = {method: [] for method in methods}
+    for order, (repeat, method) in enumerate(common.alternating(methods, args.repeats)):
         common.log(f"calibration overhead, {method} run {repeat + 1}/{args.repeats}")
         before = common.loadavg()
         result = common.run_worker(__file__, method, spec, env)

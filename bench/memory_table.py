@@ -1,4 +1,5 @@
-"""Estimated per-GPU memory of the Taylor calibration pass for Llama-3-8B / 70B under FSDP2 and ZeRO-3.
+"""Estimated per-GPU memory of the Taylor calibration pass for Llama-3-8B / 70B under FSDP2 and ZeRO-3,
+and what a distillation teacher and the compensation add.
 
     python bench/memory_table.py [--seq_len 2048 --micro_batch 1 --precision bf16-true --gpus 8 16 32]
 
@@ -539,11 +540,85 @@ def notes(s: Settings, gpus: int) -> list[str]:
     return lines
 
 
+# -- after calibration: distillation teacher and compensation --------------------------------------------
+def teacher_bytes(model: ModelShape, gpus: int, s: Settings) -> tuple[int, int, int]:
+    """A KD fine-tune's extra bytes per GPU under FSDP2: (teacher shards, teacher gathered in flight, KD loss).
+
+    The teacher is the dense model, frozen, sharded like the student (``fully_shard`` per block and root) in
+    the compute dtype (its ``eval_precision``: no float32 master copy, no gradients, no optimizer state). Its
+    forward runs under no_grad, so of its activations only one block's transients live at a time (counted in
+    the KD term's margin, not here). The loss holds, per logit: the teacher's logits (compute dtype), their
+    float32 copy and log-softmax, and the student's float32 copy, log-softmax and its gradient (6 x 4 bytes;
+    the student's own logits and their gradient are in the calibration table's ``logits``).
+    """
+    a = s.compute_bytes
+    sharded = math.ceil(model.total_params / gpus) * a
+    in_flight = (s.fsdp_blocks_in_flight * model.block_params + model.root_params) * a
+    return sharded, in_flight, s.tokens * model.vocab * (a + 6 * FP32)
+
+
+def teacher_rows(s: Settings, gpu_counts: Sequence[int]) -> list[str]:
+    lines = [
+        "",
+        "## Distillation teacher (fine-tune with finetune_loss kd or kd+lm, FSDP2, GiB per GPU)",
+        "",
+        "What the dense teacher adds to a fine-tune of the pruned student: its bf16 shards, its gathered blocks "
+        f"and root group, and the KD loss tensors for {s.tokens:,} tokens per GPU (`teacher_bytes`).",
+        "",
+        "| model | GPUs | teacher shards | teacher in flight | KD loss tensors | added by the teacher |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in MODELS:
+        for gpus in gpu_counts:
+            sharded, in_flight, loss = teacher_bytes(m, gpus, s)
+            lines.append(f"| {m.name} | {gpus} | {gib(sharded)} | {gib(in_flight)} | {gib(loss)} "
+                         f"| **{gib(sharded + in_flight + loss)}** |")
+    return lines
+
+
+def compensation_bytes(model: ModelShape, windows_per_rank: int, s: Settings) -> dict[str, int]:
+    """Host bytes per rank of the sequential compensation, with its layers read from disk one at a time.
+
+    The largest system is down_proj's: n = intermediate + 1 (the constant column). Its Gram sum is float32
+    (4 n^2); the float64 solve holds the kept part of it twice (the indexed copy and its damped copy) and its
+    Cholesky factor, and OBS its float64 Cholesky and float32 inverse: at most 32 n^2 bytes at once. The
+    hidden states of the rank's windows are kept entering, inside and leaving the layer (3 x), and the inputs
+    captured at down_proj (intermediate wide); one decoder layer's weights are resident.
+    """
+    n, tokens, a = model.intermediate + 1, windows_per_rank * s.seq_len, s.compute_bytes
+    return {"gram": 4 * n * n, "solve": 32 * n * n, "hidden": 3 * tokens * model.hidden * a,
+            "captured": tokens * model.intermediate * a, "layer": model.block_params * a}
+
+
+def compensation_rows(s: Settings, windows: int, gpu_counts: Sequence[int]) -> list[str]:
+    lines = [
+        "",
+        f"## Compensation (least squares, sequential, offloaded layers; {windows} windows of {s.seq_len} tokens, "
+        "GiB of host memory per rank)",
+        "",
+        "Statistics of one layer at a time (`compensation_bytes`): statistics of all layers at once would be "
+        "the Gram column times the number of layers.",
+        "",
+        "| model | ranks | windows per rank | Gram (float32) | solve (float64) | hidden states | down_proj inputs "
+        "| one layer | total | all layers' Grams at once |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in MODELS:
+        for ranks in gpu_counts:
+            per_rank = math.ceil(windows / ranks)
+            b = compensation_bytes(m, per_rank, s)
+            lines.append(f"| {m.name} | {ranks} | {per_rank} | {gib(b['gram'])} | {gib(b['solve'])} | "
+                         f"{gib(b['hidden'])} | {gib(b['captured'])} | {gib(b['layer'])} | **{gib(sum(b.values()))}** "
+                         f"| {gib(m.layers * b['gram'], 0)} |")
+    return lines
+
+
 def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: float, gpus_per_node: int,
-           command: str) -> str:
+           command: str, compensation_windows: int = 128) -> str:
     estimates = [estimate(m, strat, n, s) for m in MODELS for strat in STRATEGIES for n in gpu_counts]
     lines = [*header(s, command), *parameter_rows(), *per_gpu_rows(estimates), *whole_job_rows(estimates),
-             *min_gpu_rows(s, gpu_gb, reserve_gib, gpus_per_node), *notes(s, gpu_counts[0])]
+             *min_gpu_rows(s, gpu_gb, reserve_gib, gpus_per_node), *teacher_rows(s, gpu_counts),
+             *compensation_rows(s, compensation_windows, gpu_counts), *notes(s, gpu_counts[0])]
     return "\n".join(lines)
 
 
@@ -565,6 +640,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu_gb", type=float, default=80.0, help="GPU memory in GB (1e9 bytes) for the minimum count")
     parser.add_argument("--reserve_gib", type=float, default=4.0, help="per-GPU memory not available to tensors")
     parser.add_argument("--gpus_per_node", type=int, default=8)
+    parser.add_argument("--compensation_windows", type=int, default=128,
+                        help="calibration windows of the compensation, split over the ranks (default 128)")
     common.add_output(parser, "memory_table.md")
     args = parser.parse_args(argv)
     for key in ("seq_len", "micro_batch", "fsdp_blocks_in_flight", "gpus_per_node"):
@@ -591,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     text = render(settings_from(args), args.gpus, args.gpu_gb, args.reserve_gib, args.gpus_per_node,
-                  common.command_line(__file__, argv))
+                  common.command_line(__file__, argv), args.compensation_windows)
     common.publish(text, args.output)
     return 0
 

@@ -5,9 +5,12 @@ machinery if, at the same parameter count, it leaves a better model than the sim
 goes. This script prunes SmolLM2-135M (the embedded default) to the same sizes, 20%, 35% and 50% of ALL
 parameters removed, in every way below, and measures every pruned model's perplexity on the same tokens:
 
-- ours (global table, through ``gp_lightning.pipeline.oneshot``): ``taylor``, ``taylor_2nd``, ``wanda`` as
-  plain global rankings, and the best table settings measured so far (``taylor`` + per-layer log
-  normalization, ``wanda`` + per-layer minmax);
+- ours (global table, through ``gp_lightning.pipeline.oneshot``): ``taylor`` and ``wanda`` as plain global
+  rankings and with the best table settings measured so far (``taylor`` + per-layer log normalization,
+  ``wanda`` + per-layer minmax), without compensation; then the compensation after selection, one option at
+  a time: FLAP's bias, the least-squares refit of o_proj/down_proj on the dense model's inputs, the same
+  layer by layer through the pruned model (sequential), plus the units inside each block chosen by OBS (the
+  default), and the default refit on 128 windows instead of 32;
 - in-project baselines: a uniform per-layer allocation with Taylor importance (LLM-Pruner style: every
   layer loses the same number of GQA groups and the same number of MLP channels, its lowest-Taylor ones),
   global ``magnitude`` and global ``random``, and a FLAP-style allocation (fluctuation metric, standardized
@@ -57,9 +60,10 @@ import torch
 from torch import nn
 
 try:
-    from bench import common
+    from bench import common, recovery
 except ModuleNotFoundError:  # `python bench/quality.py` without the repository on sys.path
     import common  # type: ignore[no-redef]
+    import recovery  # type: ignore[no-redef]
 
 from gp_lightning import __version__ as gp_version
 from gp_lightning.calibration.module import token_loss_sum
@@ -86,14 +90,22 @@ class Ours:
 
 
 LAYER_LOG = {"normalization": "log", "normalization_level": "layer"}
+LAYER_MINMAX = {"normalization": "minmax", "normalization_level": "layer"}
+NONE = {"compensation": "none"}  # the kept weights stay the dense ones
+DEFAULT = "taylor + least squares, sequential, OBS within layer (the default)"
 PIPELINE_ROWS = (
-    Ours("taylor", "taylor"),
-    Ours("taylor_2nd", "taylor_2nd"),
-    Ours("wanda", "wanda"),
-    Ours("taylor + layer log", "taylor", LAYER_LOG),
-    Ours("wanda + layer minmax", "wanda", {"normalization": "minmax", "normalization_level": "layer"}),
-    Ours("magnitude (global)", "magnitude", kind="baseline"),
-    Ours("random (global)", "random", kind="baseline"),
+    Ours("taylor, no compensation", "taylor", NONE),
+    Ours("wanda, no compensation", "wanda", NONE),
+    Ours("taylor + layer log, no compensation", "taylor", {**LAYER_LOG, **NONE}),
+    Ours("wanda + layer minmax, no compensation", "wanda", {**LAYER_MINMAX, **NONE}),
+    Ours("taylor + bias compensation (FLAP's)", "taylor", {"compensation": "bias"}),
+    Ours("taylor + least squares, one shot (dense inputs)", "taylor", {"sequential": False, "within_layer": "score"}),
+    Ours("taylor + least squares, sequential", "taylor", {"within_layer": "score"}),
+    Ours(DEFAULT, "taylor"),
+    Ours("the default, refit on 128 windows", "taylor", {"compensation_samples": 128}),
+    Ours("wanda + layer minmax + the default compensation", "wanda", LAYER_MINMAX),
+    Ours("magnitude (global)", "magnitude", NONE, kind="baseline"),
+    Ours("random (global)", "random", NONE, kind="baseline"),
 )
 
 
@@ -143,6 +155,7 @@ class Bench:
     tables: dict[str, Path] = field(default_factory=dict)
     raw: dict[str, pd.DataFrame] = field(default_factory=dict)
     calibration_s: dict[str, float] = field(default_factory=dict)
+    compensation_s: dict[str, float] = field(default_factory=dict)  # by row label and ratio
     notes: list[str] = field(default_factory=list)
     max_load: float = 0.0
 
@@ -223,7 +236,11 @@ def ours(bench: Bench, variant: Ours, ratio: float) -> tuple[nn.Module, str]:
     assert result.pruned_model is not None and result.selection is not None
     plan = result.selection.plan
     one_group = sum(1 for lp in plan.layers if len(lp.keep_groups) <= 1)
-    return result.pruned_model, f"{one_group} layers left with 1 GQA group"
+    seconds = result.evaluation["timings_s"].get("compensation_s")
+    if seconds is not None:
+        bench.compensation_s[f"{variant.label} {ratio:.0%}"] = seconds
+    refit = "" if seconds is None else f", compensation {seconds:.0f} s"
+    return result.pruned_model, f"{one_group} layers left with 1 GQA group{refit}"
 
 
 # -- in-project baselines built from the project's plan, selection and surgery --------------------------
@@ -520,6 +537,8 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
         "",
         "Calibration time per table (s): " + ", ".join(f"{m} {s:.0f}" for m, s in bench.calibration_s.items()) + ".",
         "",
+        compensation_cost(bench),
+        "",
         "| target | method | kind | params | ratio | PPL | PPL / dense |",
         "|---:|---|---|---:|---:|---:|---:|",
         f"| 0% | dense | dense | {dense.params:,} | 0.00% | {dense.ppl:.2f} | 1.00 |",
@@ -537,12 +556,26 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
         if row.kind != "dense":
             lines.append(f"- {row.target:.0%} {row.method}: {row.seconds:.0f} s; {row.detail}")
     lines += ["", "Notes:", ""] + [f"- {note}" for note in bench.notes] + [""]
-    return "\n".join(lines)
+    saved = recovery.saved_section()  # bench/recovery.py's rows, kept in the one table
+    return "\n".join(lines + ([saved] if saved else []))
+
+
+def compensation_cost(bench: Bench) -> str:
+    """The default compensation's time against the Taylor calibration's (the same windows, the same process)."""
+    calibration = bench.calibration_s.get("taylor")
+    seconds = {key: value for key, value in bench.compensation_s.items() if key.startswith(DEFAULT)}
+    if not calibration or not seconds:
+        return "Compensation time: no default row was run."
+    parts = [f"{key.removeprefix(DEFAULT).strip()} {value:.0f} s ({value / calibration:.2f}x)"
+             for key, value in seconds.items()]
+    return (f"Compensation time of the default (least squares, sequential, OBS) against the Taylor calibration's "
+            f"{calibration:.0f} s on the same 32 windows: " + ", ".join(parts) + ".")
 
 
 NOTES = [
     "ours: `oneshot(table_only=True)` calibrates once per importance method; every ratio and table setting is "
-    "then a `from_table` run of the same pipeline (selection, surgery), with the default selection constraints "
+    "then a `from_table` run of the same pipeline (selection, compensation, surgery) on the same windows, with "
+    "the default selection constraints "
     "(every layer keeps at least 1 GQA group and 1 MLP channel). `layer log` = `normalization: log, "
     "normalization_level: layer`; `layer minmax` likewise. Plain global wanda without normalization "
     "collapses at every ratio (earlier measurements traced it to the early layers, whose wanda scores are smaller "
@@ -564,7 +597,13 @@ NOTES = [
     "clip_percentile_high 99 + layer log 32,679; wanda + layer minmax 638, wanda + layer log 10,978. At 20% "
     "(16 windows, 64 test windows) layer log had been best for taylor (105.5 vs 116.7) and block-level "
     "normalization destructive (39,874). taylor_2nd + layer log gave the taylor + layer log model to 0.1% "
-    "(the second-order term is tiny), so it is not a row.",
+    "(the second-order term is tiny), so it is not a row; plain taylor_2nd gave the plain taylor model to the "
+    "digit at 20/35/50% (112.52 / 223.23 / 676.61) in the run before compensation, so it is no longer a row either.",
+    "compensation (`compensation`, `sequential`, `within_layer`, `compensation_samples`; "
+    "`analysis/compensation.json` of each run has the relative output error of every refit projection): "
+    "`one shot` refits every o_proj/down_proj on the dense model's inputs; `sequential` walks the layers in order "
+    "through the already pruned and refit ones; `OBS within layer` keeps the table's per-block counts and lets "
+    "the refit's structured OBS error choose which units go. The added output biases count in `params`.",
 ]
 
 TP_NOTES = [

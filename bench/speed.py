@@ -21,6 +21,10 @@ machine, under the same load, so the figures stay meaningful on a shared or slow
    and 8 x 128 tokens, no grad, no cache) and greedy decode tokens/s (``generate``, 64 new tokens,
    KV cache on). The three models live in one process and are timed interleaved (dense, 20%, 50%,
    dense, ...) after a warm-up, so load drift hits them alike; medians of the repeats.
+5. compensation vs calibration on SmolLM2-135M: the default compensation (least squares, sequential, OBS
+   within layer) of a 20% plan against Taylor calibration (``run_calibration``), the same 16 x 128 windows,
+   each in its own subprocess of ``bench/calibration_overhead.py``'s worker (the plan comes from a data-free
+   magnitude table, selected before the clock starts). Goals: time <= 0.5x, peak RSS <= 1.1x.
 
 Bounded settings (the whole run takes ~10-20 minutes on 2 CPU cores, depending on other load; the
 limit is 30): SmolLM2-135M in float32, 16 calibration windows x 128 tokens (batch 4), 2 runs per
@@ -30,7 +34,7 @@ ONE torch/OpenMP thread (``--threads``): on a CPU shared with other jobs, two-th
 stall whenever one of their threads is descheduled, which made timings swing by 2-3x in trials, while
 single-thread ratios stay stable. The 1/5/15-minute load average is recorded at every measurement.
 
-    python bench/speed.py [--sections 1 2 3 4] [--threads 1] [--output bench/results/speed.md]
+    python bench/speed.py [--sections 1 2 3 4 5] [--threads 1] [--output bench/results/speed.md]
 
 Writes ``bench/results/speed.md`` (and ``speed.json`` with every raw figure) atomically.
 """
@@ -68,6 +72,8 @@ Row = common.Row
 CALIBRATION_THROUGHPUT_GOAL = 0.9  # calibration/plain samples per second, at least
 CALIBRATION_MEMORY_GOAL = 1.05  # calibration/plain peak RSS, at most
 TABLE_SECONDS_GOAL = 2.0  # build + transform + rank + select on one core, at most
+COMPENSATION_TIME_GOAL = 0.5  # compensation/calibration seconds, at most
+COMPENSATION_MEMORY_GOAL = 1.1  # compensation/calibration peak RSS, at most
 
 #: Llama-3 shapes (published configs); the layout is read from a meta-device model of each.
 SHAPES: dict[str, dict[str, Any]] = {"llama3-70b": common.LLAMA3["Llama-3-70B"], "llama3-8b": common.LLAMA3["Llama-3-8B"]}
@@ -82,7 +88,7 @@ ONE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     common.add_threads(parser, 1, "the calibration, surgery and inference workers")
     parser.add_argument("--calibration_repeats", type=int, default=2, help="subprocess runs per calibration method")
     parser.add_argument("--table_repeats", type=int, default=5, help="timed repetitions per table shape")
@@ -110,6 +116,39 @@ def section_calibration(args: argparse.Namespace) -> Row:
     return {"runs": runs, "report": calibration_overhead.report(co_args, runs), "throughput_ratio": plain_s / calib_s,
             "memory_ratio": calib_peak / plain_peak, "plain_seconds": plain_s, "calibration_seconds": calib_s,
             "plain_peak_mib": plain_peak, "calibration_peak_mib": calib_peak}
+
+
+# -- section 5: compensation vs calibration --------------------------------------------------------------
+def section_compensation(args: argparse.Namespace) -> Row:
+    """Calibration and compensation in the calibration-overhead workers, alternating, medians."""
+    co_args = calibration_overhead.parse_args(["--model", MODEL, "--num_samples", "16", "--seq_len", "128",
+                                               "--batch_size", "4", "--repeats", str(args.calibration_repeats)])
+    methods = ("calibration", calibration_overhead.COMPENSATION)
+    runs = calibration_overhead.measure(co_args, {name: str(args.threads) for name in ONE_THREAD_ENV}, methods)
+    figures = {m: {key: common.median([r[key] for r in runs[m]]) for key in ("seconds", "peak_rss_mib", "loaded_rss_mib")}
+               for m in methods}
+    return {"runs": runs, "figures": figures}
+
+
+def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -> list[str]:
+    """Section 5: the compensation's cost as ratios to the calibration's."""
+    cal, com = comp["figures"]["calibration"], comp["figures"][calibration_overhead.COMPENSATION]
+    time_ratio, memory_ratio = com["seconds"] / cal["seconds"], com["peak_rss_mib"] / cal["peak_rss_mib"]
+    goals.append(f"| 5 | compensation / calibration time | {time_ratio:.2f}x | <= {COMPENSATION_TIME_GOAL}x | "
+                 f"{yes(time_ratio <= COMPENSATION_TIME_GOAL)} |")
+    goals.append(f"| 5 | compensation / calibration peak RSS | {memory_ratio:.2f}x | <= {COMPENSATION_MEMORY_GOAL}x | "
+                 f"{yes(memory_ratio <= COMPENSATION_MEMORY_GOAL)} |")
+    body = ["## 5. Compensation vs calibration", "",
+            f"{MODEL} float32, 16 windows x 128 tokens, batch 4, {args.calibration_repeats} subprocess runs per step "
+            "(alternating, medians), one thread. Calibration: `run_calibration` (Taylor). Compensation: `compensate` "
+            "with the default settings (least squares, sequential, OBS within layer) of a 20% plan. Seconds: the step "
+            "only (not loading); peak RSS: the worker's VmHWM.", "",
+            "| step | seconds | peak RSS MiB | RSS after load MiB |", "|---|---:|---:|---:|"]
+    for name, fig in comp["figures"].items():
+        body.append(f"| {name} | {fig['seconds']:.2f} | {fig['peak_rss_mib']:.0f} | {fig['loaded_rss_mib']:.0f} |")
+    body += ["", "Runs: " + "; ".join(f"{run['method']} {run['seconds']:.1f} s / {run['peak_rss_mib']:.0f} MiB "
+                                        f"(load {run['loadavg']:.2f})" for rs in comp["runs"].values() for run in rs), ""]
+    return body
 
 
 # -- section 2: table + normalization + selection on big synthetic tables ---------------------------------
@@ -582,7 +621,8 @@ def report(args: argparse.Namespace, results: Row, started: str, seconds: float,
     goals: list[str] = []
     body: list[str] = []
     for key, part in (("calibration", report_calibration), ("table", report_table), ("prepared", report_prepared),
-                      ("surgery", report_surgery), ("inference", report_inference)):
+                      ("surgery", report_surgery), ("inference", report_inference),
+                      ("compensation", report_compensation)):
         if key in results:
             body += part(args, results[key], goals)
     head = [
@@ -620,6 +660,8 @@ def run_sections(args: argparse.Namespace, scratch: Path) -> Row:
         results["surgery"] = section_surgery(args, results["prepared"], scratch)
     if 4 in args.sections:
         results["inference"] = section_inference(args, results["prepared"], scratch)
+    if 5 in args.sections:
+        results["compensation"] = section_compensation(args)
     return results
 
 

@@ -91,6 +91,8 @@ class PruneConfig(GroupedConfig):
                          self.calibration.statistics_checkpoints)
         check_config(not (self.recovery.finetune and self.table.table_only), "finetune", self.recovery.finetune,
                      "needs a pruned model, which table_only does not make")
+        check_config(not self.refit.compensation_offload or self.run.streamed_surgery, "compensation_offload",
+                     True, "needs streamed_surgery: true (in-memory surgery would hold the whole model)")
         if self.recovery.finetune:
             self.finetune_settings()  # read and validate the fine-tuning keys now, not after pruning
 

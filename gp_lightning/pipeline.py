@@ -133,7 +133,8 @@ class PruneRecipe(Recipe):
         cfg = self.cfg
         dtype = load_dtype(self.precision)
         sharded = (cfg.distributed.strategy == "fsdp" and cfg.table.from_table is None
-                   and needs_calibration_data(cfg.calibration.importance_method))
+                   and needs_calibration_data(cfg.calibration.importance_method)) or (
+            cfg.refit.compensation_offload and cfg.table.from_table is not None)  # never the whole model
         if not sharded:
             return cfg.source.load(dtype)
         from transformers import AutoTokenizer
@@ -146,6 +147,12 @@ class PruneRecipe(Recipe):
         if self.model is None or any(p.is_meta for p in self.model.parameters()):
             self.model, _ = self.cfg.source.load(load_dtype(self.precision))
         return self.model
+
+    def offloaded_model(self) -> torch.nn.Module:
+        """The dense model on the meta device, its layers to be read from disk one at a time."""
+        directory = local_checkpoint_dir(self.cfg.source.model, self.cfg.source.cache_dir)
+        self.model = None  # what calibration held is not needed again: surgery streams from disk
+        return meta_model(directory, load_dtype(self.precision))
 
     def _needs_calibration_windows(self) -> bool:
         cfg, t = self.cfg, self.cfg.table
@@ -229,8 +236,9 @@ class PruneRecipe(Recipe):
             return None
         assert self.layout is not None and self.refit_windows is not None
         rank, world = process_group()
+        model = self.offloaded_model() if refit.compensation_offload else self.full_model()
         with self.timed("compensation_s"):
-            result = compensate(self.full_model(), self.layout, plan, self.refit_windows, refit,
+            result = compensate(model, self.layout, plan, self.refit_windows, refit,
                                 self.cfg.data.batch_size, rank, world)
         summary = result.summary(refit)
         self.writer.compensation(summary)

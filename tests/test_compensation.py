@@ -208,17 +208,26 @@ def test_two_ranks_give_the_gram_sums_of_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch,extra", [CASES[0], CASES[1]])
-def test_streamed_surgery_writes_the_refit_weights(arch: str, extra: dict, tmp_path: Path) -> None:
+def test_offloaded_layers_and_streamed_surgery_write_the_in_memory_refit(arch: str, extra: dict,
+                                                                        tmp_path: Path) -> None:
+    """The dense model in memory vs read from disk one layer at a time, then streamed surgery: the same bytes."""
     from safetensors.torch import load_file
 
+    from gp_lightning.model.sharded import meta_model
     from gp_lightning.surgery.streamed import stream_prune
 
     dense = tiny_model(arch, layers=4, gqa=2, num_kv=3, **extra)
     dense.save_pretrained(tmp_path / "dense")
     layout = describe(dense)
     result = compensate(copy.deepcopy(dense), layout, _plan(dense), WINDOWS, CompensationConfig(), 4)
+    offloaded_model = meta_model(tmp_path / "dense", torch.float32)
+    offloaded = compensate(offloaded_model, layout, _plan(dense), WINDOWS, CompensationConfig(), 4)
+    assert offloaded.plan.to_json() == result.plan.to_json() and offloaded.weights.keys() == result.weights.keys()
+    assert all(torch.equal(offloaded.weights[k], w) and torch.equal(offloaded.biases[k], result.biases[k])
+               for k, w in result.weights.items())
+    assert all(p.is_meta for p in offloaded_model.model.layers.parameters())  # no layer stayed in memory
     save_pruned(apply_plan(copy.deepcopy(dense), layout, result.plan, {}, result), None, tmp_path / "memory")
-    stream_prune(tmp_path / "dense", layout, result.plan, {}, tmp_path / "streamed", compensation=result)
+    stream_prune(tmp_path / "dense", layout, offloaded.plan, {}, tmp_path / "streamed", compensation=offloaded)
     a, b = (load_file(tmp_path / kind / "model.safetensors") for kind in ("memory", "streamed"))
     assert a.keys() == b.keys() and any(k.endswith("_output_bias") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)

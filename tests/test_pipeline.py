@@ -15,7 +15,7 @@ from gp_lightning.cli import prune_main
 from gp_lightning.config import PruneConfig
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.pipeline import oneshot
-from gp_lightning.runtime.errors import DataError, RunDirectoryError
+from gp_lightning.runtime.errors import ConfigError, DataError, RunDirectoryError
 
 PRUNABLE = TINY_CHECKPOINT_PRUNABLE
 
@@ -118,6 +118,17 @@ def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoi
         assert torch.equal(second.pruned_model(input_ids=ids).logits, one.pruned_model(input_ids=ids).logits)
     saved = pd.read_csv(tmp_path / "one" / "global_group_table.csv")
     assert saved["importance_raw"].equals(one.table["importance_raw"])  # the CSV round trip is exact
+    if extra.get("compensation") == "none":
+        return
+    with pytest.raises(ConfigError, match="streamed_surgery"):
+        _config(tiny_checkpoint, wikitext, tmp_path / "x", compensation_offload=True)
+    # the dense model never whole in memory: layers read one at a time, surgery streamed
+    offloaded = oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "offloaded", from_table=str(table_csv),
+                                compensation_offload=True, streamed_surgery=True, **quiet))
+    assert offloaded.selection.plan.to_json() == one.selection.plan.to_json()
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded.pruned_model(input_ids=ids).logits, one.pruned_model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_from_table_of_another_model_is_refused(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:

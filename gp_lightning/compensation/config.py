@@ -38,6 +38,12 @@ class CompensationConfig:
     than ``num_samples`` are drawn from ``dataset`` with ``seed`` (the calibration windows first): a refit of
     down_proj has as many unknowns per output as the MLP has channels, and it fits better with more tokens."""
 
+    compensation_offload: bool = False
+    """Read the decoder layers from the checkpoint one at a time during compensation instead of holding the
+    dense model in memory (for models whose weights do not fit: the walk needs one layer at a time). Needs
+    ``streamed_surgery: true`` (surgery then streams the rest from the same files); the dense perplexity
+    (``test_before_prune``) still loads the whole model."""
+
     def __post_init__(self) -> None:
         check_config(self.compensation_damping >= 0, "compensation_damping", self.compensation_damping, "must be >= 0")
         if self.compensation_samples is not None:

@@ -61,7 +61,7 @@ def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.T
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
     batches = Batches([], [], [])
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):

@@ -8,6 +8,7 @@ per block the kept columns' weights and the output bias, and the plan with the u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -28,6 +29,7 @@ from gp_lightning.compensation.layerwise import (
     layer_outputs,
     progress,
 )
+from gp_lightning.compensation.offload import prepare
 from gp_lightning.compensation.refit import Refit, obs_removals, refit
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
@@ -213,8 +215,9 @@ def compensate(model: nn.Module, layout: ModelLayout, plan: PruningPlan, windows
     """Refit every block that loses units.
 
     ``model`` is left masked and compensated (removed columns zero, kept ones refit); the added output
-    biases are only in the result. Under several processes every rank passes its own shard of
-    ``windows`` and gets the same result.
+    biases are only in the result. A model on the meta device (:func:`gp_lightning.model.sharded.meta_model`)
+    is read from its checkpoint layer by layer instead (:mod:`.offload`). Under several processes every
+    rank passes its own shard of ``windows`` and gets the same result.
     """
     start = time.perf_counter()
     _check_homogeneous(model)
@@ -222,11 +225,13 @@ def compensate(model: nn.Module, layout: ModelLayout, plan: PruningPlan, windows
         windows = windows[: config.compensation_samples]
     indices, weights = rank_shard(windows.shape[0], rank, world)
     model.eval()
+    loader = prepare(model)  # a meta-device model: its layers are read one at a time
     batches = first_layer_inputs(model, windows[indices], weights, batch_size)
     walker = _Walker(model, layout, plan, config)
     try:
         for index in progress(layout.num_layers, rank):
-            batches = walker.layer(index, batches)
+            with loader.resident(index) if loader is not None else contextlib.nullcontext():
+                batches = walker.layer(index, batches)
     finally:
         walker.hooks.remove()
     walker.result.seconds = time.perf_counter() - start

@@ -35,7 +35,7 @@ def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
+def tensor_files(directory: Path) -> dict[str, Path]:
     """Which safetensors file holds each tensor (checked and listed as streamed surgery does)."""
     files: dict[str, Path] = {}
     for path in source_weight_files(directory):
@@ -44,23 +44,33 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-@torch.no_grad()
 def load_local_shards(model: nn.Module, device: torch.device) -> None:
     """Allocate this rank's shard of every (already ``fully_shard``-ed) parameter and read it from disk."""
     directory = Path(model.gp_weights_dir)
-    files = _tensor_files(directory)
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
-    model.to_empty(device=device)
-    for name, buffer in model.named_buffers():
+    read_parameters(model, directory, tensor_files(directory), device, sharded=True)
+
+
+@torch.no_grad()
+def read_parameters(module: nn.Module, directory: Path, files: dict[str, Path], device: torch.device,
+                    prefix: str = "", sharded: bool = False) -> None:
+    """Allocate ``module``'s parameters on ``device`` and read them from the checkpoint's safetensors (its
+    buffers are kept). ``prefix``: the module's name in the model; ``sharded``: only this rank's rows."""
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    module.to_empty(device=device)
+    for name, buffer in module.named_buffers():
         buffer.copy_(buffers[name])
     by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
-    for name, param in model.named_parameters():
-        if name not in files:
-            raise ModelSourceError(f"{directory} has no tensor '{name}': the checkpoint does not match its config.")
-        by_file.setdefault(files[name], []).append((name, param))
+    for name, param in module.named_parameters():
+        full = f"{prefix}.{name}" if prefix else name
+        if full not in files:
+            raise ModelSourceError(f"{directory} has no tensor '{full}': the checkpoint does not match its config.")
+        by_file.setdefault(files[full], []).append((full, param))
     for path, params in by_file.items():
         with safe_open(path, framework="pt") as handle:
-            for name, param in params:
-                local, offset, _ = local_part(param.data)
-                rows = handle.get_slice(name)[offset : offset + local.shape[0]]
-                local.copy_(rows.to(dtype=local.dtype, device=local.device))
+            for full, param in params:
+                if sharded:
+                    local, offset, _ = local_part(param.data)
+                    rows = handle.get_slice(full)[offset : offset + local.shape[0]]
+                    local.copy_(rows.to(dtype=local.dtype, device=local.device))
+                else:
+                    param.copy_(handle.get_tensor(full).to(param.dtype))
