@@ -167,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return prune_main(rest, prog="gp-lightning prune")
     if command == "train":
         return train_main(rest, prog="gp-lightning train")
+    from gp_lightning.runtime.console import configure_console
+
+    configure_console("debug" if any(flag in rest for flag in VERBOSE_FLAGS) else "info")
+    rest = [arg for arg in rest if arg not in VERBOSE_FLAGS]
     if command == "compare":
         from gp_lightning.analysis.compare import main as compare_main
 

@@ -75,17 +75,35 @@ def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.T
     return batches
 
 
+#: Column blocks of a Gram update: only the blocks on and above the diagonal are multiplied (the matrix is
+#: symmetric), about 55% of the products of one full update, and faster still on CPUs.
+_GRAM_BLOCKS = 8
+
+
 class Gram:
     """``sum [x; 1] [x; 1]^T`` over the tokens of real windows, accumulated in float32 (a few thousand tokens of
-    activations: float32 sums keep about six digits, the refit itself is float64)."""
+    activations: float32 sums keep about six digits, the refit itself is float64).
+
+    Only the upper triangle is accumulated, block row by block row; :attr:`value` mirrors it once at the end.
+    """
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.value = torch.zeros(features + 1, features + 1, dtype=torch.float32, device=device)
+        self.upper = torch.zeros(features + 1, features + 1, dtype=torch.float32, device=device)
+        blocks = max(1, min(_GRAM_BLOCKS, features // 192))
+        self.edges = [round(i * features / blocks) for i in range(blocks + 1)]
 
     def add(self, x: torch.Tensor, weights: torch.Tensor) -> None:
         real = x[weights.to(x.device) > 0].reshape(-1, x.shape[-1]).float()
-        augmented = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
-        self.value.addmm_(augmented.T, augmented)
+        features = real.shape[1]
+        for start, stop in zip(self.edges[:-1], self.edges[1:], strict=True):
+            self.upper[start:stop, start:features].addmm_(real[:, start:stop].T, real[:, start:])
+        self.upper[:features, features] += real.sum(dim=0)  # the constant input: sums and the token count
+        self.upper[features, features] += real.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The whole symmetric matrix (call once, after the last :meth:`add`)."""
+        return self.upper.triu() + self.upper.triu(1).T
 
 
 def all_reduce(tensors: list[torch.Tensor]) -> None:
@@ -126,8 +144,9 @@ def gram_of(inputs: list[torch.Tensor], batches: Batches) -> torch.Tensor:
     gram = Gram(inputs[0].shape[-1], inputs[0].device)
     for x, weights in zip(inputs, batches.weights, strict=True):
         gram.add(x, weights)
-    all_reduce([gram.value])
-    return gram.value
+    value = gram.value
+    all_reduce([value])
+    return value
 
 
 def dense_pass(layer: nn.Module, batches: Batches, projections: list[nn.Linear]

@@ -48,30 +48,30 @@ class Refit:
 @dataclass
 class Objective:
     """``min_V sum_t ||y_t - V xa_t[K]||^2`` over the calibration tokens with ``y = [W, b] xa`` (the layer's own
-    output), held as sums: ``gram = sum xa xa^T`` and ``total = sum ||y||^2``.
+    output), held as sums: ``gram = sum xa xa^T``, ``product = [W, b] G`` and ``total = sum ||y||^2``.
 
-    Its right-hand side ``[W, b] G[:, K]`` is formed for the columns a refit keeps only, in float64.
+    Every error below is a closed form in these sums (no product over the tokens, no second pass over
+    ``G``): slicing leaves ``W_R x_R``, the bias-only fit its centred part, and the ridge solution's
+    normal equations turn its quadratic term into an inner product with the right-hand side.
     """
 
     target: torch.Tensor  # [W, b], float64
     gram: torch.Tensor
+    product: torch.Tensor  # target @ gram (in the Gram's dtype), as float64
     total: float
 
     @classmethod
     def of_layer(cls, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor) -> Objective:
         target = _augmented(weight, bias)
-        total = float(((target.float() @ gram.float()) * target.float()).sum())
-        return cls(target, gram, total)
+        # in the Gram's own precision: a float32 Gram (what the walk accumulates) holds six digits, and a
+        # float64 product of it would cost twice the time for digits it does not have
+        product = (target.to(gram.dtype) @ gram).double()
+        return cls(target, gram, product, float((product * target).sum()))
 
-    def rhs(self, index: torch.Tensor) -> torch.Tensor:
-        """``sum y xa[index]^T`` (out x |index|), float64."""
-        return self.target @ self.gram[:, index].double()
-
-    def error(self, values: torch.Tensor, index: torch.Tensor, rhs: torch.Tensor) -> float:
-        """``sum ||y - V xa[index]||^2`` for the weights ``values`` (out x |index|); ``rhs`` = :meth:`rhs`."""
-        system = self.gram[index][:, index].float()
-        fitted = float(((values.float() @ system) * values.float()).sum())
-        return self.total - 2 * float((values * rhs).sum()) + fitted
+    def sliced_error(self, removed: torch.Tensor) -> float:
+        """``sum ||W_R x_R||^2``: the error of keeping the other columns (and the bias) as they are."""
+        w = self.target[:, removed]
+        return float(((w @ self.gram[removed][:, removed].double()) * w).sum())
 
     def relative(self, error_squared: float) -> float:
         return (max(error_squared, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
@@ -85,10 +85,14 @@ def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping: float, prior: torch.Tensor
-           ) -> tuple[torch.Tensor, float] | None:
+           ) -> tuple[torch.Tensor, float, float] | None:
     """Least squares on the columns ``index`` (the kept ones, then the constant), float64, with a ridge that
-    pulls the feature weights toward ``prior`` (the dense ones) rather than toward zero: the solution and the
-    ridge term, or None when the system stays indefinite."""
+    pulls the feature weights toward ``prior`` (the dense ones) rather than toward zero: the solution, the
+    ridge term and the output error, or None when the system stays indefinite.
+
+    The solution ``V`` satisfies ``V (G_KK + lam D) = rhs + lam prior D``, so ``V G_KK V^T`` is
+    ``<V, rhs> + lam <V D, prior - V>`` and the error ``total - 2<V, rhs> + V G_KK V^T`` needs no product with ``G``.
+    """
     system = objective.gram[index][:, index].double()
     scale = float(system.diagonal()[:-1].mean()) if len(index) > 1 else 0.0
     lam = damping * scale
@@ -99,7 +103,9 @@ def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping
         if int(info) == 0:
             pulled = rhs.clone()
             pulled[:, :-1] += lam * prior[:, :-1]
-            return torch.cholesky_solve(pulled.T, chol).T, lam
+            values = torch.cholesky_solve(pulled.T, chol).T
+            ridge = lam * float((values[:, :-1] * (prior[:, :-1] - values[:, :-1])).sum())
+            return values, lam, objective.total - float((values * rhs).sum()) + ridge
         lam = max(lam * 10, 1e-8 * max(scale, 1.0))
     return None
 
@@ -114,27 +120,30 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     objective = Objective.of_layer(weight, bias, gram)
     columns = objective.target.shape[1] - 1
     kept = kept.to(torch.long)
+    keep = torch.zeros(columns, dtype=torch.bool)
+    keep[kept] = True
+    removed = torch.nonzero(~keep).flatten()
     index = torch.cat([kept, torch.tensor([columns])])
-    rhs = objective.rhs(index)
     plain_values = objective.target[:, index]
-    before = objective.relative(objective.error(plain_values, index, rhs))
+    sliced = objective.sliced_error(removed)
+    before = objective.relative(sliced)
     plain = Refit(plain_values[:, :-1], plain_values[:, -1], "none", before, before)
     tokens = float(gram[-1, -1])
     if method == "none" or len(kept) == columns or tokens <= 0:
         return plain
-    # bias only: the kept weights stay, the bias takes the mean of what they leave unexplained
-    residual_mean = (rhs[:, -1] - plain_values[:, :-1] @ gram[kept, -1].double()) / tokens
-    flap_values = torch.cat([plain_values[:, :-1], residual_mean[:, None]], dim=1)
-    flap_error = objective.relative(objective.error(flap_values, index, rhs))
-    best = Refit(flap_values[:, :-1], flap_values[:, -1], "bias", before, flap_error) if flap_error <= before else plain
+    # bias only: the kept weights stay, the bias takes the mean of what the removed columns contributed
+    shift = objective.target[:, removed] @ gram[removed, -1].double() / tokens
+    flap_error = objective.relative(sliced - tokens * float(shift.square().sum()))
+    best = (Refit(plain_values[:, :-1], plain_values[:, -1] + shift, "bias", before, flap_error)
+            if flap_error <= before else plain)
     if method == "bias" or len(kept) == 0:  # with nothing kept, least squares is the bias
         return best
-    solved = _solve(objective, index, rhs, damping, plain_values)
+    solved = _solve(objective, index, objective.product[:, index], damping, plain_values)
     if solved is None:
         best.fallback = "the least-squares system is not positive definite even with 1000x the damping"
         return best
-    values, lam = solved
-    error = objective.relative(objective.error(values, index, rhs))
+    values, lam, error_squared = solved
+    error = objective.relative(error_squared)
     if error > best.error_after * (1 + 1e-9):
         best.fallback = f"least squares ({error:.4g}) did not lower the error below {best.method} ({best.error_after:.4g})"
         return best
@@ -154,9 +163,12 @@ def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, coun
     # the constant input (the output bias) is a column that is never removed: its weight absorbs the means.
     # float32 (damped): this only ranks units, the refit of the chosen set is float64
     weight = torch.cat([weight.float(), weight.new_zeros(weight.shape[0], 1, dtype=torch.float32)], dim=1)
-    system = gram.double().clone()
+    system = gram.float().clone()
     system.diagonal()[:-1] += damping * float(system.diagonal()[:-1].mean()) + 1e-12
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(system)).float()
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:  # not positive definite in float32 (no damping, near-singular data): factor in float64
+        chol = torch.linalg.cholesky(system.double())
+    inverse = torch.cholesky_inverse(chol).float()
     alive = torch.ones(units, dtype=torch.bool)
     removed: list[int] = []
     step = max(1, -(-count // 16))  # about 16 inverse updates whatever the count
@@ -165,9 +177,10 @@ def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, coun
         scores[~alive] = float("inf")
         take = torch.argsort(scores)[: min(step, count - len(removed))]
         cols = (take[:, None] * unit_width + torch.arange(unit_width)).reshape(-1)
-        block_inv = torch.linalg.inv(inverse[cols][:, cols])
-        weight -= weight[:, cols] @ block_inv @ inverse[cols]  # the OBS update of the remaining weights
-        inverse -= inverse[:, cols] @ block_inv @ inverse[cols]
+        rows = inverse[cols]  # the inverse is symmetric: its columns cols are these rows, transposed
+        scaled = torch.linalg.inv(rows[:, cols]) @ rows
+        weight.addmm_(weight[:, cols], scaled, alpha=-1)  # the OBS update of the remaining weights
+        inverse.addmm_(rows.T, scaled, alpha=-1)  # and of the inverse (the Schur complement)
         inverse[cols] = 0
         inverse[:, cols] = 0
         inverse[cols, cols] = 1.0  # removed columns: an identity block, so their own blocks stay invertible
