@@ -19,7 +19,7 @@ from gp_lightning.calibration.baselines import magnitude_importance, random_impo
 from gp_lightning.calibration.config import CalibrationConfig
 from gp_lightning.calibration.methods import CAPABILITIES, check_capability
 from gp_lightning.calibration.module import CalibrationModule
-from gp_lightning.calibration.statistics_checkpoint import StatisticsCheckpoint
+from gp_lightning.calibration.statistics_checkpoint import StatisticsCheckpoint, windows_hash
 from gp_lightning.calibration.taylor import TaylorImportance
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.calibration.wanda import WandaImportance
@@ -55,12 +55,12 @@ def run_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tensor
         raise ValueError(f"{method} needs calibration windows")
     if distributed.strategy == "deepspeed":
         return zero3_calibration(model, layout, windows, batch_size, method, distributed.accelerator, progress)
-    return _lightning_calibration(model, layout, windows, batch_size, calibration, distributed, precision,
+    return _lightning_calibration(model, layout, windows, batch_size, calibration, distributed, precision, seed,
                                   run_dir, progress, extra_callbacks or [])
 
 
 def _lightning_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int,
-                           calibration: CalibrationConfig, distributed: DistributedConfig, precision: str,
+                           calibration: CalibrationConfig, distributed: DistributedConfig, precision: str, seed: int,
                            run_dir: str | Path | None, progress: bool, extra_callbacks: list[L.Callback]
                            ) -> UnitImportance:
     method = calibration.importance_method
@@ -77,8 +77,11 @@ def _lightning_calibration(model: nn.Module, layout: ModelLayout, windows: torch
     if calibration.statistics_checkpoints:
         if run_dir is None:
             raise ValueError("checkpoint_every/resume need a run directory for the statistics checkpoints")
+        settings = {"model": str(getattr(model.config, "_name_or_path", "")), "units": layout_fingerprint(layout),
+                    "method": method, "fisher_batch_size": calibration.fisher_batch_size, "windows": windows_hash(windows),
+                    "batch_size": batch_size, "precision": precision, "seed": seed}
         callbacks.append(StatisticsCheckpoint(Path(run_dir) / STATE_DIR, calibration.checkpoint_every, collector,
-                                              calibration.resume))
+                                              calibration.resume, settings))
     trainer = L.Trainer(
         accelerator=distributed.accelerator, devices=launch.devices, num_nodes=distributed.num_nodes,
         strategy=launch.strategy, precision=precision, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -90,3 +93,8 @@ def _lightning_calibration(model: nn.Module, layout: ModelLayout, windows: torch
         trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
     assert collector.importance is not None
     return collector.importance
+
+
+def layout_fingerprint(layout: ModelLayout) -> str:
+    """KV heads x queries per KV head / MLP channels of every layer: the units a statistics checkpoint must match."""
+    return ",".join(f"{layer.num_kv_heads}x{layer.queries_per_kv}/{layer.intermediate_size}" for layer in layout.layers)
