@@ -7,11 +7,12 @@ the embedded model. User errors print one line that names the problem and the fi
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gp_lightning.runtime.errors import GPLightningError
+from gp_lightning.runtime.errors import ConfigError, GPLightningError
 
 if TYPE_CHECKING:  # the configs pull in lightning: commands that need no config start without it
     from jsonargparse import ArgumentParser
@@ -29,7 +30,7 @@ def build_parser(config_class: type | None = None, prog: str = "prune.py",
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if config_class is None:
         from gp_lightning.config import PruneConfig as config_class
-    parser = ArgumentParser(prog=prog, description=description, default_config_files=[])
+    parser = ArgumentParser(prog=prog, description=description, default_config_files=[], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config keys; later flags override it.")
     for _, group in config_class.group_fields():
         parser.add_class_arguments(group, nested_key=None, fail_untyped=True)
@@ -66,10 +67,37 @@ def expand_aliases(argv: Sequence[str], aliases: dict[str, str] | None = None,
 
 def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliases: dict[str, str],
                description: str) -> Any:
+    from jsonargparse import ArgumentError
+
     parser = build_parser(config_class, prog, description)
     args = sys.argv[1:] if argv is None else argv
-    namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
+    try:
+        namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
+    except ArgumentError as exc:
+        raise ConfigError(f"{one_line(str(exc))} ({prog} --help lists every option)") from None
     return config_class.from_flat({key: namespace[key] for key in config_class.key_owners()})
+
+
+_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)
+_EXPECTED = re.compile(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])\. Got value: (.*)", re.DOTALL)
+
+
+def one_line(message: str) -> str:
+    """A parser error as one line that names the flag (the parser's own text spreads over several)."""
+    message = " ".join(message.split())
+    keyed = _KEY.match(message)
+    if not keyed:
+        return message
+    key, rest = keyed.groups()
+    expected = _EXPECTED.match(rest)
+    if not expected:
+        return f"--{key}: {rest}"
+    kind, choices, value = expected.groups()
+    if choices is not None:
+        return f"--{key} {value}: expected one of {choices.replace(chr(39), '')}"
+    if kind == "float" and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return f"--{key} {value}: not a finite number"
+    return f"--{key} {value}: expected a{'n' if kind[0] in 'aeiou' else ''} {kind}"
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "prune.py") -> PruneConfig:

@@ -28,8 +28,8 @@ def test_table_and_selection_keys_parse_and_validate() -> None:
         "wanda", "log", [0, 5])
     assert cfg.table.table_only and cfg.selection.max_rate == 0.7 and cfg.selection.kept_channels == 1
     assert parse_config(["--remove_empty_layers"]).selection.kept_groups == 0  # depth pruning
-    with pytest.raises(SystemExit):
-        parse_config(["--importance_method", "fisher"])  # not a method: jsonargparse lists the choices
+    with pytest.raises(ConfigError, match="--importance_method fisher: expected one of taylor, taylor_2nd, wanda"):
+        parse_config(["--importance_method", "fisher"])  # not a method: the choices, in one line
     with pytest.raises(ConfigError, match="min_rate"):
         parse_config(["--min_rate", "0.5", "--max_rate", "0.3"])
     with pytest.raises(ConfigError, match="from_table"):
@@ -45,12 +45,24 @@ def test_ratio_out_of_range(ratio: str) -> None:
 def test_yaml_config_with_unknown_key_is_an_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pruning_ratio: 0.3\nprunning_ratio: 0.2\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="prunning_ratio"):
         parse_config(["--config", str(bad)])
     good = tmp_path / "good.yaml"
     good.write_text("pruning_ratio: 0.3\nnum_samples: 7\n")
     cfg = parse_config(["--config", str(good), "--num_samples", "9"])
     assert (cfg.selection.pruning_ratio, cfg.data.num_samples) == (0.3, 9)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--pruning_ratio", "abc"], "error: --pruning_ratio abc: expected a float"),
+    (["--pruning_ratio", "nan"], "error: --pruning_ratio nan: not a finite number"),
+    (["--num_samples", "1.5"], "error: --num_samples 1.5: expected an int"),
+    (["--no_such_flag", "1"], "error: unrecognized arguments: --no_such_flag 1"),
+])
+def test_a_bad_flag_is_one_line_without_the_usage(tmp_path: Path, args: list[str], expected: str) -> None:
+    done = _run(tmp_path, *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"{expected} (prune.py --help lists every option)"]
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
