@@ -35,7 +35,7 @@ from gp_lightning.data.windows import calibration_windows, tokenize
 from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
-from gp_lightning.model.layout import ModelLayout, describe
+from gp_lightning.model.layout import ModelLayout, check_sequence_lengths, describe
 from gp_lightning.model.sharded import meta_model
 from gp_lightning.model.source import local_checkpoint_dir
 from gp_lightning.runtime.errors import ConfigError
@@ -100,6 +100,8 @@ class PruneRecipe(Recipe):
             self.model, self.tokenizer = self._load()
             self.layout = describe(self.model)
             check_budget(self.layout, cfg.selection)
+            check_sequence_lengths(self.model, {"seq_len": cfg.data.seq_len,
+                                                "eval_seq_len": cfg.evaluation.eval_seq_len})
         if cfg.table.from_table:
             self.saved_table = load_table(cfg.table.from_table, self.layout)
         if self._needs_calibration_windows():

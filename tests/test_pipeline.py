@@ -163,3 +163,14 @@ def test_every_method_runs_through_the_recipe(tmp_path: Path, tiny_checkpoint: P
     assert summary.loc[0, "layer_rate"] == 0 and summary["layer_rate"].max() <= 0.6 + 1e-9
     assert result.evaluation["ppl_after"] > 1
     assert (pd.read_csv(tmp_path / "run" / "global_group_table.csv")["importance_raw"] >= 0).all()
+
+
+@pytest.mark.parametrize("key", ["seq_len", "eval_seq_len"])
+def test_windows_longer_than_the_model_positions_are_refused_before_the_run(tmp_path: Path, tiny_checkpoint: Path,
+                                                                           wikitext: Path, key: str) -> None:
+    import json
+
+    limit = json.loads((tiny_checkpoint / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ConfigError, match=f"'{key}' = {limit + 1} .*max_position_embeddings"):
+        oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", **{key: limit + 1}))
+    assert not (tmp_path / "run").exists()  # nothing written: the corrected rerun is not blocked

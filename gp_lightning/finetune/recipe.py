@@ -29,6 +29,7 @@ from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
 from gp_lightning.finetune.lora import add_lora, merged, trainable_parameters
 from gp_lightning.finetune.module import FinetuneModule
 from gp_lightning.model.config import ModelConfig
+from gp_lightning.model.layout import check_sequence_lengths
 from gp_lightning.model.source import resolve
 from gp_lightning.runtime.config import DistributedConfig
 from gp_lightning.runtime.errors import ConfigError
@@ -94,6 +95,7 @@ class FinetuneRecipe(Recipe):
                 self.model, self.tokenizer = cfg.source.load(load_dtype(self.precision))
             self.teacher = self.load_teacher()
         d = cfg.data
+        check_sequence_lengths(self.model, {"seq_len": d.seq_len, "eval_seq_len": cfg.evaluation.eval_seq_len})
         self.train_examples, self.val_examples = load_examples(
             d.dataset, d.data_format, self.tokenizer, d.seq_len, d.finetune_samples, d.val_samples, cfg.run.seed,
             d.prompt_format)

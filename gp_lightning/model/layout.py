@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gp_lightning.runtime.errors import UnsupportedArchitectureError
+from gp_lightning.runtime.errors import ConfigError, UnsupportedArchitectureError
 
 #: HF ``model_type`` values whose decoder layers have the Llama module structure.
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gp_pruned")
@@ -180,3 +180,14 @@ def _require_linears(block: nn.Module, names: tuple[str, ...], idx: int, where: 
                 f"Layer {idx} {where} has no nn.Linear '{name}': not a Llama-style block "
                 f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})."
             )
+
+
+def check_sequence_lengths(model: nn.Module, lengths: dict[str, int]) -> None:
+    """Windows longer than the model's positions (``max_position_embeddings``) are refused before any work:
+    rotary models run past them without an error, but on positions they never saw, and memory grows with
+    the square of the length."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for key, length in lengths.items():
+        if limit is not None and length > limit:
+            raise ConfigError(f"Config key '{key}' = {length} is invalid: the model has {limit} positions "
+                              f"(max_position_embeddings); use at most {limit}.")
