@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,20 @@ def test_accelerate_cpu_single_process_trap_is_named(monkeypatch: pytest.MonkeyP
     assert "--multi_gpu" in launcher_warning()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launcher_warning() is None
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.txt", "Caf\u00e9 au lait. ".encode("latin-1") * 400, r"latin1.txt is not UTF-8 text: byte 3 is 0xe9"),
+    ("binary.txt", bytes(range(256)) * 40, r"binary.txt is not UTF-8 text: byte 128 is 0x80"),
+    ("broken.jsonl", b'{"text": "one"}\n{"text": "two"\n', r"broken.jsonl:2: not valid JSON \(Expecting ',' delimiter"),
+])
+def test_unreadable_text_is_one_line_naming_the_file(tmp_path: Path, tiny_checkpoint: Path,
+                                                     capsys: pytest.CaptureFixture, name: str, content: bytes,
+                                                     message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    code = prune_main(["--model", str(tiny_checkpoint), "--dataset", str(tmp_path / name), "--num_samples", "4",
+                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(f"^error: .*{message}", err, re.MULTILINE)
+    assert not (tmp_path / "run").exists()

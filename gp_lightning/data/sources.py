@@ -70,16 +70,35 @@ def check_source(source: str) -> None:
     )
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 (latin-1, UTF-16, binary) is a one-line error naming it and the
+    first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} is 0x{data[exc.start]:02x}. Convert it (e.g. "
+                        f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}) or pass another "
+                        "file.") from None
+
+
+def json_record(line: str, where: str) -> object:
+    """One JSON value; a malformed one is a one-line error naming the file, line and column."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+
+
 def _read_local(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return path.read_text(encoding="utf-8")
+        return read_utf8(path)
     if suffix in {".jsonl", ".json"}:
         texts = []
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    texts.append(_text_field(json.loads(line), f"{path}:{lineno}"))
+        for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
+            if line.strip():
+                texts.append(_text_field(json_record(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
         return "\n\n".join(texts)
     if suffix == ".parquet":
         import pandas as pd

@@ -8,7 +8,6 @@ perplexity text.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gp_lightning.data.sources import load_text
+from gp_lightning.data.sources import json_record, load_text, read_utf8
 from gp_lightning.data.windows import calibration_windows, tokenize
 from gp_lightning.runtime.errors import DataError
 
@@ -50,17 +49,11 @@ def instruction_records(source: str) -> list[Any] | None:
 
 
 def _json_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):  # a JSON array (alpaca_data.json) rather than JSON lines
-        return json.loads(text)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc}).") from exc
-    return records
+        records = json_record(text, str(path))
+        return records if isinstance(records, list) else [records]
+    return [json_record(line, f"{path}:{lineno}") for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def read_instructions(records: list[Any], source: str) -> list[Instruction]:
