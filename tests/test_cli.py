@@ -143,3 +143,25 @@ def test_unreadable_text_is_one_line_naming_the_file(tmp_path: Path, tiny_checkp
     assert code == 2 and "Traceback" not in err
     assert re.search(f"^error: .*{message}", err, re.MULTILINE)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["taylor", "wanda", "random"])
+def test_nan_weights_are_named_at_load(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
+                                       capsys: pytest.CaptureFixture, method: str) -> None:
+    """Whatever the method (random would otherwise 'succeed' with a NaN perplexity), the damaged tensor is named."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, :3] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    code = prune_main(["--model", str(broken), "--importance_method", method, "--dataset",
+                       str(wikitext / "valid.txt"), "--num_samples", "4",
+                       "--precision", "32-true", "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "overflowed" not in err
+    assert "tensor 'model.layers.1.mlp.down_proj.weight' has 3 NaN or infinite values" in err
+    assert not (tmp_path / "run").exists()

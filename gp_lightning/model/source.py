@@ -135,7 +135,9 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"GGUF file '{source}' does not exist.")
-        return load_gguf(path, dtype)
+        model, tokenizer = load_gguf(path, dtype)
+        check_finite_weights(model, source)
+        return model, tokenizer
     looks_like_hub_id = not path.exists() and location.count("/") == 1 and not location.startswith((".", "/", "~"))
     if not path.exists() and not looks_like_hub_id:
         raise ModelSourceError(
@@ -156,7 +158,21 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location) if with_tokenizer else None
     except Exception as exc:
         raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
+    check_finite_weights(model, source)
     return model, tokenizer
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """A weight with NaN or inf entries (a broken download or conversion) is named here, at load, instead of
+    surfacing later as overflowing gradients or a NaN perplexity."""
+    for name, param in model.named_parameters():
+        if param.is_meta or param.numel() == 0:
+            continue
+        finite = torch.isfinite(param.detach())
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ModelSourceError(f"Model '{source}': tensor '{name}' has {bad:,} NaN or infinite values of "
+                                   f"{param.numel():,}. The checkpoint is damaged: download or convert it again.")
 
 
 def main() -> None:
