@@ -174,3 +174,51 @@ def test_windows_longer_than_the_model_positions_are_refused_before_the_run(tmp_
     with pytest.raises(ConfigError, match=f"'{key}' = {limit + 1} .*max_position_embeddings"):
         oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", **{key: limit + 1}))
     assert not (tmp_path / "run").exists()  # nothing written: the corrected rerun is not blocked
+
+
+def _written_table(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+    """A table of the tiny checkpoint as a run writes it (CSV and its checksum)."""
+    from gp_lightning.model.layout import describe
+    from gp_lightning.model.source import load_model
+    from gp_lightning.runtime.io import write_checksum, write_csv
+    from gp_lightning.table.build import build_table
+
+    layout = describe(load_model(str(tiny_checkpoint), with_tokenizer=False)[0])
+    table = build_table(layout, UnitImportance({x.index: torch.rand(x.num_kv_heads) for x in layout.layers},
+                                               {x.index: torch.rand(x.intermediate_size) for x in layout.layers}))
+    path = tmp_path / "global_group_table.csv"
+    write_csv(path, table)
+    write_checksum(path)
+    return path
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("cut", "SHA-256 differs from global_group_table.csv.sha256"),
+    ("cut, no checksum", "ends in the middle of a line"),
+    ("string", r"line 3: importance_raw = 'abc' is not a finite non-negative number"),
+    ("inf", r"line 2: importance_raw = 'inf' is not a finite"),
+    ("empty", "is not a readable CSV"),
+    ("header only", "lacks rows"),
+])
+def test_a_damaged_table_is_refused_naming_the_file(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
+                                                    damage: str, message: str) -> None:
+    path = _written_table(tmp_path, tiny_checkpoint)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if damage.startswith("cut"):  # inside the last row's importance_raw: the value would read as a smaller one
+        path.write_text(text[: text.rindex(",") + 3])
+        if damage == "cut, no checksum":
+            (tmp_path / "global_group_table.csv.sha256").unlink()
+    elif damage in ("string", "inf"):
+        header = lines[0].rstrip("\n").split(",")
+        row = lines[2 if damage == "string" else 1].rstrip("\n").split(",")
+        row[header.index("importance_raw")] = "abc" if damage == "string" else "inf"
+        lines[2 if damage == "string" else 1] = ",".join(row) + "\n"
+        path.write_text("".join(lines))
+        (tmp_path / "global_group_table.csv.sha256").unlink()  # edited on purpose: the checksum is deleted
+    else:
+        path.write_text("" if damage == "empty" else lines[0])
+        (tmp_path / "global_group_table.csv.sha256").unlink()
+    with pytest.raises(DataError, match=f"from_table: .*global_group_table.csv.*{message}"):
+        oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", from_table=str(path)))
+    assert not (tmp_path / "run").exists()

@@ -20,7 +20,7 @@ from gp_lightning.analysis.diagnostics import diagnose
 from gp_lightning.analysis.plots import gradient_analysis_figure, pruning_rates_figure, save_png
 from gp_lightning.analysis.reports import layer_summary_text
 from gp_lightning.model.layout import ModelLayout
-from gp_lightning.runtime.io import write_csv, write_json, write_text
+from gp_lightning.runtime.io import write_checksum, write_csv, write_json, write_text
 from gp_lightning.selection.result import Selection, layer_summary
 from gp_lightning.table.transforms import OrderedTable
 
@@ -72,6 +72,7 @@ class PruneRunWriter:
     def table(self, ordered: OrderedTable) -> None:
         if self.enabled:
             write_csv(self.run_dir / "global_group_table.csv", ordered.table)
+            write_checksum(self.run_dir / "global_group_table.csv")
             write_json(self.run_dir / "table_transforms.json", ordered.report)
 
     def selection(self, selection: Selection, analysis: Analysis) -> None:

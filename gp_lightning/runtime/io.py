@@ -56,6 +56,26 @@ def write_csv(path: Path, frame: Any) -> None:
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def checksum_path(path: Path) -> Path:
+    """Where :func:`write_checksum` puts ``path``'s digest (``sha256sum -c`` reads it)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksum(path: Path) -> None:
+    """``path``'s SHA-256 beside it, so that a copy cut short or changed later is recognized when read back."""
+    write_text(checksum_path(path), f"{file_sha256(path)}  {path.name}\n")
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Move a fully written ``staging`` directory onto ``target`` (replacing an older one)."""
     if target.exists():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import DataError
+from gp_lightning.runtime.io import checksum_path, file_sha256
 from gp_lightning.table.build import BLOCK, KEY
 
 REQUIRED = [*KEY, "cost", "importance_raw"]
@@ -19,18 +21,13 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     The table must describe exactly this model: the same layers, the same number of attention
     groups and MLP channels per layer, and the same unit costs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"from_table: {path} does not exist. Pass the global_group_table.csv of a --table_only run.")
-    table = pd.read_csv(path)
-    missing = [c for c in REQUIRED if c not in table.columns]
-    if missing:
-        raise DataError(f"from_table: {path} lacks columns {missing}: it is not a gp-lightning global_group_table.csv.")
+    table = read_table(Path(path))
     fix = "It was made for another model: run --table_only on this model to make its table."
     expected = {(layer.index, "attention"): (layer.num_kv_heads, layout.attention_group_cost(layer))
                 for layer in layout.layers if layer.has_attention}
     expected.update({(layer.index, "mlp"): (layer.intermediate_size, layout.mlp_channel_cost(layer))
                      for layer in layout.layers if layer.has_mlp})
+    path = Path(path)
     layers = int(table["layer_idx"].max()) + 1
     if layers > layout.num_layers:
         raise DataError(f"from_table: {path} has {layers} layers, the model {layout.num_layers}. {fix}")
@@ -45,11 +42,47 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     if expected:
         (layer_idx, kind), (count, _) = next(iter(expected.items()))
         raise DataError(f"from_table: {path} has no rows for layer {layer_idx} {kind} ({count} units in the model). {fix}")
-    if table["importance_raw"].isna().any() or (table["importance_raw"] < 0).any():
-        raise DataError(f"from_table: {path} has missing or negative importance_raw values.")
     order = {"attention": 0, "mlp": 1}
     table = table.sort_values(["layer_idx", "group_type", "group_idx"], key=lambda c: c.map(order) if c.name ==
                               "group_type" else c).reset_index(drop=True)
+    return table
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The CSV as written by a run: complete (its ``.sha256`` side file, when there is one, matches), with the
+    required columns, integer keys and finite, non-negative numbers. Every flaw is one line naming the file."""
+    if not path.is_file():
+        raise DataError(f"from_table: {path} does not exist. Pass the global_group_table.csv of a --table_only run.")
+    side = checksum_path(path)
+    if side.is_file() and side.read_text(encoding="utf-8").split()[:1] != [file_sha256(path)]:
+        raise DataError(f"from_table: {path} is not the file its run wrote (its SHA-256 differs from {side.name}): it "
+                        f"was cut short or changed. Use the complete table, or delete {side.name} if you edited it "
+                        "on purpose.")
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() > 0:
+            handle.seek(-1, 2)
+            if handle.read(1) != b"\n":
+                raise DataError(f"from_table: {path} ends in the middle of a line: it was cut short. Use the complete "
+                                "table.")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"from_table: {path} is not a readable CSV ({' '.join(str(exc).split())}).") from None
+    missing = [c for c in REQUIRED if c not in table.columns]
+    if missing or table.empty:
+        raise DataError(f"from_table: {path} lacks {'columns ' + str(missing) if missing else 'rows'}: it is not a "
+                        "gp-lightning global_group_table.csv.")
+    for column, integral in (("layer_idx", True), ("group_idx", True), ("cost", True), ("importance_raw", False)):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=float)) | (values < 0).to_numpy()
+        if integral:
+            bad |= (values.fillna(0) % 1 != 0).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"from_table: {path} line {row + 2}: {column} = '{table[column].iloc[row]}' is not a finite "
+                            f"{'non-negative integer' if integral else 'non-negative number'}.")
+        table[column] = values.astype("int64") if integral else values.astype("float64")
     return table
 
 
