@@ -114,31 +114,38 @@ def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.
                       "Recovery fine-tuning (LoRA or full) of a pruned or dense Llama-style LLM.")
 
 
-def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] | None:
+def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] | int | None:
     """Parse (before the heavy imports, so a bad flag answers at once), quiet the console, run the recipe.
 
-    None when the input was bad: the error line has been printed.
+    None when the input was bad, the exit status when a signal stopped the run: the error line has been printed.
     """
+    from gp_lightning.runtime.signals import RunInterrupted, stop_on_signals
+
     try:
-        config = parse()
-        import importlib
+        with stop_on_signals():
+            config = parse()
+            import importlib
 
-        from gp_lightning.runtime.console import configure_console
-        from gp_lightning.runtime.ranks import global_rank
+            from gp_lightning.runtime.console import configure_console
+            from gp_lightning.runtime.ranks import global_rank
 
-        module, name = recipe_path.rsplit(".", 1)
-        recipe = getattr(importlib.import_module(module), name)
-        configure_console(config.run.log_level, global_rank())
-        return config, recipe(config).run()
+            module, name = recipe_path.rsplit(".", 1)
+            recipe = getattr(importlib.import_module(module), name)
+            configure_console(config.run.log_level, global_rank())
+            return config, recipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    except RunInterrupted as exc:
+        print(f"error: interrupted by {exc} before the run finished; its output directory holds an incomplete run "
+              "(rerun with --overwrite, or with --resume if it wrote statistics checkpoints).", file=sys.stderr)
+        return exc.exit_status
 
 
 def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int:
     done = _run_recipe(lambda: parse_config(argv, prog), "gp_lightning.pipeline.PruneRecipe")
-    if done is None:
-        return 2
+    if not isinstance(done, tuple):
+        return 2 if done is None else done
     config, result = done
     ev = result.evaluation
     if "rank" in ev:  # a rank other than 0: rank 0 reports
@@ -175,8 +182,8 @@ def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) ->
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
     """Recovery fine-tuning: ``train.py --config configs/finetune-lora.yaml --model runs/x/model``."""
     done = _run_recipe(lambda: parse_finetune_config(argv, prog), "gp_lightning.finetune.recipe.FinetuneRecipe")
-    if done is None:
-        return 2
+    if not isinstance(done, tuple):
+        return 2 if done is None else done
     config, result = done
     if "rank" not in result.evaluation:
         print_finetune_summary(result.evaluation, result.run_dir, config.evaluation.eval_seq_len)
