@@ -176,14 +176,11 @@ def test_windows_longer_than_the_model_positions_are_refused_before_the_run(tmp_
     assert not (tmp_path / "run").exists()  # nothing written: the corrected rerun is not blocked
 
 
-def _written_table(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+def _written_table(tmp_path: Path, layout: object) -> Path:
     """A table of the tiny checkpoint as a run writes it (CSV and its checksum)."""
-    from gp_lightning.model.layout import describe
-    from gp_lightning.model.source import load_model
     from gp_lightning.runtime.io import write_checksum, write_csv
     from gp_lightning.table.build import build_table
 
-    layout = describe(load_model(str(tiny_checkpoint), with_tokenizer=False)[0])
     table = build_table(layout, UnitImportance({x.index: torch.rand(x.num_kv_heads) for x in layout.layers},
                                                {x.index: torch.rand(x.intermediate_size) for x in layout.layers}))
     path = tmp_path / "global_group_table.csv"
@@ -192,33 +189,52 @@ def _written_table(tmp_path: Path, tiny_checkpoint: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("cut", "SHA-256 differs from global_group_table.csv.sha256"),
-    ("cut, no checksum", "ends in the middle of a line"),
-    ("string", r"line 3: importance_raw = 'abc' is not a finite non-negative number"),
-    ("inf", r"line 2: importance_raw = 'inf' is not a finite"),
-    ("empty", "is not a readable CSV"),
-    ("header only", "lacks rows"),
-])
-def test_a_damaged_table_is_refused_naming_the_file(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
-                                                    damage: str, message: str) -> None:
-    path = _written_table(tmp_path, tiny_checkpoint)
+def _damage(path: Path, damage: str) -> None:
     text = path.read_text()
     lines = text.splitlines(keepends=True)
+    side = path.with_name(path.name + ".sha256")
     if damage.startswith("cut"):  # inside the last row's importance_raw: the value would read as a smaller one
         path.write_text(text[: text.rindex(",") + 3])
         if damage == "cut, no checksum":
-            (tmp_path / "global_group_table.csv.sha256").unlink()
-    elif damage in ("string", "inf"):
+            side.unlink()
+        return
+    side.unlink()  # the cases below are edits on purpose: their checksum is deleted
+    if damage in ("string", "inf"):
         header = lines[0].rstrip("\n").split(",")
-        row = lines[2 if damage == "string" else 1].rstrip("\n").split(",")
+        index = 2 if damage == "string" else 1
+        row = lines[index].rstrip("\n").split(",")
         row[header.index("importance_raw")] = "abc" if damage == "string" else "inf"
-        lines[2 if damage == "string" else 1] = ",".join(row) + "\n"
+        lines[index] = ",".join(row) + "\n"
         path.write_text("".join(lines))
-        (tmp_path / "global_group_table.csv.sha256").unlink()  # edited on purpose: the checksum is deleted
     else:
         path.write_text("" if damage == "empty" else lines[0])
-        (tmp_path / "global_group_table.csv.sha256").unlink()
-    with pytest.raises(DataError, match=f"from_table: .*global_group_table.csv.*{message}"):
-        oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", from_table=str(path)))
+
+
+DAMAGES = {
+    "cut": "SHA-256 differs from global_group_table.csv.sha256",
+    "cut, no checksum": "ends in the middle of a line",
+    "string": r"line 3: importance_raw = 'abc' is not a finite non-negative number",
+    "inf": r"line 2: importance_raw = 'inf' is not a finite",
+    "empty": "is not a readable CSV",
+    "header only": "lacks rows",
+}
+
+
+def test_a_damaged_table_is_refused_naming_the_file(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
+    """Each damage is refused with one line; the first one through the whole run, as a user meets it."""
+    from gp_lightning.model.layout import describe
+    from gp_lightning.model.source import load_model
+    from gp_lightning.table.saved import load_table
+
+    layout = describe(load_model(str(tiny_checkpoint), with_tokenizer=False)[0])
+    for number, (damage, message) in enumerate(DAMAGES.items()):
+        (tmp_path / str(number)).mkdir()
+        path = _written_table(tmp_path / str(number), layout)
+        load_table(path, layout)  # the intact table reads
+        _damage(path, damage)
+        with pytest.raises(DataError, match=f"from_table: .*global_group_table.csv.*{message}"):
+            if number == 0:
+                oneshot(_config(tiny_checkpoint, wikitext, tmp_path / "run", from_table=str(path)))
+            else:
+                load_table(path, layout)
     assert not (tmp_path / "run").exists()
