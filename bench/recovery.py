@@ -18,7 +18,7 @@ learning rate 3e-4, linear warm-up over 5% of the steps and linear decay, bf16 a
 benchmark's: the first 64 windows of 128 tokens of ``test.txt``, in float32. The rows also go into
 ``bench/results/quality.md`` (its recovery section) so that the one table holds every number.
 
-    python bench/recovery.py                  # about 27 minutes on 2 idle cores
+    python bench/recovery.py                  # about 20 minutes on 2 idle cores (34 measured with other jobs running)
     python bench/recovery.py --steps 40 --losses kd --no_dense   # a quick look
 """
 
