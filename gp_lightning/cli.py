@@ -94,7 +94,8 @@ def one_line(message: str) -> str:
         return f"--{key}: {rest}"
     kind, choices, value = expected.groups()
     if choices is not None:
-        return f"--{key} {value}: expected one of {choices.replace(chr(39), '')}"
+        names = choices.replace("'", "")
+        return f"--{key} {value}: expected one of {names}"
     if kind == "float" and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
         return f"--{key} {value}: not a finite number"
     return f"--{key} {value}: expected a{'n' if kind[0] in 'aeiou' else ''} {kind}"

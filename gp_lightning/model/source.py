@@ -113,7 +113,17 @@ def local_checkpoint_dir(source: str, cache_dir: str | None = None) -> Path:
                                "Download the model to a local directory and pass that as --model.") from exc
 
 
-def load_model(
+def load_model(source: str, *, dtype: torch.dtype = torch.float32, tokenizer_source: str | None = None,
+               trust_remote_code: bool = False, cache_dir: str | None = None, with_tokenizer: bool = True
+               ) -> tuple[torch.nn.Module, object]:
+    """Load ``(model, tokenizer)`` from any supported source (:func:`_load`), its weights checked to be finite."""
+    model, tokenizer = _load(source, dtype=dtype, tokenizer_source=tokenizer_source,
+                             trust_remote_code=trust_remote_code, cache_dir=cache_dir, with_tokenizer=with_tokenizer)
+    check_finite_weights(model, source)
+    return model, tokenizer
+
+
+def _load(
     source: str,
     *,
     dtype: torch.dtype = torch.float32,
@@ -135,9 +145,7 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"GGUF file '{source}' does not exist.")
-        model, tokenizer = load_gguf(path, dtype)
-        check_finite_weights(model, source)
-        return model, tokenizer
+        return load_gguf(path, dtype)
     looks_like_hub_id = not path.exists() and location.count("/") == 1 and not location.startswith((".", "/", "~"))
     if not path.exists() and not looks_like_hub_id:
         raise ModelSourceError(
@@ -158,7 +166,6 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location) if with_tokenizer else None
     except Exception as exc:
         raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
-    check_finite_weights(model, source)
     return model, tokenizer
 
 
