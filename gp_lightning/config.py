@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,6 +26,8 @@ from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunCon
 from gp_lightning.runtime.errors import check_config
 from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.table.config import TableConfig
+
+GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 
 #: Alternative spellings accepted on the command line, as used by the pruning guides.
 FLAG_ALIASES: dict[str, str] = {
@@ -42,6 +44,9 @@ class OutputConfig(RunConfig):
 
     save_model: bool = True
     """Write the pruned model into ``output/model``."""
+    export_gguf: GGUFType | None = None
+    """Also write ``output/model.gguf`` for llama.cpp / Ollama in this type (llama.cpp's ``deci`` architecture:
+    per-layer head and FFN widths; see ``gp-lightning export-gguf``). Needs ``save_model`` or ``streamed_surgery``."""
     streamed_surgery: bool = False
     """Write the pruned checkpoint by streaming the original safetensors files tensor by tensor (peak memory
     about one shard) instead of slicing the model in memory."""
@@ -52,6 +57,8 @@ class OutputConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_config(0.0 < self.extreme_rate <= 1.0, "extreme_rate", self.extreme_rate, "must be in (0, 1]")
+        check_config(self.export_gguf is None or self.save_model or self.streamed_surgery, "export_gguf",
+                     self.export_gguf, "converts the saved model/: set save_model: true")
 
 
 @dataclass

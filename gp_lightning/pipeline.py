@@ -34,6 +34,7 @@ from gp_lightning.data.sources import check_source, load_text
 from gp_lightning.data.windows import calibration_windows, tokenize
 from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
+from gp_lightning.export.gguf_writer import export_gguf
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
 from gp_lightning.model.layout import ModelLayout, check_sequence_lengths, describe
 from gp_lightning.model.sharded import meta_model
@@ -287,6 +288,13 @@ class PruneRecipe(Recipe):
             with self.timed("save_s"):
                 save_pruned(pruned, self.tokenizer, self.run_dir / "model")
 
+    def export_gguf(self) -> None:
+        """The GGUF of the saved model, for llama.cpp (``export_gguf``)."""
+        kind = self.cfg.run.export_gguf
+        if kind is not None:
+            with self.timed("export_gguf_s"):
+                export_gguf(self.run_dir / "model", self.run_dir / "model.gguf", kind)
+
     # -- the driver ----------------------------------------------------------------------------
     def run(self) -> RunResult:
         self.setup()
@@ -317,6 +325,7 @@ class PruneRecipe(Recipe):
             selection = with_plan(selection, compensation.plan, ordered.table)  # within_layer: obs chose the units
         analysis = self.analyze(selection, ordered)
         pruned = self.prune(selection, compensation)
+        self.export_gguf()
         if self.cfg.evaluation.test_after_prune:
             self.evaluator.measure(pruned, "after")
         params_after = sum(p.numel() for p in pruned.parameters())

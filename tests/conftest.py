@@ -52,6 +52,37 @@ def tiny_model(arch: str = "llama", gqa: int = 2, num_kv: int = 2, layers: int =
     return model
 
 
+#: The generation and export cases: Mistral has a sliding window shorter than prompt + generation, Qwen2 q/k/v biases.
+CASES = {
+    "llama": dict(gqa=2, num_kv=2, attention_bias=True, mlp_bias=True),
+    "mistral": dict(gqa=2, num_kv=2, sliding_window=5),
+    "qwen2": dict(gqa=2, num_kv=3),
+}
+
+
+def pruned_model(arch: str, dtype: torch.dtype = torch.float64, **overrides: object) -> torch.nn.Module:
+    """Layer 0 skips attention, layer 1 skips its MLP, layer 2 is emptied (dropped), layer 3 is trimmed.
+
+    float64 by default: no near-ties between the two paths of the generation tests.
+    """
+    from gp_lightning.model.layout import describe
+    from gp_lightning.selection.plan import PruningPlan
+    from gp_lightning.surgery.in_memory import apply_plan
+
+    dense = tiny_model(arch, layers=4, **{**CASES[arch], **overrides}).to(dtype)
+    layout = describe(dense)
+    kv, inter = layout.layers[0].num_kv_heads, layout.layers[0].intermediate_size
+    groups = {0: set(range(kv)), 2: set(range(kv)), 3: {0}}
+    channels = {1: set(range(inter)), 2: set(range(inter)), 3: {2, 5, 11}}
+    plan = PruningPlan.from_removals(layout, groups, channels, remove_empty_layers=True)
+    pruned = apply_plan(dense, layout, plan, {})
+    with torch.no_grad():  # output biases of skipped blocks must be exercised too
+        for name, param in pruned.named_parameters():
+            if name.endswith("output_bias"):
+                param.normal_(0, 0.1)
+    return pruned
+
+
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
     assert (WIKITEXT / "valid.txt").is_file(), f"shared WikiText-2 not found at {WIKITEXT}"
@@ -77,6 +108,35 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_table(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, wikitext: Path) -> tuple[Path, float]:
+    """One Taylor calibration of SmolLM2 (the global table) and the dense perplexity on 32 test windows."""
+    from gp_lightning.pipeline import oneshot
+
+    run = tmp_path_factory.mktemp("smollm2") / "table"
+    result = oneshot(
+        model=str(smollm2_dir), output=str(run), table_only=True, num_samples=16, seq_len=128, batch_size=4,
+        dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128,
+        eval_max_windows=32,
+    )
+    return run / "global_group_table.csv", result.evaluation["ppl_before"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, wikitext: Path,
+                   smollm2_table: tuple[Path, float]) -> tuple[Path, dict]:
+    """SmolLM2 pruned 20% from that table (refit on the same windows), saved: its model/ and its evaluation."""
+    from gp_lightning.pipeline import oneshot
+
+    run = tmp_path_factory.mktemp("smollm2") / "pruned"
+    result = oneshot(
+        model=str(smollm2_dir), output=str(run), from_table=str(smollm2_table[0]), pruning_ratio=0.2,
+        dataset=str(wikitext / "valid.txt"), num_samples=16, seq_len=128, batch_size=4,  # the refit's windows
+        eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128, eval_max_windows=32, test_before_prune=False,
+    )
+    return run / "model", result.evaluation
 
 
 def calibrate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, method: str = "taylor", *,

@@ -59,6 +59,7 @@ def test_yaml_config_with_unknown_key_is_an_error(tmp_path: Path) -> None:
     (["--pruning_ratio", "nan"], "error: --pruning_ratio nan: not a finite number"),
     (["--num_samples", "1.5"], "error: --num_samples 1.5: expected an int"),
     (["--no_such_flag", "1"], "error: unrecognized arguments: --no_such_flag 1"),
+    (["--export_gguf", "q4"], "error: --export_gguf q4: expected one of f32, f16, bf16, q8_0 (or null)"),
 ])
 def test_a_bad_flag_is_one_line_without_the_usage(capsys: pytest.CaptureFixture, args: list[str], expected: str
                                                   ) -> None:

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 
 from gp_lightning.compensation.config import CompensationConfig
-from gp_lightning.compensation.refit import obs_removals, refit
+from gp_lightning.compensation.refit import obs_refit, obs_removals, refit
 from gp_lightning.compensation.run import BLOCKS, Compensation, compensate
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.model.layout import decoder_layers, describe
@@ -90,6 +90,24 @@ def test_obs_picks_the_units_whose_removal_costs_least() -> None:
         weight, bias, gram, torch.tensor([c for u in range(8) if u not in gone for c in range(u * 4, u * 4 + 4)]),
         "least_squares", 0.0).error_after)
     assert obs_removals(weight, gram, 4, 2, 0.0) == sorted(best)
+
+
+@pytest.mark.parametrize("width,count", [(1, 9), (4, 2)])
+def test_the_obs_walk_leaves_the_least_squares_refit_of_its_choice(width: int, count: int) -> None:
+    """No second system is solved after OBS: its updated weights are the ridge refit of the units it kept."""
+    x, weight, bias, gram = _projection_data(seed=4, features=32)
+    gone, fit = obs_refit(weight, bias, gram, width, count, 0.01)
+    assert gone == obs_removals(weight, gram, width, count, 0.01) and len(gone) == count
+    kept = torch.tensor([u * width + i for u in range(32 // width) if u not in gone for i in range(width)])
+    # the walk damps with the mean diagonal of all inputs, refit with that of the kept ones: the same ridge
+    same_ridge = 0.01 * float(gram.diagonal()[:-1].mean()) / float(gram[kept, kept].mean())
+    reference = refit(weight, bias, gram, kept, "least_squares", same_ridge)
+    assert fit.method == "least_squares" and fit.fallback is None
+    torch.testing.assert_close(fit.weight, reference.weight, rtol=2e-3, atol=2e-3 * float(reference.weight.abs().max()))
+    torch.testing.assert_close(fit.bias, reference.bias, rtol=2e-3, atol=2e-3 * float(reference.bias.abs().max()))
+    assert fit.error_after == pytest.approx(reference.error_after, rel=1e-2)
+    assert fit.error_before == pytest.approx(reference.error_before, rel=1e-9)
+    assert fit.error_after < fit.error_before
 
 
 def _plan(dense: torch.nn.Module, last_only: bool = False) -> PruningPlan:

@@ -16,39 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CASES, pruned_model
 from safetensors.torch import load_file, save_file
 
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
-from gp_lightning.model.layout import describe
-from gp_lightning.selection.plan import PruningPlan
-from gp_lightning.surgery.in_memory import apply_plan
 
 NEW_TOKENS = 7
 PAD = 0
-
-CASES = {
-    "llama": dict(gqa=2, num_kv=2, attention_bias=True, mlp_bias=True),
-    "mistral": dict(gqa=2, num_kv=2, sliding_window=5),
-    "qwen2": dict(gqa=2, num_kv=3),
-}
-
-
-def pruned_model(arch: str) -> torch.nn.Module:
-    """Layer 0 skips attention, layer 1 skips its MLP, layer 2 is emptied (dropped), layer 3 is trimmed."""
-    dense = tiny_model(arch, layers=4, **CASES[arch]).double()  # float64: no near-ties between the two paths
-    layout = describe(dense)
-    kv, inter = layout.layers[0].num_kv_heads, layout.layers[0].intermediate_size
-    groups = {0: set(range(kv)), 2: set(range(kv)), 3: {0}}
-    channels = {1: set(range(inter)), 2: set(range(inter)), 3: {2, 5, 11}}
-    plan = PruningPlan.from_removals(layout, groups, channels, remove_empty_layers=True)
-    pruned = apply_plan(dense, layout, plan, {})
-    with torch.no_grad():  # output biases of skipped blocks must be exercised too
-        for name, param in pruned.named_parameters():
-            if name.endswith("output_bias"):
-                param.normal_(0, 0.1)
-    return pruned
-
 
 def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     """A left-padded batch of three prompts of lengths 6, 4 and 2, and its attention mask."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import selection as selection_config
 
@@ -22,28 +21,10 @@ from gp_lightning.surgery.in_memory import apply_plan
 from gp_lightning.table.build import build_table
 
 
-@pytest.fixture(scope="module")
-def smollm2_table(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, wikitext: Path) -> tuple[Path, float]:
-    """One Taylor calibration of SmolLM2 (the global table) and the dense perplexity on 32 test windows."""
-    run = tmp_path_factory.mktemp("smollm2") / "table"
-    result = oneshot(
-        model=str(smollm2_dir), output=str(run), table_only=True, num_samples=16, seq_len=128, batch_size=4,
-        dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128,
-        eval_max_windows=32,
-    )
-    return run / "global_group_table.csv", result.evaluation["ppl_before"]
-
-
-def test_smollm2_global_taylor_beats_random(tmp_path: Path, smollm2_dir: Path, wikitext: Path,
-                                            smollm2_table: tuple[Path, float]) -> None:
-    table_csv, dense_ppl = smollm2_table
-    result = oneshot(
-        model=str(smollm2_dir), output=str(tmp_path / "run"), from_table=str(table_csv), pruning_ratio=0.2,
-        dataset=str(wikitext / "valid.txt"), num_samples=16, seq_len=128, batch_size=4,  # the refit's windows
-        eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128, eval_max_windows=32, save_model=False,
-        test_before_prune=False,
-    )
-    ev = result.evaluation
+def test_smollm2_global_taylor_beats_random(smollm2_dir: Path, wikitext: Path, smollm2_table: tuple[Path, float],
+                                            smollm2_pruned: tuple[Path, dict]) -> None:
+    dense_ppl = smollm2_table[1]
+    ev = smollm2_pruned[1]
     assert math.isfinite(ev["ppl_after"])
     assert ev["ppl_after"] > dense_ppl
     assert abs(ev["achieved_ratio"] - 0.2) < 0.001

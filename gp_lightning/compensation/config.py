@@ -30,7 +30,8 @@ class CompensationConfig:
     ``none`` the table's scores decide."""
     compensation_damping: float = 0.01
     """Ridge damping of the least-squares systems, as a fraction of the mean diagonal of the kept inputs' Gram
-    matrix; the ridge pulls the refit toward the dense weights (more damping if a system is singular; a
+    matrix (with ``within_layer: obs``, of all inputs' Gram matrix: the OBS walk's updates are the refit, float32);
+    the ridge pulls the refit toward the dense weights (more damping if a system is singular; a
     projection whose refit would not lower the error keeps FLAP's bias or nothing, as
     ``analysis/compensation.json`` records)."""
     compensation_samples: int | None = None

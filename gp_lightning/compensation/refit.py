@@ -111,13 +111,13 @@ def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping
 
 
 def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: torch.Tensor, method: str,
-          damping: float = 0.01) -> Refit:
+          damping: float = 0.01, objective: Objective | None = None) -> Refit:
     """Compensate a projection for removed input columns (all but ``kept``), as ``method`` says.
 
     Output errors are relative to the dense projection's output over the calibration tokens, from the
     sums of the objective (no product over the tokens is formed again).
     """
-    objective = Objective.of_layer(weight, bias, gram)
+    objective = objective or Objective.of_layer(weight, bias, gram)
     columns = objective.target.shape[1] - 1
     kept = kept.to(torch.long)
     keep = torch.zeros(columns, dtype=torch.bool)
@@ -150,51 +150,127 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     return Refit(values[:, :-1], values[:, -1], "least_squares", before, error, lam)
 
 
-def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, count: int, damping: float = 0.01
-                 ) -> list[int]:
-    """The ``count`` units (consecutive blocks of ``unit_width`` input columns) whose removal, followed by a
-    least-squares refit, costs the least output error (greedy structured OBS)."""
+@dataclass
+class _ObsWalk:
+    """The result of greedy structured OBS: the removed units, the updated ``[W, b]`` and the objective it cost."""
+
+    removed: list[int]
+    target: torch.Tensor  # [W, b] after the OBS updates (float32): the ridge least-squares refit of the kept columns
+    cost: float  # sum of the steps' (W'-W) H (W'-W)^T increases, H the damped Gram
+
+
+def _obs_walk(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, unit_width: int, count: int,
+              damping: float) -> _ObsWalk:
+    """Remove ``count`` units greedily, several per step, updating the weights after each step (float32: a few
+    thousand-wide system, the steps exact in theory).
+
+    The constant input (the output bias) is a column that is never removed and not damped. With ``H = G + lam D``
+    the updates minimize ``(W'-W) H (W'-W)^T`` with the removed columns zero: the output error plus ``lam`` times
+    the distance to the dense weights, i.e. exactly the ridge refit of :func:`refit` for the chosen units.
+
+    The inverse of ``H`` after each step is its Schur complement, ``Hinv - sum_s U_s V_s``. It is never formed:
+    a step needs only the rows of the units it takes and the diagonal (blocks) the scores read, so the low-rank
+    terms are applied to those (a rank-k update of the whole inverse per step costs ten times more, all memory
+    traffic).
+    """
     columns = weight.shape[1]
     units = columns // unit_width
-    if count <= 0:
-        return []
-    if count >= units:
-        return list(range(units))
-    # the constant input (the output bias) is a column that is never removed: its weight absorbs the means.
-    # float32 (damped): this only ranks units, the refit of the chosen set is float64
-    weight = torch.cat([weight.float(), weight.new_zeros(weight.shape[0], 1, dtype=torch.float32)], dim=1)
+    target = _augmented(weight, bias).float()
     system = gram.float().clone()
     system.diagonal()[:-1] += damping * float(system.diagonal()[:-1].mean()) + 1e-12
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:  # not positive definite in float32 (no damping, near-singular data): factor in float64
         chol = torch.linalg.cholesky(system.double())
     inverse = torch.cholesky_inverse(chol).float()
+    unit_cols = torch.arange(columns).view(units, unit_width)
+    blocks = inverse[unit_cols[:, :, None], unit_cols[:, None, :]]  # units x w x w: the diagonal blocks
+    left: list[torch.Tensor] = []  # U_s: the taken columns of the inverse at step s (n x k)
+    right: list[torch.Tensor] = []  # V_s: (Hinv_CC)^-1 Hinv_C: (k x n)
     alive = torch.ones(units, dtype=torch.bool)
     removed: list[int] = []
-    step = max(1, -(-count // 16))  # about 16 inverse updates whatever the count
+    cost = 0.0
+    step = max(1, -(-count // 16))  # about 16 steps whatever the count
     while len(removed) < count:
-        scores = _obs_scores(weight[:, :columns], inverse[:columns, :columns], unit_width)
-        scores[~alive] = float("inf")
+        scores = _obs_scores(target[:, :columns], blocks, alive)
         take = torch.argsort(scores)[: min(step, count - len(removed))]
-        cols = (take[:, None] * unit_width + torch.arange(unit_width)).reshape(-1)
-        rows = inverse[cols]  # the inverse is symmetric: its columns cols are these rows, transposed
-        scaled = torch.linalg.inv(rows[:, cols]) @ rows
-        weight.addmm_(weight[:, cols], scaled, alpha=-1)  # the OBS update of the remaining weights
-        inverse.addmm_(rows.T, scaled, alpha=-1)  # and of the inverse (the Schur complement)
-        inverse[cols] = 0
-        inverse[:, cols] = 0
-        inverse[cols, cols] = 1.0  # removed columns: an identity block, so their own blocks stay invertible
-        weight[:, cols] = 0
+        cols = unit_cols[take].reshape(-1)
+        rows = inverse[cols]  # the current inverse's rows cols: the original ones less the updates so far
+        for u, v in zip(left, right, strict=True):
+            rows.addmm_(u[cols], v, alpha=-1)
+        block = torch.linalg.inv(rows[:, cols])
+        scaled = block @ rows
+        taken = target[:, cols]
+        cost += float((taken @ block * taken).sum())  # tr(W_C (Hinv_CC)^-1 W_C^T)
+        target.addmm_(taken, scaled, alpha=-1)  # the OBS update of the remaining weights
+        column_rows = rows.T  # the inverse is symmetric: its columns cols are these rows
+        left.append(column_rows)
+        right.append(scaled)
+        # the diagonal blocks of the Schur complement: Hinv_QQ -= U_Q V_Q for every unit Q
+        u_blocks = column_rows[unit_cols]  # units x w x k
+        v_blocks = scaled[:, unit_cols].permute(1, 0, 2)  # units x k x w
+        blocks -= torch.bmm(u_blocks, v_blocks)
         alive[take] = False
         removed += take.tolist()
-    return sorted(removed)
+    target[:, unit_cols[~alive].reshape(-1)] = 0
+    return _ObsWalk(sorted(removed), target, cost)
 
 
-def _obs_scores(weight: torch.Tensor, inverse: torch.Tensor, width: int) -> torch.Tensor:
-    """``tr(W_Q (Hinv_QQ)^-1 W_Q^T)`` for every unit Q of ``width`` consecutive columns at once."""
-    units = weight.shape[1] // width
+def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, count: int, damping: float = 0.01
+                 ) -> list[int]:
+    """The ``count`` units (consecutive blocks of ``unit_width`` input columns) whose removal, followed by a
+    least-squares refit, costs the least output error (greedy structured OBS)."""
+    units = weight.shape[1] // unit_width
+    if count <= 0:
+        return []
+    if count >= units:
+        return list(range(units))
+    return _obs_walk(weight, None, gram, unit_width, count, damping).removed
+
+
+def obs_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, unit_width: int, count: int,
+              damping: float = 0.01) -> tuple[list[int], Refit]:
+    """OBS's choice of ``count`` units and the least-squares refit of what remains, from one walk.
+
+    The walk's final weights are the ridge refit (see :func:`_obs_walk`), so no second system is solved; its
+    output error is the walk's cost less the ridge term. Falls back as :func:`refit` does when that error is not
+    below the bias-only fit's (which only rounding can cause).
+    """
+    columns = weight.shape[1]
+    units = columns // unit_width
+    if count <= 0 or count >= units or float(gram[-1, -1]) <= 0:
+        gone = list(range(units)) if count >= units else []
+        kept = _kept_columns(units, unit_width, gone)
+        return gone, refit(weight, bias, gram, kept, "least_squares", damping)
+    walk = _obs_walk(weight, bias, gram, unit_width, count, damping)
+    kept = _kept_columns(units, unit_width, walk.removed)
+    objective = Objective.of_layer(weight, bias, gram)
+    best = refit(weight, bias, gram, kept, "bias", damping, objective)  # slicing and FLAP's bias: the errors to beat
+    index = torch.cat([kept, torch.tensor([columns])])
+    values = walk.target[:, index].double()
+    lam = damping * float(gram.diagonal()[:-1].mean()) + 1e-12
+    dense = objective.target[:, index]
+    ridge = lam * float((values[:, :-1] - dense[:, :-1]).square().sum() +
+                        objective.target[:, :-1].square().sum() - dense[:, :-1].square().sum())
+    error = objective.relative(walk.cost - ridge)
+    if error > best.error_after * (1 + 1e-6):
+        best.fallback = f"least squares ({error:.4g}) did not lower the error below {best.method} ({best.error_after:.4g})"
+        return walk.removed, best
+    return walk.removed, Refit(values[:, :-1], values[:, -1], "least_squares", best.error_before, error, lam)
+
+
+def _kept_columns(units: int, width: int, removed: list[int]) -> torch.Tensor:
+    gone = set(removed)
+    return torch.tensor([u * width + i for u in range(units) if u not in gone for i in range(width)], dtype=torch.long)
+
+
+def _obs_scores(weight: torch.Tensor, blocks: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """``tr(W_Q (Hinv_QQ)^-1 W_Q^T)`` for every unit Q still there (``blocks``: the inverse's diagonal blocks,
+    units x w x w; a removed unit's block is zero and its score infinite)."""
+    units, width, _ = blocks.shape
     if width == 1:
-        return weight.square().sum(dim=0) / inverse.diagonal()
-    blocks = inverse.view(units, width, units, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # units x w x w
-    w = weight.view(weight.shape[0], units, width)
-    return torch.einsum("oui,uij,ouj->u", w, torch.linalg.inv(blocks), w)
+        scores = weight.square().sum(dim=0) / blocks.reshape(-1)
+    else:
+        w = weight.view(weight.shape[0], units, width)
+        safe = torch.where(alive[:, None, None], blocks, torch.eye(width, dtype=blocks.dtype))
+        scores = torch.einsum("oui,uij,ouj->u", w, torch.linalg.inv(safe), w)
+    return scores.masked_fill(~alive, float("inf"))

@@ -30,7 +30,7 @@ from gp_lightning.compensation.layerwise import (
     progress,
 )
 from gp_lightning.compensation.offload import prepare
-from gp_lightning.compensation.refit import Refit, obs_removals, refit
+from gp_lightning.compensation.refit import Refit, obs_refit, refit
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.runtime.errors import ConfigError
@@ -156,17 +156,19 @@ class _Walker:
     def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> None:
         layer, lp = self.layout.layers[index], self.plan.layers[index]
         width, units = _unit_width(layer, block), _units(lp, block)
-        if self.config.obs_selection:
-            gone = obs_removals(projection.weight, gram, width, units - len(_kept(lp, block)),
-                                self.config.compensation_damping)
+        if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
+            gone, fit = obs_refit(projection.weight, projection.bias, gram, width, units - len(_kept(lp, block)),
+                                  self.config.compensation_damping)
             kept = [u for u in range(units) if u not in set(gone)]
             if block == "self_attn":
                 lp.keep_groups = kept
             else:
                 lp.keep_channels = kept
-        kept_columns = _columns(_kept(lp, block), width)
-        fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
-                    self.config.compensation_damping)
+            kept_columns = _columns(kept, width)
+        else:
+            kept_columns = _columns(_kept(lp, block), width)
+            fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
+                        self.config.compensation_damping)
         self.apply(projection, kept_columns, fit)
         if fit.method != "none":
             self.result.weights[(index, block)] = fit.weight.to(projection.weight.dtype)
