@@ -33,8 +33,9 @@ from gp_lightning.config import PruneConfig
 from gp_lightning.data.sources import check_source, load_text
 from gp_lightning.data.windows import calibration_windows, tokenize
 from gp_lightning.evaluation.evaluator import Evaluator
-from gp_lightning.export.checkpoint import load_pruned, save_pruned
+from gp_lightning.export.checkpoint import load_pruned, save_checkpoint, save_pruned
 from gp_lightning.export.gguf_writer import export_gguf
+from gp_lightning.export.stock import to_stock
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
 from gp_lightning.model.layout import ModelLayout, check_sequence_lengths, describe
 from gp_lightning.model.sharded import meta_model
@@ -103,6 +104,7 @@ class PruneRecipe(Recipe):
             check_budget(self.layout, cfg.selection)
             check_sequence_lengths(self.model, {"seq_len": cfg.data.seq_len,
                                                 "eval_seq_len": cfg.evaluation.eval_seq_len})
+        self._check_stock_shape()
         if cfg.table.from_table:
             self.saved_table = load_table(cfg.table.from_table, self.layout)
         if self._needs_calibration_windows():
@@ -118,6 +120,24 @@ class PruneRecipe(Recipe):
         log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s", __version__,
                  cfg.source.model, self.layout.num_layers, self.layout.total_params, self.layout.prunable_params,
                  self.precision)
+
+    def _check_stock_shape(self) -> None:
+        """``allocation: uniform_per_layer`` saves the stock class: what it cannot hold is refused or turned off here."""
+        cfg = self.cfg
+        if cfg.selection.allocation != "uniform_per_layer":
+            return
+        if cfg.run.streamed_surgery:
+            raise ConfigError("allocation: uniform_per_layer saves the stock class from the pruned model in memory: "
+                              "set streamed_surgery: false.")
+        base = getattr(self.model.config, "model_type", None)
+        if base == "llama" or not cfg.refit.enabled:
+            return
+        if cfg.refit.compensation == "bias":
+            raise ConfigError(f"compensation: bias adds output biases, which stock {base} cannot hold: use "
+                              "least_squares or none with allocation: uniform_per_layer.")
+        if cfg.refit.compensation_bias:
+            cfg.refit.compensation_bias = False
+            log.info("stock %s has no o_proj/down_proj bias: the refit adds none (compensation_bias: false)", base)
 
     def _check_recovery(self) -> None:
         """A fine-tune after pruning fails here, before calibration, not after pruning."""
@@ -286,7 +306,10 @@ class PruneRecipe(Recipe):
     def save(self, pruned: torch.nn.Module) -> None:
         if self.cfg.run.save_model:
             with self.timed("save_s"):
-                save_pruned(pruned, self.tokenizer, self.run_dir / "model")
+                if self.cfg.selection.allocation == "uniform_per_layer":  # stock class, no remote code
+                    save_checkpoint(to_stock(pruned), self.tokenizer, self.run_dir / "model")
+                else:
+                    save_pruned(pruned, self.tokenizer, self.run_dir / "model")
 
     def export_gguf(self) -> None:
         """The GGUF of the saved model, for llama.cpp (``export_gguf``)."""

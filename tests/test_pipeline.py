@@ -238,3 +238,39 @@ def test_a_damaged_table_is_refused_naming_the_file(tmp_path: Path, tiny_checkpo
             else:
                 load_table(path, layout)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_uniform_allocation_saves_the_stock_class_with_the_pruned_logits(arch: str, tmp_path: Path, tiny_checkpoint: Path,
+                                                                         wikitext: Path) -> None:
+    from conftest import tiny_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_checkpoint
+    if arch != "llama":
+        tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+        source = tmp_path / "dense"
+        tiny_model(arch, gqa=2, num_kv=3, layers=3, vocab=len(tokenizer)).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    result = oneshot(_config(source, wikitext, tmp_path / "run", allocation="uniform_per_layer", export_gguf="f32"))
+    model_dir = tmp_path / "run" / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    stock = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    assert config["model_type"] == arch and config["architectures"] == [stock] and "auto_map" not in config
+    assert not list(model_dir.glob("*.py"))
+    widths = {(x["after"]["num_key_value_heads"], x["after"]["intermediate_size"])
+              for x in json.loads((tmp_path / "run" / "analysis" / "pruning_comparison.json").read_text())["layers"]}
+    assert widths == {(config["num_key_value_heads"], config["intermediate_size"])}
+    assert config["intermediate_size"] < 24
+    results = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
+    if arch == "llama":  # the refit's output biases ride on Llama's attention_bias / mlp_bias
+        assert results["output_bias_params"] > 0 and (config["attention_bias"] or config["mlp_bias"])
+    else:  # stock Qwen2 has no o_proj / down_proj bias: the refit added none
+        assert results["output_bias_params"] == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert type(reloaded).__name__ == stock
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.pruned_model(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+    assert (tmp_path / "run" / "model.gguf").stat().st_size > 0  # export_gguf: the stock model as a deci GGUF

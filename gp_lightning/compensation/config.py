@@ -34,6 +34,9 @@ class CompensationConfig:
     the ridge pulls the refit toward the dense weights (more damping if a system is singular; a
     projection whose refit would not lower the error keeps FLAP's bias or nothing, as
     ``analysis/compensation.json`` records)."""
+    compensation_bias: bool = True
+    """Let the refit add an output bias to o_proj / down_proj (a constant input of the least squares). Stock
+    Mistral and Qwen2 have no such bias, so ``allocation: uniform_per_layer`` turns it off for them."""
     compensation_samples: int | None = None
     """Calibration windows the refit sees (null: the ``num_samples`` windows calibration used). More windows
     than ``num_samples`` are drawn from ``dataset`` with ``seed`` (the calibration windows first): a refit of

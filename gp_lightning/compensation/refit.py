@@ -110,13 +110,30 @@ def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping
     return None
 
 
+def without_bias(gram: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Gram matrix with the constant input decoupled (one token of it, uncorrelated with the features): every
+    fit on it keeps a zero output bias, for a projection that has none and must not get one (stock Mistral and
+    Qwen2 have no o_proj/down_proj bias)."""
+    if bias is not None:
+        raise ValueError("a projection with a bias keeps fitting it")
+    decoupled = gram.clone()
+    decoupled[-1] = 0
+    decoupled[:, -1] = 0
+    decoupled[-1, -1] = 1
+    return decoupled
+
+
 def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: torch.Tensor, method: str,
-          damping: float = 0.01, objective: Objective | None = None) -> Refit:
+          damping: float = 0.01, objective: Objective | None = None, with_bias: bool = True) -> Refit:
     """Compensate a projection for removed input columns (all but ``kept``), as ``method`` says.
 
     Output errors are relative to the dense projection's output over the calibration tokens, from the
-    sums of the objective (no product over the tokens is formed again).
+    sums of the objective (no product over the tokens is formed again). ``with_bias=False``: no output bias
+    is added (see :func:`without_bias`).
     """
+    if not with_bias:
+        gram = without_bias(gram, bias)
+        objective = None
     objective = objective or Objective.of_layer(weight, bias, gram)
     columns = objective.target.shape[1] - 1
     kept = kept.to(torch.long)
@@ -131,13 +148,18 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     tokens = float(gram[-1, -1])
     if method == "none" or len(kept) == columns or tokens <= 0:
         return plain
-    # bias only: the kept weights stay, the bias takes the mean of what the removed columns contributed
-    shift = objective.target[:, removed] @ gram[removed, -1].double() / tokens
-    flap_error = objective.relative(sliced - tokens * float(shift.square().sum()))
-    best = (Refit(plain_values[:, :-1], plain_values[:, -1] + shift, "bias", before, flap_error)
-            if flap_error <= before else plain)
-    if method == "bias" or len(kept) == 0:  # with nothing kept, least squares is the bias
-        return best
+    if not with_bias:  # no bias-only candidate: least squares on the features alone, or slicing
+        method, best = ("least_squares" if method == "least_squares" else "none"), plain
+        if method == "none":
+            return plain
+    else:
+        # bias only: the kept weights stay, the bias takes the mean of what the removed columns contributed
+        shift = objective.target[:, removed] @ gram[removed, -1].double() / tokens
+        flap_error = objective.relative(sliced - tokens * float(shift.square().sum()))
+        best = (Refit(plain_values[:, :-1], plain_values[:, -1] + shift, "bias", before, flap_error)
+                if flap_error <= before else plain)
+        if method == "bias" or len(kept) == 0:  # with nothing kept, least squares is the bias
+            return best
     solved = _solve(objective, index, objective.product[:, index], damping, plain_values)
     if solved is None:
         best.fallback = "the least-squares system is not positive definite even with 1000x the damping"
@@ -228,23 +250,26 @@ def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, coun
 
 
 def obs_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, unit_width: int, count: int,
-              damping: float = 0.01) -> tuple[list[int], Refit]:
+              damping: float = 0.01, with_bias: bool = True) -> tuple[list[int], Refit]:
     """OBS's choice of ``count`` units and the least-squares refit of what remains, from one walk.
 
     The walk's final weights are the ridge refit (see :func:`_obs_walk`), so no second system is solved; its
     output error is the walk's cost less the ridge term. Falls back as :func:`refit` does when that error is not
-    below the bias-only fit's (which only rounding can cause).
+    below the bias-only fit's (which only rounding can cause). ``with_bias=False``: no output bias is added.
     """
+    if not with_bias:
+        gram = without_bias(gram, bias)
     columns = weight.shape[1]
     units = columns // unit_width
     if count <= 0 or count >= units or float(gram[-1, -1]) <= 0:
         gone = list(range(units)) if count >= units else []
         kept = _kept_columns(units, unit_width, gone)
-        return gone, refit(weight, bias, gram, kept, "least_squares", damping)
+        return gone, refit(weight, bias, gram, kept, "least_squares", damping, with_bias=with_bias)
     walk = _obs_walk(weight, bias, gram, unit_width, count, damping)
     kept = _kept_columns(units, unit_width, walk.removed)
     objective = Objective.of_layer(weight, bias, gram)
-    best = refit(weight, bias, gram, kept, "bias", damping, objective)  # slicing and FLAP's bias: the errors to beat
+    # slicing and FLAP's bias (if a bias may be added): the errors to beat
+    best = refit(weight, bias, gram, kept, "bias" if with_bias else "none", damping, objective)
     index = torch.cat([kept, torch.tensor([columns])])
     values = walk.target[:, index].double()
     lam = damping * float(gram.diagonal()[:-1].mean()) + 1e-12

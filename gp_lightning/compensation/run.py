@@ -48,7 +48,7 @@ class Compensation:
 
     plan: PruningPlan
     weights: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, block) -> out x kept
-    biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, block) -> output bias
+    biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (layer, block) -> output bias (if any)
     own_bias: set[tuple[int, str]] = field(default_factory=set)  # blocks whose projection has a bias tensor
     report: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -156,9 +156,10 @@ class _Walker:
     def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> None:
         layer, lp = self.layout.layers[index], self.plan.layers[index]
         width, units = _unit_width(layer, block), _units(lp, block)
+        with_bias = self.config.compensation_bias or projection.bias is not None  # its own bias is always refit
         if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
             gone, fit = obs_refit(projection.weight, projection.bias, gram, width, units - len(_kept(lp, block)),
-                                  self.config.compensation_damping)
+                                  self.config.compensation_damping, with_bias)
             kept = [u for u in range(units) if u not in set(gone)]
             if block == "self_attn":
                 lp.keep_groups = kept
@@ -168,11 +169,12 @@ class _Walker:
         else:
             kept_columns = _columns(_kept(lp, block), width)
             fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
-                        self.config.compensation_damping)
+                        self.config.compensation_damping, with_bias=with_bias)
         self.apply(projection, kept_columns, fit)
         if fit.method != "none":
             self.result.weights[(index, block)] = fit.weight.to(projection.weight.dtype)
-            self.result.biases[(index, block)] = fit.bias.to(projection.weight.dtype)
+            if with_bias:
+                self.result.biases[(index, block)] = fit.bias.to(projection.weight.dtype)
             if projection.bias is not None:
                 self.result.own_bias.add((index, block))
         self.record(index, block, projection, gram, fit, units - len(_kept(lp, block)))

@@ -68,7 +68,8 @@ def pre_tokenizer_name(data: dict[str, Any]) -> str:
     steps = _steps(data.get("pre_tokenizer"))
     normalizer = data.get("normalizer")
     name = _PRE_TOKENIZERS.get(steps)
-    if name is None or normalizer not in (None, {}):
+    # NFC (Qwen2's): llama.cpp does not normalize, which only matters for text not already in NFC
+    if name is None or normalizer not in (None, {}, {"type": "NFC"}):
         raise ModelSourceError(f"llama.cpp has no pre-tokenizer known to match this tokenizer.json ({steps}, normalizer "
                                f"{normalizer}); export-gguf knows {', '.join(sorted(set(_PRE_TOKENIZERS.values())))}")
     return name

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from gp_lightning.runtime.errors import ConfigError, check_config
 
@@ -33,6 +33,9 @@ class LayerLimits:
         return min(self.cap_params, self.max_groups * group_cost + self.max_channels * channel_cost)
 
 
+Allocation = Literal["global", "uniform_per_layer"]
+
+
 @dataclass
 class SelectionConfig:
     """Selection (budget and per-layer limits)"""
@@ -40,6 +43,13 @@ class SelectionConfig:
     pruning_ratio: float = 0.2
     """Fraction of ALL model parameters to remove (embeddings and lm_head count in the total but are never
     pruned). Must be in (0, 1)."""
+    allocation: Allocation = "global"
+    """``global``: the lowest scores anywhere go first, so layers end up with different widths (a gp_pruned
+    checkpoint; llama.cpp runs it as a ``deci`` GGUF). ``uniform_per_layer``: every layer keeps the same number
+    of GQA groups and MLP channels (Minitron's homogeneous shape; the split between attention and MLP is the
+    global selection's, and each layer loses its own lowest-score units), saved as the stock
+    Llama/Mistral/Qwen2 class that vLLM, TGI, TensorRT-LLM and llama.cpp's ``llama`` run. The per-layer limits
+    below do not apply to it."""
     remove_empty_layers: bool = False
     """Depth pruning: blocks may be emptied entirely (min_attention_groups / min_mlp_channels no longer apply)
     and a layer whose attention and MLP are both emptied is dropped."""
@@ -82,6 +92,13 @@ class SelectionConfig:
             raise bad("protected_layers", "lists layer indices, which are >= 0")
         if self.layer_end is not None and self.layer_end <= self.layer_start:
             raise bad("layer_end", f"must be greater than layer_start ({self.layer_start}), or null")
+        if self.allocation == "uniform_per_layer":
+            per_layer = {"remove_empty_layers": False, "min_rate": 0.0, "max_rate": 1.0, "early_layers": 0,
+                         "protected_layers": [], "layer_start": 0, "layer_end": None}
+            changed = [key for key, default in per_layer.items() if getattr(self, key) != default]
+            if changed:
+                raise ConfigError(f"allocation: uniform_per_layer gives every layer the same shape, so it cannot be "
+                                  f"combined with {', '.join(changed)}: drop those keys or use allocation: global.")
 
     @property
     def kept_groups(self) -> int:

@@ -148,4 +148,9 @@ def select(table: pd.DataFrame, layout: ModelLayout, config: SelectionConfig) ->
     for layer_idx, attention, idx in kinds:
         (groups if attention else channels).setdefault(int(layer_idx), set()).add(int(idx))
     plan = PruningPlan.from_removals(layout, groups, channels, config.remove_empty_layers)
-    return Selection(chosen, plan, layout.total_params, layout.prunable_params, target, int(chosen["cost"].sum()))
+    result = Selection(chosen, plan, layout.total_params, layout.prunable_params, target, int(chosen["cost"].sum()))
+    if config.allocation == "uniform_per_layer":
+        from gp_lightning.selection.uniform import select_uniform
+
+        return select_uniform(table, layout, config, result)
+    return result

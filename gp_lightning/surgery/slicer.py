@@ -59,11 +59,13 @@ class TensorSlicer:
         ``dense`` is the tensor's name in the dense layer, ``rest`` its name in the pruned one.
         """
         block = "self_attn" if dense.startswith("self_attn") else "mlp" if dense.startswith("mlp") else None
-        if block is None or (old, block) not in self.biases:
+        if block is None or (old, block) not in self.weights:
             return rest, sliced
         key, projection = (old, block), "o_proj" if block == "self_attn" else "down_proj"
         if dense == f"{block}.{projection}.weight":
             value = self.weights[key]
+        elif key not in self.biases:  # refit without an output bias (compensation_bias: false)
+            return rest, sliced
         elif dense == f"{block}.{projection}.bias":  # the projection's own bias: the refit one replaces it
             self._placed.add(key)
             value = self.biases[key]
