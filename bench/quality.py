@@ -103,6 +103,7 @@ PIPELINE_ROWS = (
     Ours("taylor + least squares, sequential", "taylor", {"within_layer": "score"}),
     Ours(DEFAULT, "taylor"),
     Ours("the default, refit on 128 windows", "taylor", {"compensation_samples": 128}),
+    Ours("the default, allocation: uniform_per_layer (stock class)", "taylor", {"allocation": "uniform_per_layer"}),
     Ours("wanda + layer minmax + the default compensation", "wanda", LAYER_MINMAX),
     Ours("magnitude (global)", "magnitude", NONE, kind="baseline"),
     Ours("random (global)", "random", NONE, kind="baseline"),
@@ -174,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=common.SEED)
     common.add_threads(parser, None, "this process")
     parser.add_argument("--no_torch_pruning", action="store_true", help="skip the Torch-Pruning rows")
+    parser.add_argument("--only", default=None,
+                        help="run only the pipeline rows whose label contains this text (and dense; no baselines, "
+                             "no peers): for adding rows without rerunning everything")
     parser.add_argument("--tp_tolerance", type=float, default=0.01,
                         help="Torch-Pruning's parameter count must be within this fraction of ours")
     parser.add_argument("--tp_max_trials", type=int, default=5, help="Torch-Pruning ratio search: prunes per row")
@@ -654,11 +658,15 @@ def project_rows(bench: Bench) -> None:
     """Dense, ours (one calibration per importance method), uniform and FLAP-style rows."""
     ratios = bench.args.ratios
     measured(bench, 0.0, "dense", "dense", lambda: (bench.model, ""))
-    for method in dict.fromkeys(variant.method for variant in PIPELINE_ROWS):
+    rows = [v for v in PIPELINE_ROWS if bench.args.only is None or bench.args.only in v.label]
+    for method in dict.fromkeys(variant.method for variant in rows):
         calibrate(bench, method)
-    for variant in PIPELINE_ROWS:
+    for variant in rows:
         for ratio in ratios:
             measured(bench, ratio, variant.label, variant.kind, lambda v=variant, r=ratio: ours(bench, v, r))
+    if bench.args.only is not None:
+        bench.notes.append(f"Only the pipeline rows containing '{bench.args.only}' were run (--only).")
+        return
     for ratio in ratios:
         measured(bench, ratio, "uniform per layer (Taylor, LLM-Pruner style)", "baseline",
                  lambda r=ratio: uniform(bench, r))
@@ -700,7 +708,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gp-quality-") as work:
         bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), notes=list(NOTES))
         project_rows(bench)
-        peer_rows(bench)
+        if args.only is None:
+            peer_rows(bench)
     wall = time.perf_counter() - start
     note_load(bench)
     text = report(bench, wall, (load_start, common.loadavg()[0]), started)

@@ -27,6 +27,9 @@ machine, under the same load, so the figures stay meaningful on a shared or slow
    so fewer windows favour calibration),
    each in its own subprocess of ``bench/calibration_overhead.py``'s worker (the plan comes from a data-free
    magnitude table, selected before the clock starts). Goals: time <= 0.5x, peak RSS <= 1.1x.
+6. llama.cpp (built by ``make llamacpp``): prefill and decode tokens/s of ``llama-bench`` on f16 GGUFs of
+   SmolLM2-135M dense and pruned 20% / 50% (the section 3/4 table; ``export-gguf``, llama.cpp's ``deci``
+   architecture), interleaved rounds (dense, 20%, 50%, ...), medians; ``--threads`` llama.cpp threads.
 
 Bounded settings (the whole run takes ~10-20 minutes on 2 CPU cores, depending on other load; the
 limit is 30): SmolLM2-135M in float32, 16 calibration windows x 128 tokens (batch 4), 2 runs per
@@ -36,7 +39,7 @@ ONE torch/OpenMP thread (``--threads``): on a CPU shared with other jobs, two-th
 stall whenever one of their threads is descheduled, which made timings swing by 2-3x in trials, while
 single-thread ratios stay stable. The 1/5/15-minute load average is recorded at every measurement.
 
-    python bench/speed.py [--sections 1 2 3 4 5] [--threads 1] [--output bench/results/speed.md]
+    python bench/speed.py [--sections 1 2 3 4 5 6] [--threads 1] [--output bench/results/speed.md]
 
 Writes ``bench/results/speed.md`` (and ``speed.json`` with every raw figure) atomically.
 """
@@ -91,7 +94,7 @@ ONE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6])
     common.add_threads(parser, 1, "the calibration, surgery and inference workers")
     parser.add_argument("--calibration_repeats", type=int, default=2, help="subprocess runs per calibration method")
     parser.add_argument("--table_repeats", type=int, default=5, help="timed repetitions per table shape")
@@ -462,6 +465,68 @@ def section_inference(args: argparse.Namespace, prepared: Row, scratch: Path) ->
                                     "decode_tokens": args.decode_tokens})
 
 
+# -- section 6: llama.cpp, dense vs pruned ------------------------------------------------------------------
+def worker_llamacpp(spec: Row) -> Row:
+    """f16 GGUFs of the dense and pruned models, then ``llama-bench`` rounds over them, interleaved."""
+    from gp_lightning.export import llamacpp_run
+    from gp_lightning.export.gguf_writer import export_gguf
+    from gp_lightning.export.llamacpp_build import require
+    from gp_lightning.model.source import fetch_embedded
+    from gp_lightning.pipeline import oneshot
+
+    cpp = require()
+    out = Path(spec["output"])
+    files = {"dense": export_gguf(fetch_embedded(MODEL), out / "dense-f16.gguf", "f16").path}
+    for ratio in spec["ratios"]:
+        run = oneshot(model=MODEL, pruning_ratio=ratio, from_table=spec["table"], dataset=str(common.VALID),
+                      eval_dataset=str(common.TEST), test_before_prune=False, test_after_prune=False,
+                      export_gguf="f16", output=str(out / f"gguf-{ratio}"), overwrite=True)
+        files[f"pruned {ratio:.0%}"] = run.run_dir / "model.gguf"
+    sizes = {name: path.stat().st_size for name, path in files.items()}
+    rates: dict[str, dict[str, list[float]]] = {"prefill": {n: [] for n in files}, "decode": {n: [] for n in files}}
+    loads = []
+    for _ in range(spec["rounds"]):
+        loads.append(common.loadavg())
+        for name, path in files.items():
+            for key, value in llamacpp_run.speed(cpp, path, spec["prompt_tokens"], spec["new_tokens"], spec["threads"],
+                                                 repetitions=2).items():
+                rates[key][name].append(value)
+    loads.append(common.loadavg())
+    return {"sizes": sizes, "rates": rates, "loads": loads, "threads": spec["threads"],
+            "prompt_tokens": spec["prompt_tokens"], "new_tokens": spec["new_tokens"]}
+
+
+def section_llamacpp(args: argparse.Namespace, prepared: Row, scratch: Path) -> Row:
+    common.log("section 6: llama.cpp, dense vs pruned 20% / 50% (f16 GGUF, llama-bench, interleaved)")
+    return run_worker("llamacpp", {"ratios": [0.2, 0.5], "table": prepared["table"], "output": str(scratch),
+                                   "threads": args.threads, "rounds": 3, "prompt_tokens": 128,
+                                   "new_tokens": args.decode_tokens})
+
+
+def report_llamacpp(args: argparse.Namespace, cpp: Row, goals: list[str]) -> list[str]:
+    """Section 6: llama.cpp tokens/s as ratios to the dense GGUF's."""
+    names = list(cpp["sizes"])
+    body = ["## 6. llama.cpp: dense vs pruned (f16 GGUF)", "",
+            f"`llama-bench` (llama.cpp b11434, built from the PyPI sdist by `make llamacpp`), {cpp['threads']} thread(s), "
+            f"prefill = pp{cpp['prompt_tokens']}, decode = tg{cpp['new_tokens']}, 2 repetitions per call, "
+            f"{len(cpp['loads']) - 1} interleaved rounds, medians. Load average at each round: "
+            f"{', '.join(fmt_load(x) for x in cpp['loads'])}.", "",
+            "| model | GGUF MB | prefill tok/s | vs dense | decode tok/s | vs dense |", "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        cells = []
+        for key in ("prefill", "decode"):
+            rate, dense = common.median(cpp["rates"][key][name]), common.median(cpp["rates"][key]["dense"])
+            cells.append(f"{rate:.0f} | {rate / dense:.2f}x")
+        body.append(f"| {name} | {cpp['sizes'][name] / 1e6:.0f} | " + " | ".join(cells) + " |")
+    for name in names[1:]:
+        ratios = [common.median(cpp["rates"][k][name]) / common.median(cpp["rates"][k]["dense"]) for k in cpp["rates"]]
+        goals.append(f"| 6 | llama.cpp {name} / dense tokens/s (prefill, decode) | "
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)} | > 1x (speed-up expected) | "
+                     f"{yes(all(r > 1 for r in ratios))} |")
+    body.append("")
+    return body
+
+
 # -- report --------------------------------------------------------------------------------------------------
 def yes(met: bool) -> str:
     return "yes" if met else "**NO**"
@@ -627,7 +692,7 @@ def report(args: argparse.Namespace, results: Row, started: str, seconds: float,
     body: list[str] = []
     for key, part in (("calibration", report_calibration), ("table", report_table), ("prepared", report_prepared),
                       ("surgery", report_surgery), ("inference", report_inference),
-                      ("compensation", report_compensation)):
+                      ("compensation", report_compensation), ("llamacpp", report_llamacpp)):
         if key in results:
             body += part(args, results[key], goals)
     head = [
@@ -648,7 +713,8 @@ def report(args: argparse.Namespace, results: Row, started: str, seconds: float,
 
 
 WORKERS: dict[str, Callable[[Row], Row]] = {"table": worker_table, "calibrate": worker_calibrate,
-                                             "surgery": worker_surgery, "inference": worker_inference}
+                                             "surgery": worker_surgery, "inference": worker_inference,
+                                             "llamacpp": worker_llamacpp}
 
 
 def run_sections(args: argparse.Namespace, scratch: Path) -> Row:
@@ -658,7 +724,7 @@ def run_sections(args: argparse.Namespace, scratch: Path) -> Row:
         results["calibration"] = section_calibration(args)
     if 2 in args.sections:
         results["table"] = section_table(args)
-    if 3 in args.sections or 4 in args.sections:
+    if {3, 4, 6} & set(args.sections):
         common.log("sections 3/4: Taylor table of SmolLM2 (oneshot table_only, 16 windows)")
         results["prepared"] = run_worker("calibrate", {"output": str(scratch / "taylor"), "threads": args.threads})
     if 3 in args.sections:
@@ -667,6 +733,8 @@ def run_sections(args: argparse.Namespace, scratch: Path) -> Row:
         results["inference"] = section_inference(args, results["prepared"], scratch)
     if 5 in args.sections:
         results["compensation"] = section_compensation(args)
+    if 6 in args.sections:
+        results["llamacpp"] = section_llamacpp(args, results["prepared"], scratch)
     return results
 
 

@@ -273,4 +273,8 @@ def test_uniform_allocation_saves_the_stock_class_with_the_pruned_logits(arch: s
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.pruned_model(input_ids=ids).logits,
                                    rtol=0, atol=1e-5)
-    assert (tmp_path / "run" / "model.gguf").stat().st_size > 0  # export_gguf: the stock model as a deci GGUF
+    import gguf  # export_gguf: the stock model as a plain llama GGUF
+
+    fields = gguf.GGUFReader(tmp_path / "run" / "model.gguf").fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.feed_forward_length"].contents() == config["intermediate_size"]

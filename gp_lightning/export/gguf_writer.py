@@ -1,4 +1,5 @@
-"""``gp-lightning export-gguf``: a GGUF that llama.cpp runs, per-layer shapes included (the ``deci`` architecture).
+"""``gp-lightning export-gguf``: a GGUF that llama.cpp runs, per-layer shapes included (the ``deci`` architecture;
+a model whose layers are all alike is written as plain ``llama``, which every GGUF runtime reads).
 
 Streamed: the header lists every tensor's shape first, then tensors are read from the safetensors
 files one at a time, converted and appended, so the peak memory is about one tensor. The file is
@@ -34,7 +35,7 @@ from gp_lightning.runtime.io import atomic_write
 log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-ARCH = "deci"
+ARCHES = ("auto", "deci", "llama")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class GGUFExport:
     bytes: int
     seconds: float
     layers: int
+    arch: str  # deci | llama
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,22 @@ def _nbytes(shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], np.dtyp
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype ALL_F32, MOSTLY_F16/Q8_0/BF16
 
 
-def _add_hparams(writer: object, plan: ModelPlan, context_length: int | None, name: str, outtype: str) -> None:
+def _architecture(plan: ModelPlan, arch: str) -> str:
+    """``llama`` (every runtime that reads GGUF runs it) when every layer has the same widths and no placeholder,
+    else ``deci`` (per-layer arrays)."""
+    shapes = {(x.heads, x.kv_heads, x.ff) for x in plan.layers}
+    uniform = len(shapes) == 1 and not any(x.attention_placeholder or x.mlp_placeholder for x in plan.layers)
+    uniform = uniform and len(plan.layers) == int(plan.config["num_hidden_layers"]) and plan.layers[0].heads > 0
+    if arch == "auto":
+        return "llama" if uniform else "deci"
+    if arch == "llama" and not uniform:
+        raise ModelSourceError("--arch llama needs every layer to have the same widths (allocation: uniform_per_layer); "
+                               "this checkpoint's layers differ: use --arch deci (or auto)")
+    return arch
+
+
+def _add_hparams(writer: object, plan: ModelPlan, context_length: int | None, name: str, outtype: str,
+                 arch: str) -> None:
     config = plan.config
     writer.add_name(name)
     writer.add_file_type(_FILE_TYPES[outtype])
@@ -221,9 +238,15 @@ def _add_hparams(writer: object, plan: ModelPlan, context_length: int | None, na
     writer.add_embedding_length(plan.hidden)
     writer.add_block_count(len(plan.layers))
     writer.add_vocab_size(int(config["vocab_size"]))
-    writer.add_head_count([layer.heads for layer in plan.layers])
-    writer.add_head_count_kv([layer.kv_heads for layer in plan.layers])
-    writer.add_feed_forward_length([layer.ff for layer in plan.layers])
+    first = plan.layers[0]
+    if arch == "llama":  # one width for every layer
+        writer.add_head_count(first.heads)
+        writer.add_head_count_kv(first.kv_heads)
+        writer.add_feed_forward_length(first.ff)
+    else:
+        writer.add_head_count([layer.heads for layer in plan.layers])
+        writer.add_head_count_kv([layer.kv_heads for layer in plan.layers])
+        writer.add_feed_forward_length([layer.ff for layer in plan.layers])
     writer.add_key_length(plan.head_dim)
     writer.add_value_length(plan.head_dim)
     writer.add_rope_dimension_count(plan.head_dim)
@@ -238,22 +261,26 @@ def _add_hparams(writer: object, plan: ModelPlan, context_length: int | None, na
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16", tokenizer_dir: str | Path | None = None,
-                context_length: int | None = None) -> GGUFExport:
-    """Write ``model_dir`` (a gp_pruned or dense llama/mistral/qwen2 checkpoint) as a ``deci`` GGUF."""
+                context_length: int | None = None, arch: str = "auto") -> GGUFExport:
+    """Write ``model_dir`` (a gp_pruned or dense llama/mistral/qwen2 checkpoint) as a GGUF: llama.cpp's ``deci``
+    architecture for per-layer widths, plain ``llama`` for uniform ones (``arch="auto"``)."""
     import gguf
 
     if outtype not in OUTTYPES:
         raise GPLightningError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
+    if arch not in ARCHES:
+        raise GPLightningError(f"--arch {arch}: expected one of {', '.join(ARCHES)}")
     model_dir, output = Path(model_dir), Path(output)
     started = time.perf_counter()
     plan = plan_model(read_config(model_dir), context_length)
+    arch = _architecture(plan, arch)
     weights = _Weights(model_dir)
     tensors = _tensor_plan(plan, weights)
     name = plan.config.get("_name_or_path") or model_dir.resolve().name
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
-        _add_hparams(writer, plan, context_length, str(name), outtype)
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        _add_hparams(writer, plan, context_length, str(name), outtype, arch)
         add_vocab(writer, Path(tokenizer_dir or model_dir), int(plan.config["vocab_size"]))
         kinds = []
         for t in tensors:
@@ -278,9 +305,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(output, write)
     seconds = time.perf_counter() - started
-    log.info("Wrote %s (%s, %d layers, %.1f MB) in %.1f s", output, outtype, len(plan.layers),
+    log.info("Wrote %s (%s, %s architecture, %d layers, %.1f MB) in %.1f s", output, outtype, arch, len(plan.layers),
              output.stat().st_size / 1e6, seconds)
-    return GGUFExport(output, outtype, len(tensors), output.stat().st_size, seconds, len(plan.layers))
+    return GGUFExport(output, outtype, len(tensors), output.stat().st_size, seconds, len(plan.layers), arch)
 
 
 def main(argv: list[str]) -> int:
@@ -291,13 +318,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output", help="the .gguf file to write (replaced atomically)")
     parser.add_argument("--outtype", choices=OUTTYPES, default="f16", help="matrix storage (norms and biases stay f32)")
     parser.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: MODEL_DIR)")
+    parser.add_argument("--arch", choices=ARCHES, default="auto",
+                        help="llama.cpp architecture: deci (per-layer widths), llama (uniform layers only), auto")
     parser.add_argument("--context_length", type=int, default=None,
                         help="context length written (default: max_position_embeddings)")
     args = parser.parse_args(argv)
     try:
-        done = export_gguf(args.model_dir, args.output, args.outtype, args.tokenizer, args.context_length)
+        done = export_gguf(args.model_dir, args.output, args.outtype, args.tokenizer, args.context_length, args.arch)
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{done.path} ({done.outtype}, {done.layers} layers, {done.bytes / 1e6:.1f} MB, {done.seconds:.1f} s)")
+    print(f"{done.path} ({done.outtype}, {done.arch}, {done.layers} layers, {done.bytes / 1e6:.1f} MB, "
+          f"{done.seconds:.1f} s)")
     return 0
