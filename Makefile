@@ -41,8 +41,9 @@ llamacpp: install
 demo: model
 	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite
 
-# The full suite on the newest allowed releases, then the checkpoint/generation tests on the oldest transformers.
-test: model
+# The full suite on the newest allowed releases (llama.cpp runs the GGUF exports), then the checkpoint/generation
+# tests on the oldest transformers.
+test: model llamacpp
 	$(BIN)/python -m pytest -q --durations=15
 	$(MAKE) test-oldest
 

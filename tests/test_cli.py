@@ -200,3 +200,45 @@ def test_sigterm_ends_the_run_with_a_failure_status(tmp_path: Path, tiny_checkpo
     assert code == 128 + signal.SIGTERM and batches[-1] <= 3  # not the 64 batches Lightning would have run
     assert "error: interrupted by SIGTERM" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are given back
+
+
+@pytest.mark.parametrize("where,message", [
+    ("root", "is the file system root"),
+    ("home", "is your home directory"),
+    ("project", "is a project's root directory"),
+    ("inside_file", "which is a file"),
+    ("user_dir", "is not empty and holds no gp-lightning run (notes.txt, weights)"),
+])
+def test_output_never_takes_a_place_that_is_not_a_run_directory(tmp_path: Path, tiny_checkpoint: Path,
+                                                                 capsys: pytest.CaptureFixture, where: str,
+                                                                 message: str) -> None:
+    """Even --overwrite does not make /, home or a project root a run directory; other people's files are kept."""
+    user = tmp_path / "mine"
+    (user / "weights").mkdir(parents=True)
+    (user / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("x")
+    output = {"root": Path("/"), "home": Path.home(), "project": ROOT, "inside_file": tmp_path / "a_file" / "run",
+              "user_dir": user}[where]
+    overwrite = [] if where == "user_dir" else ["--overwrite"]
+    assert prune_main(["--model", str(tiny_checkpoint), "--output", str(output), *overwrite]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "--output" in err
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "weights"]
+    assert not (ROOT / "config.yaml").exists() and not (Path.home() / "config.yaml").exists()
+
+
+def test_a_killed_save_leaves_no_staging_behind_and_results_get_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    from gp_lightning.runtime.io import staged_directory
+
+    dead = tmp_path / ".model.tmp-999999999-abcd"  # a pid that cannot be running
+    live = tmp_path / f".model.tmp-{os.getpid()}-efgh"  # another save of this very process, still going
+    dead.mkdir()
+    live.mkdir()
+    with staged_directory(tmp_path / "model") as staging:
+        (staging / "weights.bin").write_bytes(b"1")
+    assert not dead.exists() and live.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -88,8 +88,26 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 
 def staging_dir(target: Path) -> Path:
+    """A new empty directory beside ``target`` (the usual mode, not mkdtemp's 0700), named after this process;
+    staging directories that processes no longer alive left behind (a killed save) are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    for stale in target.parent.glob(f".{target.name}.tmp-*-*"):
+        owner = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
@@ -104,16 +122,43 @@ def staged_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+def _protected(path: Path) -> str | None:
+    """Why ``path`` must never be a run directory (its contents are someone else's), or None."""
+    resolved = path.expanduser().resolve()
+    project = Path(__file__).resolve().parents[2]
+    if resolved == Path(resolved.anchor):
+        return "the file system root"
+    if resolved == Path.home().resolve():
+        return "your home directory"
+    if resolved == project or (resolved / ".git").exists() or (resolved / "setup.cfg").is_file():
+        return "a project's root directory"
+    return None
+
+
 def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds a run, unless ``overwrite``."""
+    """Refuse a directory that already holds a run (unless ``overwrite``), a directory of other files, and places
+    whose contents a run must never touch (``/``, home, a project root) even with ``overwrite``."""
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"Output '{path}' exists and is not a directory: choose another --output.")
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunDirectoryError(f"Output '{path}' is inside '{parent}', which is a file: choose another --output.")
+    why = _protected(path)
+    if why is not None:
+        raise RunDirectoryError(f"Output '{path}' is {why}: a run writes and replaces files there. Choose a "
+                                "directory of its own, e.g. --output runs/x.")
     found = [name for name in RUN_MARKERS if (path / name).exists()]
     if found and not overwrite:
         raise RunDirectoryError(
             f"Output directory '{path}' already holds a run ({', '.join(found)}). Choose another "
             "--output, or pass --overwrite to replace its results."
         )
+    others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+    if others and not found and not overwrite:
+        raise RunDirectoryError(
+            f"Output directory '{path}' is not empty and holds no gp-lightning run ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}). Choose a new or empty --output, or pass --overwrite to write "
+            "the run's files beside them.")
 
 
 def open_run_log(run_dir: Path, logger: logging.Logger, config: dict[str, Any]) -> logging.Handler:
