@@ -102,11 +102,17 @@ def smollm2_model(smollm2_pruned: tuple[Path, dict]) -> torch.nn.Module:
 CONTEXT, CHUNKS = 128, 12
 
 
+@pytest.fixture(scope="module")
+def test_ids(smollm2_tokenizer: object, wikitext: Path) -> list[int]:
+    """The HF tokenizer's ids of the whole test.txt."""
+    return smollm2_tokenizer((wikitext / "test.txt").read_text(encoding="utf-8")).input_ids
+
+
 def test_pruned_smollm2_logits_and_tokenization_match(llamacpp: LlamaCpp, smollm2_ggufs: dict[str, Path],
-                                                      smollm2_model: torch.nn.Module, smollm2_tokenizer: object,
+                                                      smollm2_model: torch.nn.Module, test_ids: list[int],
                                                       wikitext: Path) -> None:
     test_file = wikitext / "test.txt"
-    ours = smollm2_tokenizer(test_file.read_text(encoding="utf-8")).input_ids
+    ours = test_ids
     theirs = llamacpp_run.tokenize(llamacpp, smollm2_ggufs["f32"], test_file)
     assert len(theirs) == len(ours) and theirs == ours
     ids = ours[1000:1064]
@@ -127,11 +133,10 @@ def chunk_perplexity(model: torch.nn.Module, ids: list[int], context: int, chunk
 
 
 def test_pruned_smollm2_perplexity_and_quantized_files_in_llamacpp(
-        llamacpp: LlamaCpp, smollm2_ggufs: dict[str, Path], smollm2_model: torch.nn.Module, smollm2_tokenizer: object,
+        llamacpp: LlamaCpp, smollm2_ggufs: dict[str, Path], smollm2_model: torch.nn.Module, test_ids: list[int],
         wikitext: Path, tmp_path: Path) -> None:
     test_file = wikitext / "test.txt"
-    ids = smollm2_tokenizer(test_file.read_text(encoding="utf-8")).input_ids
-    ours = chunk_perplexity(smollm2_model, ids, CONTEXT, CHUNKS)
+    ours = chunk_perplexity(smollm2_model, test_ids, CONTEXT, CHUNKS)
     ppl = {kind: llamacpp_run.perplexity(llamacpp, path, test_file, CONTEXT, CHUNKS) for kind, path in smollm2_ggufs.items()}
     q4 = tmp_path / "pruned-q4_k_m.gguf"
     llamacpp_run.quantize(llamacpp, smollm2_ggufs["f16"], q4, "Q4_K_M")

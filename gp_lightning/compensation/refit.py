@@ -30,6 +30,8 @@ import torch
 
 #: Retries of a non-positive-definite system, each with 10x the damping.
 _RETRIES = 3
+#: Greedy OBS takes a block's units in about this many steps (several units per step).
+OBS_STEPS = 16
 
 
 @dataclass
@@ -206,31 +208,29 @@ def _obs_walk(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     inverse = torch.cholesky_inverse(chol).float()
     unit_cols = torch.arange(columns).view(units, unit_width)
     blocks = inverse[unit_cols[:, :, None], unit_cols[:, None, :]]  # units x w x w: the diagonal blocks
-    left: list[torch.Tensor] = []  # U_s: the taken columns of the inverse at step s (n x k)
-    right: list[torch.Tensor] = []  # V_s: (Hinv_CC)^-1 Hinv_C: (k x n)
+    total = count * unit_width
+    left = inverse.new_empty(inverse.shape[0], total)  # U: the taken columns of the inverse, step after step
+    right = inverse.new_empty(total, inverse.shape[0])  # V: (Hinv_CC)^-1 Hinv_C of each step
     alive = torch.ones(units, dtype=torch.bool)
     removed: list[int] = []
-    cost = 0.0
-    step = max(1, -(-count // 16))  # about 16 steps whatever the count
+    cost, done = 0.0, 0
+    step = max(1, -(-count // OBS_STEPS))
     while len(removed) < count:
         scores = _obs_scores(target[:, :columns], blocks, alive)
         take = torch.argsort(scores)[: min(step, count - len(removed))]
         cols = unit_cols[take].reshape(-1)
-        rows = inverse[cols]  # the current inverse's rows cols: the original ones less the updates so far
-        for u, v in zip(left, right, strict=True):
-            rows.addmm_(u[cols], v, alpha=-1)
+        rows = inverse[cols].addmm_(left[cols, :done], right[:done], alpha=-1)  # rows of the current inverse
         block = torch.linalg.inv(rows[:, cols])
         scaled = block @ rows
         taken = target[:, cols]
         cost += float((taken @ block * taken).sum())  # tr(W_C (Hinv_CC)^-1 W_C^T)
         target.addmm_(taken, scaled, alpha=-1)  # the OBS update of the remaining weights
-        column_rows = rows.T  # the inverse is symmetric: its columns cols are these rows
-        left.append(column_rows)
-        right.append(scaled)
+        width = len(cols)
+        left[:, done : done + width] = rows.T  # the inverse is symmetric: its columns cols are these rows
+        right[done : done + width] = scaled
+        done += width
         # the diagonal blocks of the Schur complement: Hinv_QQ -= U_Q V_Q for every unit Q
-        u_blocks = column_rows[unit_cols]  # units x w x k
-        v_blocks = scaled[:, unit_cols].permute(1, 0, 2)  # units x k x w
-        blocks -= torch.bmm(u_blocks, v_blocks)
+        blocks -= torch.bmm(rows.T[unit_cols], scaled[:, unit_cols].permute(1, 0, 2))
         alive[take] = False
         removed += take.tolist()
     target[:, unit_cols[~alive].reshape(-1)] = 0

@@ -114,66 +114,65 @@ def _tensor_plan(plan: ModelPlan, weights: _Weights) -> list[_Tensor]:
     return out
 
 
+def _summed(weights: _Weights, *names: str, size: int) -> Callable[[], np.ndarray]:
+    """The sum of the named vectors the checkpoint has (a block's bias plus its output bias)."""
+    present = [n for n in names if n in weights]
+    return lambda: sum((weights.get(n) for n in present), np.zeros(size, dtype=np.float32))
+
+
+def _zeros(*shape: int) -> Callable[[], np.ndarray]:
+    return lambda: np.zeros(shape, dtype=np.float32)
+
+
 def _layer_tensors(new: int, layer: LayerPlan, plan: ModelPlan, weights: _Weights) -> list[_Tensor]:
-    hidden, hd = plan.hidden, plan.head_dim
     src, blk = f"model.layers.{layer.source}", f"blk.{new}"
-    out: list[_Tensor] = []
+    out = _attention_tensors(src, blk, layer, plan, weights) if layer.heads else []
+    return out + (_mlp_tensors(src, blk, layer, plan, weights) if layer.ff else [])
 
-    def summed(*names: str, size: int = hidden) -> Callable[[], np.ndarray]:
-        present = [n for n in names if n in weights]
-        return lambda: sum((weights.get(n) for n in present), np.zeros(size, dtype=np.float32))
 
-    def zeros(*shape: int) -> Callable[[], np.ndarray]:
-        return lambda: np.zeros(shape, dtype=np.float32)
+def _attention_tensors(src: str, blk: str, layer: LayerPlan, plan: ModelPlan, weights: _Weights) -> list[_Tensor]:
+    hidden, q, kv = plan.hidden, layer.heads * plan.head_dim, layer.kv_heads * plan.head_dim
+    a = f"{src}.self_attn"
+    if not layer.attention:  # one zero KV group: adds nothing but its bias
+        return [_Tensor(f"{blk}.attn_norm.weight", (hidden,), lambda: np.ones(hidden, dtype=np.float32)),
+                _Tensor(f"{blk}.attn_q.weight", (q, hidden), _zeros(q, hidden)),
+                _Tensor(f"{blk}.attn_k.weight", (kv, hidden), _zeros(kv, hidden)),
+                _Tensor(f"{blk}.attn_v.weight", (kv, hidden), _zeros(kv, hidden)),
+                _Tensor(f"{blk}.attn_output.weight", (hidden, q), _zeros(hidden, q)),
+                _Tensor(f"{blk}.attn_output.bias", (hidden,), _summed(weights, f"{src}.self_attn_output_bias", size=hidden))]
+    out = [_Tensor(f"{blk}.attn_norm.weight", (hidden,), lambda: weights.get(f"{src}.input_layernorm.weight")),
+           _Tensor(f"{blk}.attn_q.weight", (q, hidden), lambda: _permute(weights.get(f"{a}.q_proj.weight"), layer.heads)),
+           _Tensor(f"{blk}.attn_k.weight", (kv, hidden),
+                   lambda: _permute(weights.get(f"{a}.k_proj.weight"), layer.kv_heads)),
+           _Tensor(f"{blk}.attn_v.weight", (kv, hidden), lambda: weights.get(f"{a}.v_proj.weight"))]
+    if f"{a}.q_proj.bias" in weights:
+        out += [_Tensor(f"{blk}.attn_q.bias", (q,), lambda: _permute(weights.get(f"{a}.q_proj.bias"), layer.heads)),
+                _Tensor(f"{blk}.attn_k.bias", (kv,), lambda: _permute(weights.get(f"{a}.k_proj.bias"), layer.kv_heads)),
+                _Tensor(f"{blk}.attn_v.bias", (kv,), lambda: weights.get(f"{a}.v_proj.bias"))]
+    out.append(_Tensor(f"{blk}.attn_output.weight", (hidden, q), lambda: weights.get(f"{a}.o_proj.weight")))
+    if f"{a}.o_proj.bias" in weights or layer.attn_out_bias:
+        out.append(_Tensor(f"{blk}.attn_output.bias", (hidden,),
+                           _summed(weights, f"{a}.o_proj.bias", f"{src}.self_attn_output_bias", size=hidden)))
+    return out
 
-    if layer.heads:
-        q, kv = layer.heads * hd, layer.kv_heads * hd
-        if layer.attention:
-            a = f"{src}.self_attn"
-            out.append(_Tensor(f"{blk}.attn_norm.weight", (hidden,), lambda: weights.get(f"{src}.input_layernorm.weight")))
-            out.append(_Tensor(f"{blk}.attn_q.weight", (q, hidden),
-                               lambda: _permute(weights.get(f"{a}.q_proj.weight"), layer.heads)))
-            out.append(_Tensor(f"{blk}.attn_k.weight", (kv, hidden),
-                               lambda: _permute(weights.get(f"{a}.k_proj.weight"), layer.kv_heads)))
-            out.append(_Tensor(f"{blk}.attn_v.weight", (kv, hidden), lambda: weights.get(f"{a}.v_proj.weight")))
-            if f"{a}.q_proj.bias" in weights:
-                out.append(_Tensor(f"{blk}.attn_q.bias", (q,),
-                                   lambda: _permute(weights.get(f"{a}.q_proj.bias"), layer.heads)))
-                out.append(_Tensor(f"{blk}.attn_k.bias", (kv,),
-                                   lambda: _permute(weights.get(f"{a}.k_proj.bias"), layer.kv_heads)))
-                out.append(_Tensor(f"{blk}.attn_v.bias", (kv,), lambda: weights.get(f"{a}.v_proj.bias")))
-            out.append(_Tensor(f"{blk}.attn_output.weight", (hidden, q), lambda: weights.get(f"{a}.o_proj.weight")))
-            if f"{a}.o_proj.bias" in weights or layer.attn_out_bias:
-                out.append(_Tensor(f"{blk}.attn_output.bias", (hidden,),
-                                   summed(f"{a}.o_proj.bias", f"{src}.self_attn_output_bias")))
-        else:  # one zero KV group: adds nothing but its bias
-            out += [_Tensor(f"{blk}.attn_norm.weight", (hidden,), lambda: np.ones(hidden, dtype=np.float32)),
-                    _Tensor(f"{blk}.attn_q.weight", (q, hidden), zeros(q, hidden)),
-                    _Tensor(f"{blk}.attn_k.weight", (kv, hidden), zeros(kv, hidden)),
-                    _Tensor(f"{blk}.attn_v.weight", (kv, hidden), zeros(kv, hidden)),
-                    _Tensor(f"{blk}.attn_output.weight", (hidden, q), zeros(hidden, q)),
-                    _Tensor(f"{blk}.attn_output.bias", (hidden,), summed(f"{src}.self_attn_output_bias"))]
-    if layer.ff:
-        ff = layer.ff
-        if layer.mlp:
-            m = f"{src}.mlp"
-            out.append(_Tensor(f"{blk}.ffn_norm.weight", (hidden,),
-                               lambda: weights.get(f"{src}.post_attention_layernorm.weight")))
-            for name, proj in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj")):
-                out.append(_Tensor(f"{blk}.{name}.weight", (ff, hidden),
-                                   lambda proj=proj: weights.get(f"{m}.{proj}.weight")))
-                if f"{m}.{proj}.bias" in weights:
-                    out.append(_Tensor(f"{blk}.{name}.bias", (ff,), lambda proj=proj: weights.get(f"{m}.{proj}.bias")))
-            out.append(_Tensor(f"{blk}.ffn_down.weight", (hidden, ff), lambda: weights.get(f"{m}.down_proj.weight")))
-            if f"{m}.down_proj.bias" in weights or layer.mlp_out_bias:
-                out.append(_Tensor(f"{blk}.ffn_down.bias", (hidden,),
-                                   summed(f"{m}.down_proj.bias", f"{src}.mlp_output_bias")))
-        else:  # one zero channel: silu(0) * 0 adds nothing but the bias
-            out += [_Tensor(f"{blk}.ffn_norm.weight", (hidden,), lambda: np.ones(hidden, dtype=np.float32)),
-                    _Tensor(f"{blk}.ffn_gate.weight", (1, hidden), zeros(1, hidden)),
-                    _Tensor(f"{blk}.ffn_up.weight", (1, hidden), zeros(1, hidden)),
-                    _Tensor(f"{blk}.ffn_down.weight", (hidden, 1), zeros(hidden, 1)),
-                    _Tensor(f"{blk}.ffn_down.bias", (hidden,), summed(f"{src}.mlp_output_bias"))]
+
+def _mlp_tensors(src: str, blk: str, layer: LayerPlan, plan: ModelPlan, weights: _Weights) -> list[_Tensor]:
+    hidden, ff, m = plan.hidden, layer.ff, f"{src}.mlp"
+    if not layer.mlp:  # one zero channel: silu(0) * 0 adds nothing but the bias
+        return [_Tensor(f"{blk}.ffn_norm.weight", (hidden,), lambda: np.ones(hidden, dtype=np.float32)),
+                _Tensor(f"{blk}.ffn_gate.weight", (1, hidden), _zeros(1, hidden)),
+                _Tensor(f"{blk}.ffn_up.weight", (1, hidden), _zeros(1, hidden)),
+                _Tensor(f"{blk}.ffn_down.weight", (hidden, 1), _zeros(hidden, 1)),
+                _Tensor(f"{blk}.ffn_down.bias", (hidden,), _summed(weights, f"{src}.mlp_output_bias", size=hidden))]
+    out = [_Tensor(f"{blk}.ffn_norm.weight", (hidden,), lambda: weights.get(f"{src}.post_attention_layernorm.weight"))]
+    for name, proj in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj")):
+        out.append(_Tensor(f"{blk}.{name}.weight", (ff, hidden), lambda proj=proj: weights.get(f"{m}.{proj}.weight")))
+        if f"{m}.{proj}.bias" in weights:
+            out.append(_Tensor(f"{blk}.{name}.bias", (ff,), lambda proj=proj: weights.get(f"{m}.{proj}.bias")))
+    out.append(_Tensor(f"{blk}.ffn_down.weight", (hidden, ff), lambda: weights.get(f"{m}.down_proj.weight")))
+    if f"{m}.down_proj.bias" in weights or layer.mlp_out_bias:
+        out.append(_Tensor(f"{blk}.ffn_down.bias", (hidden,),
+                           _summed(weights, f"{m}.down_proj.bias", f"{src}.mlp_output_bias", size=hidden)))
     return out
 
 
