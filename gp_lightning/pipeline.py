@@ -108,14 +108,15 @@ class PruneRecipe(Recipe):
         if cfg.table.from_table:
             self.saved_table = load_table(cfg.table.from_table, self.layout)
         if self._needs_calibration_windows():
-            tokens = tokenize(load_text(cfg.data.dataset, "calibration"), self.tokenizer)
+            tokens = tokenize(load_text(cfg.data.dataset, "calibration", cfg.data.text_encoding), self.tokenizer)
             refit = cfg.refit.compensation_samples or cfg.data.num_samples
             count = max(cfg.data.num_samples, refit if cfg.refit.enabled else 0)
             windows = calibration_windows(tokens, count, cfg.data.seq_len, cfg.run.seed)  # the first ones calibrate
             self.cal_windows, self.refit_windows = windows[: cfg.data.num_samples], windows[:refit]
         e = cfg.evaluation
         needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
-        self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings)
+        self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings,
+                                      cfg.data.text_encoding)
         self.open_log(cfg.to_dict())
         log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s", __version__,
                  cfg.source.model, self.layout.num_layers, self.layout.total_params, self.layout.prunable_params,

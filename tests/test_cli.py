@@ -131,8 +131,9 @@ def test_accelerate_cpu_single_process_trap_is_named(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("latin1.txt", "Caf\u00e9 au lait. ".encode("latin-1") * 400, r"latin1.txt is not UTF-8 text: byte 3 is 0xe9"),
-    ("binary.txt", bytes(range(256)) * 40, r"binary.txt is not UTF-8 text: byte 128 is 0x80"),
+    ("latin1.txt", "Caf\u00e9 au lait. ".encode("latin-1") * 400,
+     r"latin1.txt is not utf-8 text: byte 3 is 0xe9. Pass its encoding \(e.g. --text_encoding latin-1\)"),
+    ("binary.txt", bytes(range(256)) * 40, r"binary.txt is not utf-8 text: byte 128 is 0x80"),
     ("broken.jsonl", b'{"text": "one"}\n{"text": "two"\n', r"broken.jsonl:2: not valid JSON \(Expecting ',' delimiter"),
 ])
 def test_unreadable_text_is_one_line_naming_the_file(tmp_path: Path, tiny_checkpoint: Path,
@@ -145,6 +146,18 @@ def test_unreadable_text_is_one_line_naming_the_file(tmp_path: Path, tiny_checkp
     assert code == 2 and "Traceback" not in err
     assert re.search(f"^error: .*{message}", err, re.MULTILINE)
     assert not (tmp_path / "run").exists()
+
+
+def test_text_encoding_reads_a_latin1_file_as_its_utf8_twin(tmp_path: Path) -> None:
+    from gp_lightning.data.sources import load_text
+
+    text = "Caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e. " * 50
+    (tmp_path / "latin1.txt").write_bytes(text.encode("latin-1"))
+    assert load_text(str(tmp_path / "latin1.txt"), "calibration", "latin-1") == text
+    cfg = parse_config(["--text_encoding", "latin-1", "--model", "x"])
+    assert cfg.data.text_encoding == "latin-1"
+    with pytest.raises(ConfigError, match="text_encoding.*not an encoding Python knows"):
+        parse_config(["--text_encoding", "klingon-8", "--model", "x"])
 
 
 @pytest.mark.parametrize("method", ["taylor", "wanda", "random"])

@@ -8,6 +8,16 @@ from dataclasses import dataclass
 from gp_lightning.runtime.errors import check_config
 
 
+def _known_encoding(name: str) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 @dataclass
 class TextConfig:
     """Text"""
@@ -20,9 +30,14 @@ class TextConfig:
     """Tokens per window (for instruction data: the most tokens an example keeps)."""
     batch_size: int = 4
     """Windows (examples) per forward/backward pass on each process."""
+    text_encoding: str = "utf-8"
+    """Encoding of local text files (``dataset`` and ``eval_dataset``), e.g. ``latin-1``; hub datasets are
+    decoded by ``datasets``."""
 
     def __post_init__(self) -> None:
         check_config(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        check_config(_known_encoding(self.text_encoding), "text_encoding", self.text_encoding,
+                     "is not an encoding Python knows (e.g. utf-8, latin-1, utf-16)")
         check_config(self.seq_len >= 2, "seq_len", self.seq_len, "must be at least 2 tokens")
 
 

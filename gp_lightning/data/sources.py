@@ -50,11 +50,12 @@ HUB_DATASETS: dict[str, HubDataset] = {
 LOCAL_HINT = "a local file works everywhere, e.g. ../shared/data/wikitext-2/valid.txt"
 
 
-def load_text(source: str, role: Role) -> str:
-    """Return the raw text of ``source`` for the given role (calibration or evaluation)."""
+def load_text(source: str, role: Role, encoding: str = "utf-8") -> str:
+    """Return the raw text of ``source`` for the given role (calibration or evaluation); local files are decoded
+    with ``encoding``."""
     check_source(source)
     path = Path(source).expanduser()
-    return _read_local(path) if path.is_file() else _read_hub(source, role)
+    return _read_local(path, encoding) if path.is_file() else _read_hub(source, role)
 
 
 def check_source(source: str) -> None:
@@ -70,16 +71,16 @@ def check_source(source: str) -> None:
     )
 
 
-def read_utf8(path: Path) -> str:
-    """The file's text; a file that is not UTF-8 (latin-1, UTF-16, binary) is a one-line error naming it and the
-    first bad byte."""
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; a file that is not ``encoding`` text (latin-1, UTF-16, binary) is a one-line error naming it,
+    the byte offset and the fix."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} is 0x{data[exc.start]:02x}. Convert it (e.g. "
-                        f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}) or pass another "
-                        "file.") from None
+        raise DataError(f"{path} is not {encoding} text: byte {exc.start} is 0x{data[exc.start]:02x}. Pass its "
+                        f"encoding (e.g. --text_encoding latin-1) or convert it (iconv -f latin1 -t utf-8 {path.name} "
+                        f"> {path.stem}.utf8{path.suffix}).") from None
 
 
 def json_record(line: str, where: str) -> object:
@@ -90,13 +91,13 @@ def json_record(line: str, where: str) -> object:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
 
 
-def _read_local(path: Path) -> str:
+def _read_local(path: Path, encoding: str = "utf-8") -> str:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return read_utf8(path)
+        return read_text(path, encoding)
     if suffix in {".jsonl", ".json"}:
         texts = []
-        for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
+        for lineno, line in enumerate(read_text(path, encoding).splitlines(), 1):
             if line.strip():
                 texts.append(_text_field(json_record(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
         return "\n\n".join(texts)

@@ -26,11 +26,11 @@ class Evaluator:
 
     @classmethod
     def on(cls, config: EvaluationWindows, tokenizer: object, precision: str, needed: bool,
-           timings: dict[str, float] | None = None) -> Evaluator:
+           timings: dict[str, float] | None = None, encoding: str = "utf-8") -> Evaluator:
         """Windows of ``config.eval_dataset`` when ``needed`` (else none: nothing will be measured)."""
         windows = None
         if needed:
-            tokens = tokenize(load_text(config.eval_dataset, "evaluation"), tokenizer)
+            tokens = tokenize(load_text(config.eval_dataset, "evaluation", encoding), tokenizer)
             windows = evaluation_windows(tokens, config.eval_seq_len, config.eval_max_windows)
         return cls(windows, config.eval_batch_size, precision, timings=timings if timings is not None else {})
 

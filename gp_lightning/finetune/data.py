@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from gp_lightning.data.sources import json_record, load_text, read_utf8
+from gp_lightning.data.sources import json_record, load_text, read_text
 from gp_lightning.data.windows import calibration_windows, tokenize
 from gp_lightning.runtime.errors import DataError
 
@@ -35,7 +35,7 @@ class Instruction:
     output: str
 
 
-def instruction_records(source: str) -> list[Any] | None:
+def instruction_records(source: str, encoding: str = "utf-8") -> list[Any] | None:
     """The records of a local ``.jsonl``/``.json`` whose first record has ``instruction`` and ``output``, else None.
 
     The file is parsed once here; the records are then turned into :class:`Instruction` s.
@@ -43,13 +43,13 @@ def instruction_records(source: str) -> list[Any] | None:
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix.lower() not in {".jsonl", ".json"}:
         return None
-    records = _json_records(path)
+    records = _json_records(path, encoding)
     ok = bool(records) and isinstance(records[0], dict) and {"instruction", "output"} <= records[0].keys()
     return records if ok else None
 
 
-def _json_records(path: Path) -> list[Any]:
-    text = read_utf8(path)
+def _json_records(path: Path, encoding: str = "utf-8") -> list[Any]:
+    text = read_text(path, encoding)
     if text.lstrip().startswith("["):  # a JSON array (alpaca_data.json) rather than JSON lines
         records = json_record(text, str(path))
         return records if isinstance(records, list) else [records]
@@ -79,9 +79,9 @@ def _split_counts(available: int, finetune_samples: int | None, val_samples: int
 
 
 def text_examples(source: str, tokenizer: Any, seq_len: int, finetune_samples: int | None, val_samples: int,
-                  seed: int) -> tuple[list[Example], list[Example]]:
+                  seed: int, encoding: str = "utf-8") -> tuple[list[Example], list[Example]]:
     """Non-overlapping windows of ``seq_len`` tokens, chosen with ``seed``: (train, validation)."""
-    tokens = tokenize(load_text(source, "calibration"), tokenizer)
+    tokens = tokenize(load_text(source, "calibration", encoding), tokenizer)
     train_n, val_n = _split_counts(tokens.numel() // seq_len, finetune_samples, val_samples,
                                    f"windows of seq_len={seq_len} tokens")
     windows = calibration_windows(tokens, train_n + val_n, seq_len, seed)
@@ -141,16 +141,17 @@ def instruction_examples(source: str, raw: list[Any], tokenizer: Any, seq_len: i
 
 
 def load_examples(source: str, data_format: str, tokenizer: Any, seq_len: int, finetune_samples: int | None,
-                  val_samples: int, seed: int, prompt_format: str = "auto") -> tuple[list[Example], list[Example]]:
+                  val_samples: int, seed: int, prompt_format: str = "auto", encoding: str = "utf-8"
+                  ) -> tuple[list[Example], list[Example]]:
     """Training and validation examples of ``source`` in ``data_format`` (``auto`` looks at the records)."""
-    raw = instruction_records(source) if data_format != "text" else None
+    raw = instruction_records(source, encoding) if data_format != "text" else None
     if data_format == "instruction" and raw is None:
         raise DataError(f"data_format: instruction needs a local .jsonl/.json of records with 'instruction' and "
                         f"'output' fields; '{source}' is not one.")
     if raw is not None:
         return instruction_examples(source, raw, tokenizer, seq_len, finetune_samples, val_samples, seed,
                                     prompt_format)
-    return text_examples(source, tokenizer, seq_len, finetune_samples, val_samples, seed)
+    return text_examples(source, tokenizer, seq_len, finetune_samples, val_samples, seed, encoding)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -98,11 +98,11 @@ class FinetuneRecipe(Recipe):
         check_sequence_lengths(self.model, {"seq_len": d.seq_len, "eval_seq_len": cfg.evaluation.eval_seq_len})
         self.train_examples, self.val_examples = load_examples(
             d.dataset, d.data_format, self.tokenizer, d.seq_len, d.finetune_samples, d.val_samples, cfg.run.seed,
-            d.prompt_format)
+            d.prompt_format, d.text_encoding)
         e = cfg.evaluation
         needed = self.rank == 0 and (e.test_before_finetune or e.test_after_finetune)
         known = dict(self.evaluator.results)  # a perplexity handed over by prune.py --finetune
-        self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings)
+        self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings, d.text_encoding)
         self.evaluator.results.update(known)
         self.open_log(cfg.to_dict())
         log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples", __version__,
