@@ -255,3 +255,27 @@ def test_a_killed_save_leaves_no_staging_behind_and_results_get_the_usual_mode(t
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_config", "has no config.json, so it is not a Hugging Face model directory"),
+    ("made_up_type", "Architecture 'llamazing' is not supported"),
+])
+def test_a_model_directory_is_checked_before_transformers_reads_it(tmp_path: Path, tiny_checkpoint: Path,
+                                                                   capsys: pytest.CaptureFixture, case: str,
+                                                                   message: str) -> None:
+    """transformers would blame a missing model_type key and suggest upgrading itself."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    if case == "no_config":
+        (model / "config.json").unlink()
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "llamazing"}))
+    assert prune_main(["--model", str(model), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "upgrade" not in err
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ safetensors HF directory, which then reloads in a fraction of a second.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,6 +114,24 @@ def local_checkpoint_dir(source: str, cache_dir: str | None = None) -> Path:
                                "Download the model to a local directory and pass that as --model.") from exc
 
 
+def _check_local_config(path: Path, source: str) -> None:
+    """A local directory's config.json, checked before transformers reads it (its messages blame other things: a
+    missing file on a missing ``model_type`` key, an unknown type on an old transformers)."""
+    if not path.is_dir():
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"'{source}' has no config.json, so it is not a Hugging Face model directory: point "
+                               "--model at the directory that holds config.json and the weights.")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise ModelSourceError(f"'{config_file}' is not a JSON object ({exc}): re-download the model.") from None
+    if model_type is None:
+        raise ModelSourceError(f"'{config_file}' has no model_type: it is not a transformers config.")
+    check_supported(model_type)
+
+
 def load_model(source: str, *, dtype: torch.dtype = torch.float32, tokenizer_source: str | None = None,
                trust_remote_code: bool = False, cache_dir: str | None = None, with_tokenizer: bool = True
                ) -> tuple[torch.nn.Module, object]:
@@ -152,10 +171,11 @@ def _load(
             f"Model '{source}' not found: it is not a local directory, a .gguf file, an embedded model "
             f"({', '.join(EMBEDDED_MODELS)}) or a hub id of the form org/name."
         )
+    _check_local_config(path, source)
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelSourceError(f"Could not read the config of model '{source}': {exc}") from exc
+        raise ModelSourceError(f"Could not read the config of model '{source}': {' '.join(str(exc).split())}") from exc
     check_supported(getattr(config, "model_type", "unknown"))
     if path.is_dir():
         from gp_lightning.model.gp_pruned.revision import warn_if_stale
