@@ -7,6 +7,7 @@ the embedded model. User errors print one line that names the problem and the fi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -78,6 +79,7 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
     return config_class.from_flat({key: namespace[key] for key in config_class.key_owners()})
 
 
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)
 _UNION = re.compile(r"Does not validate against any of the Union subtypes.*?typing\.Literal\[(.*?)\].*"
                     r"Given value: (.*)$", re.DOTALL)
@@ -142,6 +144,18 @@ def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] |
             return config, recipe(config).run()
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    except OSError as exc:  # the output cannot be written: a full disk, a read-only file system, no permission
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        print(f"error: cannot write {exc.filename or 'the output'}: {exc.strerror}. Free space or choose an --output "
+              "on a writable file system; the run directory holds an incomplete run.", file=sys.stderr)
+        return None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        print(f"error: writing a safetensors file failed: {' '.join(str(exc).split())}. Free space or choose an "
+              "--output on a writable file system; the run directory holds an incomplete run.", file=sys.stderr)
         return None
     except RunInterrupted as exc:
         print(f"error: interrupted by {exc} before the run finished; its output directory holds an incomplete run "

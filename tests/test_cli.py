@@ -279,3 +279,36 @@ def test_a_model_directory_is_checked_before_transformers_reads_it(tmp_path: Pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "upgrade" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["read_only", "disk_full", "safetensors_disk_full"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
+                                                      capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                                      case: str) -> None:
+    """The file system's refusal as the user meets it (simulated: this machine's tests run as root on a big disk)."""
+    import errno
+
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        if case == "read_only":
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
+        if case == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    if case == "read_only":
+        monkeypatch.setattr("gp_lightning.runtime.recipe.open_run_log", refuse)
+    else:
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", refuse)  # what save_pretrained calls
+    code = prune_main(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "run"), "--num_samples", "4",
+                       "--seq_len", "32", "--dataset", str(wikitext / "valid.txt"), "--test_before_prune", "false",
+                       "--test_after_prune", "false", "--pruning_ratio", "0.001", "--compensation", "none"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    expected = {"read_only": "config.yaml: Read-only file system", "disk_full": "No space left on device",
+                "safetensors_disk_full": "writing a safetensors file failed"}[case]
+    assert expected in errors[0] and "--output" in errors[0]
