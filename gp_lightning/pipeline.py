@@ -93,7 +93,7 @@ class PruneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.start(cfg.run.overwrite or cfg.calibration.resume)
+        self.start(cfg.run.overwrite or cfg.calibration.resume, cfg.to_dict() if cfg.calibration.resume else None)
         self._check_recovery()
         warning = launcher_warning()
         if warning:

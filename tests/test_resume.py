@@ -90,3 +90,44 @@ def test_resume_never_runs_code_from_the_run_directory(tmp_path: Path, monkeypat
     source = Path(__file__).resolve().parent.parent / "gp_lightning"
     assert not [p for p in source.rglob("*.py") if "weights_only=False" in p.read_text() or "import pickle" in
                 p.read_text()]
+
+
+@pytest.mark.parametrize("method", ["taylor", "wanda"])
+def test_resuming_a_pass_that_was_saved_after_its_last_batch_finishes_it(tmp_path: Path, method: str) -> None:
+    """The kill came after the last checkpoint covered every batch: nothing is left to run, the result is whole."""
+    whole = _run(method, tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(method, tmp_path, checkpoint_every=1, extra_callbacks=[Kill(after=5)])  # 10 windows / 2: batch 5 of 5
+    header, _ = read_state(tmp_path / "calibration_state" / "rank0.safetensors")
+    assert header["batches_done"] == 5
+    resumed = _run(method, tmp_path, checkpoint_every=1, resume=True)
+    for layer in whole.mlp:
+        assert torch.equal(resumed.mlp[layer], whole.mlp[layer])
+        assert torch.equal(resumed.attention[layer], whole.attention[layer])
+
+
+def test_resume_takes_only_an_unfinished_run_of_the_same_settings(tmp_path: Path, tiny_checkpoint: Path,
+                                                                   wikitext: Path, capsys: pytest.CaptureFixture
+                                                                   ) -> None:
+    """A finished run, or one started with other settings, is refused before any of its files is rewritten."""
+    import shutil
+
+    from gp_lightning.cli import prune_main
+
+    args = ["--model", str(tiny_checkpoint), "--dataset", str(wikitext / "valid.txt"), "--num_samples", "4",
+            "--seq_len", "32", "--pruning_ratio", "0.001", "--test_before_prune", "false", "--test_after_prune",
+            "false", "--save_model", "false", "--compensation", "none"]
+    assert prune_main([*args, "--output", str(tmp_path / "done")]) == 0
+    config = (tmp_path / "done" / "config.yaml").read_bytes()
+    assert prune_main([*args, "--output", str(tmp_path / "done"), "--resume", "--checkpoint_every", "1"]) == 2
+    assert "has finished" in capsys.readouterr().err
+    assert (tmp_path / "done" / "config.yaml").read_bytes() == config
+
+    unfinished = tmp_path / "unfinished"  # what an interrupted run leaves: its config, no results
+    unfinished.mkdir()
+    shutil.copy(tmp_path / "done" / "config.yaml", unfinished / "config.yaml")
+    changed = [a if a != "0.001" else "0.002" for a in args]
+    assert prune_main([*changed, "--output", str(unfinished), "--resume", "--checkpoint_every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (pruning_ratio 0.001 -> 0.002)" in err
+    assert (unfinished / "config.yaml").read_bytes() == config

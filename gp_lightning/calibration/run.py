@@ -28,6 +28,7 @@ from gp_lightning.data.datamodule import CalibrationData
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.config import DistributedConfig
 from gp_lightning.runtime.console import calibration_warnings
+from gp_lightning.runtime.errors import CalibrationError
 from gp_lightning.runtime.launch import resolve_launch
 
 #: Where statistics checkpoints go inside a run directory.
@@ -91,6 +92,10 @@ def _lightning_calibration(model: nn.Module, layout: ModelLayout, windows: torch
     )
     with calibration_warnings():  # eval mode and no optimizer are what calibration means
         trainer.fit(module, datamodule=CalibrationData(windows, batch_size))
+    if collector.importance is None:  # no batch ran: a resumed pass whose checkpoint already covered all of them
+        checkpoint = next((c for c in callbacks if isinstance(c, StatisticsCheckpoint)), None)
+        if checkpoint is None or not checkpoint.finish_loaded(trainer, module):
+            raise CalibrationError("calibration ran no batch: there are no calibration windows for this process")
     assert collector.importance is not None
     return collector.importance
 

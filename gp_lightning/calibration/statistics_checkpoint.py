@@ -37,6 +37,8 @@ class Checkpointable(Protocol):
 
     def load_statistics_state(self, state: dict[str, Any]) -> None: ...
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None: ...
+
 
 def windows_hash(windows: torch.Tensor) -> str:
     """A short fingerprint of the calibration windows (their token ids, in order)."""
@@ -143,6 +145,15 @@ class StatisticsCheckpoint(L.Callback):
         self._state = {**header, "collector": state}
         self.batches_done = int(header["batches_done"])
         trainer.datamodule.skip_batches = self.batches_done
+
+    def finish_loaded(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Finish a resumed pass whose checkpoint covered every batch (Lightning then runs no epoch and calls no
+        train hooks): load the statistics and let the collector score them. False when nothing was loaded."""
+        if self._state is None:
+            return False
+        self.on_train_start(trainer, pl_module)
+        self.collector.on_train_end(trainer, pl_module)
+        return True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is not None:

@@ -161,6 +161,42 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
             "the run's files beside them.")
 
 
+#: Keys that may differ between an interrupted run and its resumption (they do not change its results).
+_RESUME_FREE_KEYS = ("resume", "overwrite", "log_level", "checkpoint_every", "output")
+
+
+def check_resumable(path: Path, config: dict[str, Any]) -> None:
+    """``--resume`` continues an unfinished run of the same settings, and nothing else: before a file is rewritten."""
+    if (path / "evaluation_results.json").exists():
+        raise RunDirectoryError(f"--resume: the run in '{path}' has finished (evaluation_results.json); there is "
+                                "nothing to resume. Pass --overwrite to run it again.")
+    previous = path / "config.yaml"
+    if not previous.is_file():
+        return  # the statistics checkpoint itself says whether there is anything to resume
+    try:
+        before = _flat(yaml.safe_load(previous.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RunDirectoryError(f"--resume: '{previous}' is not readable ({' '.join(str(exc).split())[:120]}); "
+                                "start again with --overwrite.") from None
+    now = _flat(json.loads(json.dumps(config, default=str)))
+    differ = sorted(k for k in set(before) | set(now) if k not in _RESUME_FREE_KEYS and before.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        raise RunDirectoryError(f"--resume: the run in '{path}' was started with other settings ({shown}). Resume it "
+                                "with its own settings (its config.yaml), or start again with --overwrite.")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """Group -> key -> value as key -> value (the flat keys the command line uses)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
 def open_run_log(run_dir: Path, logger: logging.Logger, config: dict[str, Any]) -> logging.Handler:
     """Start a run directory: ``config.yaml`` (the resolved config) and ``training.log`` (``logger``'s records)."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gp_lightning.runtime.config import DistributedConfig, Precision, RunConfig
-from gp_lightning.runtime.io import check_run_dir, open_run_log
+from gp_lightning.runtime.io import check_resumable, check_run_dir, open_run_log
 from gp_lightning.runtime.precision import resolve
 from gp_lightning.runtime.ranks import global_rank
 
@@ -31,12 +31,15 @@ class Recipe:
         self._run, self._distributed, self._eval_precision = run, distributed, eval_precision
         self._log_handler: logging.Handler = logging.NullHandler()
 
-    def start(self, may_replace: bool) -> None:
-        """Refuse a directory that holds another run (unless ``may_replace``), resolve numerics, seed."""
+    def start(self, may_replace: bool, resuming: dict[str, Any] | None = None) -> None:
+        """Refuse a directory that holds another run (unless ``may_replace``), or, when ``resuming`` (the new run's
+        config), anything but an unfinished run of the same settings; resolve numerics, seed."""
         import lightning as L
 
         if self.rank == 0:
             check_run_dir(self.run_dir, may_replace)
+            if resuming is not None:
+                check_resumable(self.run_dir, resuming)
         self.precision = resolve(self._distributed.precision, self._distributed.accelerator)
         self.eval_precision = resolve(self._eval_precision, self._distributed.accelerator)
         L.seed_everything(self._run.seed, verbose=False)
