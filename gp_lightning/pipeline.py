@@ -93,7 +93,7 @@ class PruneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.start(cfg.run.overwrite or cfg.calibration.resume, cfg.to_dict() if cfg.calibration.resume else None)
+        self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)
         self._check_recovery()
         warning = launcher_warning()
         if warning:
@@ -366,6 +366,7 @@ class PruneRecipe(Recipe):
             results.finetune = {key: finetuned.evaluation.get(key) for key in FINETUNE_SUMMARY}
             self.writer.results(results.to_dict())
         log.info("done: %s", self.run_dir)
+        self.finish()
         return RunResult(self.run_dir, ordered.table, selection, pruned, results.to_dict(), finetuned)
 
     def finetune(self, pruned: torch.nn.Module | None) -> FinetuneResult:
@@ -413,6 +414,7 @@ class PruneRecipe(Recipe):
                    "prunable_params": self.layout.prunable_params, **self.evaluator.results, "timings_s": self.timings}
         self.writer.results(results, self._describe(results))
         log.info("table written (table_only): %s", self.run_dir / "global_group_table.csv")
+        self.finish()
         return RunResult(self.run_dir, ordered.table, None, None, results)
 
 

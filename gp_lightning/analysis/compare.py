@@ -24,9 +24,13 @@ from gp_lightning.runtime.io import write_csv, write_text
 
 
 def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
+    from gp_lightning.runtime import run_manifest
+
     results_path = run / "evaluation_results.json"
-    if not results_path.is_file():
-        raise DataError(f"{run} is not a finished gp-lightning run (no evaluation_results.json).")
+    manifest = run_manifest.read(run)
+    if not results_path.is_file() or (manifest is not None and run_manifest.state(manifest) != "complete"):
+        status = "no evaluation_results.json" if manifest is None else f"run.json says {manifest.get('status')}"
+        raise DataError(f"{run} is not a finished gp-lightning run ({status}).")
     results = json.loads(results_path.read_text())
     if results.get("table_only"):
         raise DataError(f"{run} is a --table_only run: it pruned nothing to compare.")

@@ -88,7 +88,7 @@ class FinetuneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.start(cfg.run.overwrite)
+        self.start(cfg.run.overwrite, cfg.to_dict())
         self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
         with self.timed("load_model_s"):
             if self.model is None:
@@ -260,6 +260,7 @@ class FinetuneRecipe(Recipe):
             results = self.results()
             write_json(self.run_dir / "evaluation_results.json", results)
             log.info("done: %s", self.run_dir)
+            self.finish()
             return FinetuneResult(self.run_dir, out, results)
         finally:
             self.cleanup()

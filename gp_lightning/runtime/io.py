@@ -135,9 +135,16 @@ def _protected(path: Path) -> str | None:
     return None
 
 
-def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds a run (unless ``overwrite``), a directory of other files, and places
-    whose contents a run must never touch (``/``, home, a project root) even with ``overwrite``."""
+def check_run_dir(path: Path, overwrite: bool, config: dict[str, Any] | None = None, resume: bool = False) -> None:
+    """Make ``path`` ready for a run, or refuse with one line (see :mod:`.run_manifest`).
+
+    Refused even with ``overwrite``: places whose contents a run must never touch (``/``, home, a project root).
+    Refused without it: a finished run, an unfinished run of other settings, a directory of other files.
+    ``--overwrite`` removes exactly what the previous run wrote; ``resume`` keeps everything (the statistics
+    checkpoint is continued) but only for an unfinished run of the same settings.
+    """
+    from gp_lightning.runtime import run_manifest
+
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"Output '{path}' exists and is not a directory: choose another --output.")
     for parent in path.absolute().parents:
@@ -147,18 +154,33 @@ def check_run_dir(path: Path, overwrite: bool) -> None:
     if why is not None:
         raise RunDirectoryError(f"Output '{path}' is {why}: a run writes and replaces files there. Choose a "
                                 "directory of its own, e.g. --output runs/x.")
+    if not path.is_dir():
+        return
+    manifest = run_manifest.read(path)
+    kind = run_manifest.state(manifest)
+    if resume:
+        if kind == "running":
+            raise RunDirectoryError(f"Output directory '{path}' is being written by another run (pid "
+                                    f"{manifest['pid']}): wait for it before resuming.")
+        if config is not None:
+            check_resumable(path, config)
+        return
     found = [name for name in RUN_MARKERS if (path / name).exists()]
-    if found and not overwrite:
+    # a run of an earlier release (no run.json) always wrote both; a lone model/ may be anybody's
+    legacy = kind == "none" and (path / "config.yaml").is_file() and (path / "training.log").is_file()
+    if (kind == "complete" or legacy) and not overwrite:
         raise RunDirectoryError(
-            f"Output directory '{path}' already holds a run ({', '.join(found)}). Choose another "
-            "--output, or pass --overwrite to replace its results."
+            f"Output directory '{path}' already holds a run ({', '.join(found) or run_manifest.MANIFEST}). Choose "
+            "another --output, or pass --overwrite to replace its results."
         )
-    others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
-    if others and not found and not overwrite:
+    others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if others and kind == "none" and not legacy and not overwrite:
         raise RunDirectoryError(
             f"Output directory '{path}' is not empty and holds no gp-lightning run ({', '.join(others[:3])}"
             f"{', ...' if len(others) > 3 else ''}). Choose a new or empty --output, or pass --overwrite to write "
             "the run's files beside them.")
+    same = None if config is None or not (path / "config.yaml").is_file() else not _config_changes(path, config)
+    run_manifest.claim(path, overwrite, same, has_legacy_run=legacy)
 
 
 #: Keys that may differ between an interrupted run and its resumption (they do not change its results).
@@ -170,20 +192,26 @@ def check_resumable(path: Path, config: dict[str, Any]) -> None:
     if (path / "evaluation_results.json").exists():
         raise RunDirectoryError(f"--resume: the run in '{path}' has finished (evaluation_results.json); there is "
                                 "nothing to resume. Pass --overwrite to run it again.")
-    previous = path / "config.yaml"
-    if not previous.is_file():
+    if not (path / "config.yaml").is_file():
         return  # the statistics checkpoint itself says whether there is anything to resume
-    try:
-        before = _flat(yaml.safe_load(previous.read_text(encoding="utf-8")) or {})
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RunDirectoryError(f"--resume: '{previous}' is not readable ({' '.join(str(exc).split())[:120]}); "
-                                "start again with --overwrite.") from None
-    now = _flat(json.loads(json.dumps(config, default=str)))
-    differ = sorted(k for k in set(before) | set(now) if k not in _RESUME_FREE_KEYS and before.get(k) != now.get(k))
+    differ = _config_changes(path, config)
     if differ:
-        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        shown = ", ".join(differ[:6])
         raise RunDirectoryError(f"--resume: the run in '{path}' was started with other settings ({shown}). Resume it "
                                 "with its own settings (its config.yaml), or start again with --overwrite.")
+
+
+def _config_changes(path: Path, config: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for every setting (but the free ones) in which ``config`` differs from ``path``'s config.yaml."""
+    previous = path / "config.yaml"
+    try:
+        before = _flat(yaml.safe_load(previous.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as exc:
+        raise RunDirectoryError(f"'{previous}' is not readable ({' '.join(str(exc).split())[:120]}); start again "
+                                "with --overwrite.") from None
+    now = _flat(json.loads(json.dumps(config, default=str)))
+    keys = sorted(k for k in set(before) | set(now) if k not in _RESUME_FREE_KEYS and before.get(k) != now.get(k))
+    return [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys]
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -198,8 +226,11 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_run_log(run_dir: Path, logger: logging.Logger, config: dict[str, Any]) -> logging.Handler:
-    """Start a run directory: ``config.yaml`` (the resolved config) and ``training.log`` (``logger``'s records)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Start a run directory: its manifest (``running``), ``config.yaml`` (the resolved config) and ``training.log``
+    (``logger``'s records)."""
+    from gp_lightning.runtime import run_manifest
+
+    run_manifest.begin(run_dir)
     handler = logging.FileHandler(run_dir / "training.log", mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)

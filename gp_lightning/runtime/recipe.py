@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.config import DistributedConfig, Precision, RunConfig
-from gp_lightning.runtime.io import check_resumable, check_run_dir, open_run_log
+from gp_lightning.runtime.io import check_run_dir, open_run_log
 from gp_lightning.runtime.precision import resolve
 from gp_lightning.runtime.ranks import global_rank
 
@@ -31,15 +32,13 @@ class Recipe:
         self._run, self._distributed, self._eval_precision = run, distributed, eval_precision
         self._log_handler: logging.Handler = logging.NullHandler()
 
-    def start(self, may_replace: bool, resuming: dict[str, Any] | None = None) -> None:
-        """Refuse a directory that holds another run (unless ``may_replace``), or, when ``resuming`` (the new run's
-        config), anything but an unfinished run of the same settings; resolve numerics, seed."""
+    def start(self, overwrite: bool, config: dict[str, Any], resume: bool = False) -> None:
+        """Claim the run directory (see :func:`check_run_dir`: refused when it holds another run, cleared of the
+        previous run's files with ``overwrite``, kept for ``resume``); resolve numerics, seed."""
         import lightning as L
 
         if self.rank == 0:
-            check_run_dir(self.run_dir, may_replace)
-            if resuming is not None:
-                check_resumable(self.run_dir, resuming)
+            check_run_dir(self.run_dir, overwrite, config, resume)
         self.precision = resolve(self._distributed.precision, self._distributed.accelerator)
         self.eval_precision = resolve(self._eval_precision, self._distributed.accelerator)
         L.seed_everything(self._run.seed, verbose=False)
@@ -58,7 +57,19 @@ class Recipe:
         finally:
             self.timings[key] = time.perf_counter() - start
 
+    def finish(self) -> None:
+        """Rank 0: mark the run directory complete (its manifest, written last)."""
+        if self.rank == 0 and self._started():
+            run_manifest.finish(self.run_dir)
+            self._finished = True
+
+    def _started(self) -> bool:
+        return not isinstance(self._log_handler, logging.NullHandler)
+
     def cleanup(self) -> None:
-        """Detach this run's log file."""
+        """Detach this run's log file; a run that started writing but did not finish is marked failed."""
+        if self.rank == 0 and self._started() and not getattr(self, "_finished", False):
+            with contextlib.suppress(OSError):
+                run_manifest.finish(self.run_dir, "failed")
         log.removeHandler(self._log_handler)
         self._log_handler.close()

@@ -15,12 +15,22 @@ from gp_lightning.table.build import BLOCK, KEY
 REQUIRED = [*KEY, "cost", "importance_raw"]
 
 
+def _check_run_state(path: Path) -> None:
+    """A table whose run is still being written is refused (its checksum says whether the file itself is whole)."""
+    from gp_lightning.runtime import run_manifest
+
+    manifest = run_manifest.read(path.parent)
+    if run_manifest.state(manifest) == "running":
+        raise DataError(f"from_table: the run in {path.parent} is still running (pid {manifest['pid']}): wait for it.")
+
+
 def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     """The table in model order, with its raw importance (and B/L if they were measured).
 
     The table must describe exactly this model: the same layers, the same number of attention
     groups and MLP channels per layer, and the same unit costs.
     """
+    _check_run_state(Path(path))
     table = read_table(Path(path))
     fix = "It was made for another model: run --table_only on this model to make its table."
     expected = {(layer.index, "attention"): (layer.num_kv_heads, layout.attention_group_cost(layer))
