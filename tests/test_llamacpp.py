@@ -99,7 +99,7 @@ def smollm2_model(smollm2_pruned: tuple[Path, dict]) -> torch.nn.Module:
     return load_pruned(smollm2_pruned[0], dtype=torch.float32)
 
 
-CONTEXT, CHUNKS = 128, 12
+CONTEXT, CHUNKS = 128, 8
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_pruned_smollm2_perplexity_and_quantized_files_in_llamacpp(
     ppl["q4_k_m"] = llamacpp_run.perplexity(llamacpp, q4, test_file, CONTEXT, CHUNKS)
     print(f"pruned SmolLM2 PPL ({CHUNKS} x {CONTEXT}): ours {ours:.4f}, llama.cpp " +
           ", ".join(f"{k} {v:.4f}" for k, v in ppl.items()))
-    # measured: ours 35.866, llama.cpp f32 35.867, f16 35.870, q8_0 35.880, Q4_K_M 36.805
+    # measured on 12 chunks: ours 35.866, llama.cpp f32 35.867, f16 35.870, q8_0 35.880, Q4_K_M 36.805
     assert abs(ppl["f32"] / ours - 1) < 0.01
     assert abs(ppl["f16"] / ppl["f32"] - 1) < 0.002  # f16 weights: rounding only
     assert abs(ppl["q8_0"] / ppl["f32"] - 1) < 0.01  # 8-bit blocks
