@@ -185,6 +185,13 @@ def _storage(outtype: str, shape: tuple[int, ...]) -> str:
     return outtype
 
 
+def _qtype(kind: str) -> object:
+    """The gguf block type of a quantized storage kind (bf16, q8_0); f32/f16 are plain numpy dtypes."""
+    import gguf
+
+    return {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+
+
 def _encode(values: np.ndarray, kind: str) -> np.ndarray:
     import gguf
 
@@ -193,8 +200,7 @@ def _encode(values: np.ndarray, kind: str) -> np.ndarray:
         return values
     if kind == "f16":
         return values.astype(np.float16)
-    return gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16 if kind == "bf16"
-                                else gguf.GGMLQuantizationType.Q8_0)
+    return gguf.quants.quantize(values, _qtype(kind))
 
 
 def _nbytes(shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -205,8 +211,7 @@ def _nbytes(shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], np.dtyp
         return shape, np.dtype(np.float32), 4 * count
     if kind == "f16":
         return shape, np.dtype(np.float16), 2 * count
-    qtype = gguf.GGMLQuantizationType.BF16 if kind == "bf16" else gguf.GGMLQuantizationType.Q8_0
-    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, _qtype(kind))
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape)
 
 
@@ -285,8 +290,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
         for t in tensors:
             kind = _storage(outtype, t.shape)
             byte_shape, dtype, nbytes = _nbytes(t.shape, kind)
-            raw = None if kind in ("f32", "f16") else (gguf.GGMLQuantizationType.BF16 if kind == "bf16"
-                                                       else gguf.GGMLQuantizationType.Q8_0)
+            raw = None if kind in ("f32", "f16") else _qtype(kind)
             writer.add_tensor_info(t.name, byte_shape, dtype, nbytes, raw_dtype=raw)
             kinds.append(kind)
         writer.write_header_to_file()

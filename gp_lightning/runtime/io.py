@@ -93,14 +93,15 @@ def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*-*"):
         owner = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdigit() and not process_alive(int(owner)):
             shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     os.chmod(staging, 0o777 & ~_umask())
     return staging
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a stale staging directory or run manifest is one whose owner is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gp_lightning.runtime.errors import RunDirectoryError
+from gp_lightning.runtime.io import process_alive, write_json
 
 MANIFEST = "run.json"
 
@@ -43,26 +44,13 @@ def state(manifest: dict[str, Any] | None) -> str:
     status = manifest.get("status")
     if status == "complete":
         return "complete"
-    if status == "running" and _alive(int(manifest.get("pid", -1))) and manifest.get("pid") != os.getpid():
+    pid = int(manifest.get("pid", -1))
+    if status == "running" and pid > 0 and process_alive(pid) and pid != os.getpid():
         return "running"
     return "unfinished"
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from gp_lightning.runtime.io import write_json
-
     write_json(path / MANIFEST, data)
 
 
