@@ -12,7 +12,7 @@ OLDEST_TRANSFORMERS := $(shell sed -n 's/^ *transformers>=\([0-9.]*\),.*/\1/p' s
 OLDEST_TESTS := tests/test_generation.py tests/test_checkpoint.py tests/test_upgrade.py tests/test_surgery.py \
                 tests/test_packaging.py
 
-.PHONY: install model llamacpp demo test test-oldest lint clean
+.PHONY: install model llamacpp deepspeed-ops demo test test-oldest lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,18 @@ model: install
 llamacpp: install
 	$(BIN)/gp-lightning build-llamacpp
 
+# DeepSpeed JIT-compiles its CPU shared-memory all-reduce op the first time a CPU job initializes it (~40 s
+# here); build it once into ~/.cache/torch_extensions like llama.cpp, not inside the first DeepSpeed run.
+# On a GPU machine the accelerator has no such op and this does nothing.
+deepspeed-ops: install
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b is not None and b.is_compatible() and b.load()"
+
 demo: model
 	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite
 
 # The full suite on the newest allowed releases (llama.cpp runs the GGUF exports), then the checkpoint/generation
 # tests on the oldest transformers.
-test: model llamacpp
+test: model llamacpp deepspeed-ops
 	$(BIN)/python -m pytest -q --durations=15
 	$(MAKE) test-oldest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning  # noqa: F401 - first import binds Lightning's console handler to sys.stdout: pytest's, not a test's capsys
 import pytest
 import torch
 from transformers import (

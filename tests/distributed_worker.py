@@ -1,9 +1,10 @@
-"""Run calibration on a tiny model under a launcher (torchrun) and save the importance (rank 0).
+"""Run calibration (or compensation) on a tiny model under a launcher (torchrun) and save the result (rank 0).
 
 Used by tests/test_distributed.py: every rank builds the same seeded model and windows, so the
 result can be compared with one process on the same data. ``--cases FILE`` runs several cases
 (a JSON list of option dicts, each with its own ``out``) one after the other in the same process
-group, so one launch serves many tests; otherwise the options come from the command line.
+group, so one launch serves many tests; otherwise the options come from the command line. A case
+with ``"kind": "compensation"`` runs the layer-by-layer refit instead (its Gram sums are all-reduced).
 """
 
 from __future__ import annotations
@@ -49,7 +50,29 @@ def save_importance(importance: object, out: str) -> None:
     Path(out).with_suffix(".json").write_text(json.dumps(importance.gradient_statistics))
 
 
+def run_compensation(out: str) -> None:
+    """The refit of tests/test_compensation.py's plan on 7 windows over the ranks (weights and biases)."""
+    import torch.distributed as dist
+    from test_compensation import WINDOWS, _plan
+
+    from gp_lightning.compensation.config import CompensationConfig
+    from gp_lightning.compensation.run import compensate
+    from gp_lightning.model.layout import describe
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+    result = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2,
+                        dist.get_rank(), dist.get_world_size())
+    if dist.get_rank() == 0:
+        save_file({f"{layer}.{block}.{kind}": value.contiguous() for kind, values in (("w", result.weights),
+                   ("b", result.biases)) for (layer, block), value in values.items()}, out)
+
+
 def run_case(args: argparse.Namespace) -> None:
+    if args.kind == "compensation":
+        run_compensation(args.out)
+        return
     if args.from_dir:
         from gp_lightning.model.sharded import meta_model
 
@@ -67,6 +90,7 @@ def run_case(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=None, help="JSON file: a list of option dicts, run in order")
+    parser.add_argument("--kind", default="calibration", choices=["calibration", "compensation"])
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--method", default="taylor")
     parser.add_argument("--arch", default="qwen2")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,13 +66,11 @@ def test_a_bad_flag_is_one_line_without_the_usage(capsys: pytest.CaptureFixture,
     assert out == "" and err.splitlines() == [f"{expected} (prune.py --help lists every option)"]
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "prune.py"), *args], cwd=tmp_path, capture_output=True,
-                          text=True)
-
-
-def test_help_lists_every_option(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--help").stdout
+def test_help_lists_every_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        prune_main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--model", "--pruning_ratio", "--importance_method", "--num_samples", "--seq_len", "--dataset",
                  "--eval_dataset", "--output", "--remove_empty_layers", "--test_before_prune",
                  "--test_after_prune", "--save_model", "--layer_start", "--layer_end", "--temperature", "--tau",
@@ -93,11 +89,13 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
         (["--model", "/no/such/model"], "not found"),
     ],
 )
-def test_bad_input_exits_cleanly_without_run_dir(tmp_path: Path, args: list[str], message: str) -> None:
-    result = _run(tmp_path, *args, "--output", "runs/x")
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_exits_cleanly_without_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative --output, as typed in a shell
+    assert prune_main([*args, "--output", "runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -3,8 +3,10 @@
 Seven windows over two ranks also exercises uneven shards (the last rank is padded with a
 zero-weight window). FSDP2 shards every weight along dim 0 and ZeRO-3 partitions its flattened
 elements, so both row units (q/k/v, gate/up) and column units (o_proj/down_proj) are assembled from
-per-rank partial sums. Every case of one torchrun launch runs in the same process group, one
-after the other (a launch costs more than a case); the kill-and-resume test needs launches of its own.
+per-rank partial sums; the compensation's Gram sums are all-reduced the same way. Every case of one
+torchrun launch runs in the same process group, one after the other (a launch costs more than a
+case): the kill-and-resume test's killed job is a launch of its own, made before the shared launch,
+whose resume case finishes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibrate
+from conftest import calibrate, tiny_model
 from conftest import selection as selection_config
 from distributed_worker import model, windows
 from safetensors.torch import load_file
@@ -66,19 +68,33 @@ def _load(out: Path) -> UnitImportance:
     return UnitImportance(parts["attention"], parts["mlp"], gradient_statistics=statistics)
 
 
+#: The kill-and-resume job: FSDP, 9 windows, statistics checkpointed after every batch.
+RESUMED = {"strategy": "fsdp", "method": "taylor", "windows": 9}
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, UnitImportance]:
-    """Every case of CASES from one torchrun launch of two ranks."""
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every case of CASES, the resume of a killed job and the compensation from one torchrun launch of two ranks.
+
+    Also holds ``killed`` (the killed launch) and ``root`` (where the outputs are).
+    """
     root = tmp_path_factory.mktemp("two-ranks")
+    resumed = root / "resumed"
+    killed = _launch("--out", str(resumed / "importance.st"), "--strategy", "fsdp", "--windows", "9", "--run_dir",
+                     str(resumed), "--checkpoint_every", "1", "--kill_after", "2")
+    killed_wrote = sorted(p.name for p in resumed.iterdir())
     sharded = root / "sharded-checkpoint"
     model("qwen2").save_pretrained(sharded, max_shard_size="20KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
     cases = [{**options, "from_dir": str(sharded) if options.get("from_dir") else None, "out": str(root / f"{name}.st")}
              for name, options in CASES.items()]
+    cases.append({**RESUMED, "out": str(resumed / "importance.st"), "run_dir": str(resumed), "resume": True})
+    cases.append({"kind": "compensation", "out": str(root / "compensation.st")})
     (root / "cases.json").write_text(json.dumps(cases))
     done = _launch("--cases", str(root / "cases.json"))
     assert done.returncode == 0, done.stderr[-3000:]
-    return {name: _load(root / f"{name}.st") for name in CASES}
+    return {name: _load(root / f"{name}.st") for name in CASES} | {"killed": killed, "killed_wrote": killed_wrote,
+                                                                  "root": root}
 
 
 def _single(method: str = "taylor", fisher_batch_size: int | None = None, count: int = 7) -> UnitImportance:
@@ -95,7 +111,7 @@ def _assert_equal(distributed: UnitImportance, single: UnitImportance, rtol: flo
 
 
 @pytest.mark.parametrize("name", [name for name in CASES if "sharded" not in name and "bf16" not in name])
-def test_two_ranks_equal_one_process(two_ranks: dict[str, UnitImportance], name: str) -> None:
+def test_two_ranks_equal_one_process(two_ranks: dict[str, object], name: str) -> None:
     case = CASES[name]
     distributed = two_ranks[name]
     net = model("qwen2")
@@ -115,22 +131,34 @@ def test_two_ranks_equal_one_process(two_ranks: dict[str, UnitImportance], name:
 
 
 @pytest.mark.parametrize("method", ["taylor", "wanda"])
-def test_fsdp_sharded_load_reads_only_local_rows(two_ranks: dict[str, UnitImportance], method: str) -> None:
+def test_fsdp_sharded_load_reads_only_local_rows(two_ranks: dict[str, object], method: str) -> None:
     """Ranks build the model on the meta device and read their own rows from a multi-shard checkpoint."""
     _assert_equal(two_ranks[f"fsdp-sharded-load-{method}"], _single(method))
 
 
-def test_fsdp_bf16_mixed_accumulates_in_float32(two_ranks: dict[str, UnitImportance]) -> None:
+def test_fsdp_bf16_mixed_accumulates_in_float32(two_ranks: dict[str, object]) -> None:
     """Layers gathered and run in bf16 (MixedPrecisionPolicy); gradients reduced into float32 shards."""
     _assert_equal(two_ranks["fsdp-bf16-mixed"], _single(), rtol=0.05)
 
 
-def test_fsdp_killed_and_resumed_equals_one_process(tmp_path: Path) -> None:
+def test_fsdp_killed_and_resumed_equals_one_process(two_ranks: dict[str, object]) -> None:
     """Both ranks die after 2 batches; the restarted job loads each rank's sharded gradients."""
-    out = tmp_path / "importance.st"
-    common = ["--out", str(out), "--strategy", "fsdp", "--windows", "9", "--run_dir", str(tmp_path)]
-    killed = _launch(*common, "--checkpoint_every", "1", "--kill_after", "2")
-    assert killed.returncode != 0 and not out.exists()
-    resumed = _launch(*common, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_equal(_load(out), _single(count=9))
+    assert two_ranks["killed"].returncode != 0
+    assert two_ranks["killed_wrote"] == ["calibration_state"]  # statistics checkpoints, no result
+    _assert_equal(_load(two_ranks["root"] / "resumed" / "importance.st"), _single(count=9))
+
+
+def test_two_ranks_give_the_gram_sums_of_one_process(two_ranks: dict[str, object]) -> None:
+    """Seven windows over two gloo ranks (one padded): the same refit as one process."""
+    from test_compensation import WINDOWS, _plan
+
+    from gp_lightning.compensation.config import CompensationConfig
+    from gp_lightning.compensation.run import compensate
+
+    ranks = load_file(two_ranks["root"] / "compensation.st")
+    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+    single = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2)
+    assert len(ranks) == 2 * len(single.weights)
+    for (layer, block), weight in single.weights.items():
+        torch.testing.assert_close(ranks[f"{layer}.{block}.w"], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ranks[f"{layer}.{block}.b"], single.biases[(layer, block)], rtol=1e-4, atol=1e-5)

@@ -204,8 +204,10 @@ def test_train_cli_and_prune_finetune(tmp_path: Path, pruned_checkpoint: Path, t
     assert {"ppl_before", "ppl_after"} <= ev.keys() and ev["optimizer_steps"] == 2
     assert load_pruned(out / "model") is not None
     # a second run into the same directory is refused (nothing overwritten), --overwrite replaces it
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True)
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+    capsys.readouterr()
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
 
     run = tmp_path / "prune-ft"
     small = tmp_path / "small-lora.yaml"
@@ -244,30 +246,41 @@ def _distributed_args(checkpoint: Path, wikitext: Path, teacher: Path) -> list[s
             "--eval_precision", "32-true"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_are_the_same_training_as_one_process(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path,
-                                                         single_process_run: Path, tiny_checkpoint: Path,
-                                                         strategy: str) -> None:
-    """2 gloo ranks x batch 2 see the same examples per step as 1 process x batch 4: same losses, same weights."""
+STRATEGIES = ("ddp", "fsdp")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path,
+                  tiny_checkpoint: Path) -> tuple[Path, str]:
+    """One torchrun launch of two ranks fine-tuning under each strategy in turn: the runs' root and the log."""
     import socket
 
+    root = tmp_path_factory.mktemp("two-rank-ft")
     common = _distributed_args(pruned_checkpoint, wikitext, tiny_checkpoint)
+    runs = [[*common, "--batch_size", "2", "--strategy", strategy, "--output", str(root / strategy)]
+            for strategy in STRATEGIES]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", port, str(ROOT / "train.py"), *common, "--batch_size", "2",
-                           "--strategy", strategy, "--output", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, timeout=400)
+                           "127.0.0.1", "--master_port", port, str(ROOT / "tests" / "train_worker.py"),
+                           *runs[0], "--next", *runs[1]], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
-    import pandas as pd
+    return root, done.stderr
 
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_are_the_same_training_as_one_process(two_rank_runs: tuple[Path, str], single_process_run: Path,
+                                                         strategy: str) -> None:
+    """2 gloo ranks x batch 2 see the same examples per step as 1 process x batch 4: same losses, same weights."""
+    root, log = two_rank_runs
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    run = root / strategy
     single = pd.read_csv(single_process_run / "analysis" / "finetune_loss.csv")
-    ddp = pd.read_csv(tmp_path / "ddp" / "analysis" / "finetune_loss.csv")
-    pd.testing.assert_frame_equal(ddp[["step", "train_loss", "val_loss"]], single[["step", "train_loss", "val_loss"]],
-                                  rtol=1e-5)
-    a, b = load_pruned(single_process_run / "model"), load_pruned(tmp_path / "ddp" / "model")
+    ranks = pd.read_csv(run / "analysis" / "finetune_loss.csv")
+    pd.testing.assert_frame_equal(ranks[["step", "train_loss", "val_loss"]],
+                                  single[["step", "train_loss", "val_loss"]], rtol=1e-5)
+    a, b = load_pruned(single_process_run / "model"), load_pruned(run / "model")
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
 
