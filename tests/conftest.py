@@ -113,14 +113,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path)
 
 @pytest.fixture(scope="session")
 def smollm2_table(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, wikitext: Path) -> tuple[Path, float]:
-    """One Taylor calibration of SmolLM2 (the global table) and the dense perplexity on 32 test windows."""
+    """One Taylor calibration of SmolLM2 (the global table) and the dense perplexity on 16 test windows."""
     from gp_lightning.pipeline import oneshot
 
     run = tmp_path_factory.mktemp("smollm2") / "table"
     result = oneshot(
         model=str(smollm2_dir), output=str(run), table_only=True, num_samples=16, seq_len=128, batch_size=4,
         dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128,
-        eval_max_windows=32,
+        eval_max_windows=16,
     )
     return run / "global_group_table.csv", result.evaluation["ppl_before"]
 
@@ -135,7 +135,7 @@ def smollm2_pruned(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, 
     result = oneshot(
         model=str(smollm2_dir), output=str(run), from_table=str(smollm2_table[0]), pruning_ratio=0.2,
         dataset=str(wikitext / "valid.txt"), num_samples=16, seq_len=128, batch_size=4,  # the refit's windows
-        eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128, eval_max_windows=32, test_before_prune=False,
+        eval_dataset=str(wikitext / "test.txt"), eval_seq_len=128, eval_max_windows=16, test_before_prune=False,
     )
     return run / "model", result.evaluation
 

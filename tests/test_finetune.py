@@ -2,14 +2,14 @@
 
 LoRA trains only adapters and lowers the loss; the merged model equals the unmerged peft model and
 reloads (project loader and trust_remote_code) to identical logits; full mode trains everything;
-instruction data puts the loss on the response only; the CLIs and prune.py --finetune work.
+instruction data puts the loss on the response only; the CLIs and prune.py --finetune work. Two ranks
+fine-tuning as one process (DDP and FSDP, with a distillation teacher) is checked by
+tests/test_launchers.py, whose launches prune and then fine-tune.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -224,65 +224,6 @@ def test_train_cli_and_prune_finetune(tmp_path: Path, pruned_checkpoint: Path, t
     assert pruned["finetune"]["ppl_after"] == tuned["ppl_after"] and tuned["train_examples"] == 8
     assert (run / "model").is_dir() and (run / "finetune" / "model").is_dir()
     assert "Fine-tuned (lora" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path,
-                       tiny_checkpoint: Path) -> Path:
-    out = tmp_path_factory.mktemp("single-ft") / "run"
-    args = [*_distributed_args(pruned_checkpoint, wikitext, tiny_checkpoint), "--batch_size", "4", "--output", str(out)]
-    assert train_main(args) == 0
-    assert json.loads((out / "evaluation_results.json").read_text())["finetune_loss"] == "kd+lm"
-    return out
-
-
-def _distributed_args(checkpoint: Path, wikitext: Path, teacher: Path) -> list[str]:
-    """Distillation from the dense model mixed with the LM loss: both losses, and the teacher, under every strategy."""
-    return ["--model", str(checkpoint), "--finetune_loss", "kd+lm", "--teacher", str(teacher), "--kd_temperature", "2",
-            "--dataset", str(wikitext / "valid.txt"), "--eval_dataset",
-            str(wikitext / "test.txt"), "--seq_len", "32", "--eval_seq_len", "32", "--eval_max_windows", "4",
-            "--finetune_samples", "8", "--val_samples", "2", "--learning_rate", "0.01", "--lora_dropout", "0",
-            "--log_every_n_steps", "1", "--test_before_finetune", "false", "--precision", "32-true",
-            "--eval_precision", "32-true"]
-
-
-STRATEGIES = ("ddp", "fsdp")
-
-
-@pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, pruned_checkpoint: Path, wikitext: Path,
-                  tiny_checkpoint: Path) -> tuple[Path, str]:
-    """One torchrun launch of two ranks fine-tuning under each strategy in turn: the runs' root and the log."""
-    import socket
-
-    root = tmp_path_factory.mktemp("two-rank-ft")
-    common = _distributed_args(pruned_checkpoint, wikitext, tiny_checkpoint)
-    runs = [[*common, "--batch_size", "2", "--strategy", strategy, "--output", str(root / strategy)]
-            for strategy in STRATEGIES]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", port, str(ROOT / "tests" / "train_worker.py"),
-                           *runs[0], "--next", *runs[1]], capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root, done.stderr
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_ranks_are_the_same_training_as_one_process(two_rank_runs: tuple[Path, str], single_process_run: Path,
-                                                         strategy: str) -> None:
-    """2 gloo ranks x batch 2 see the same examples per step as 1 process x batch 4: same losses, same weights."""
-    root, log = two_rank_runs
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
-    run = root / strategy
-    single = pd.read_csv(single_process_run / "analysis" / "finetune_loss.csv")
-    ranks = pd.read_csv(run / "analysis" / "finetune_loss.csv")
-    pd.testing.assert_frame_equal(ranks[["step", "train_loss", "val_loss"]],
-                                  single[["step", "train_loss", "val_loss"]], rtol=1e-5)
-    a, b = load_pruned(single_process_run / "model"), load_pruned(run / "model")
-    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_kd_loss_is_the_temperature_scaled_kl_of_the_counted_positions() -> None:

@@ -1,5 +1,5 @@
 """The real model: SmolLM2-135M calibrated once on 16 x 128 WikiText-2 windows, pruned 20% (refit on the same
-windows) and 35% (LoRA recovery) from that table."""
+windows) and 35% (LoRA recovery) from that table; perplexities on the first 16 x 128 tokens of test.txt."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_smollm2_global_taylor_beats_random(smollm2_dir: Path, wikitext: Path, s
     table["score"] = table["importance"]  # random order, not biased toward a unit kind
     selection = select(table, layout, selection_config(0.2))
     random_model = apply_plan(model, layout, selection.plan, {})
-    windows = evaluation_windows(tokenize(load_text(str(wikitext / "test.txt"), "evaluation"), tokenizer), 128, 32)
+    windows = evaluation_windows(tokenize(load_text(str(wikitext / "test.txt"), "evaluation"), tokenizer), 128, 16)
     random_ppl = perplexity(random_model, windows, 8)
     print(f"SmolLM2 20%: dense {dense_ppl:.2f}, global taylor {ev['ppl_after']:.2f}, random {random_ppl:.2f}")
     assert ev["ppl_after"] * 3 < random_ppl
@@ -49,7 +49,7 @@ def test_smollm2_global_taylor_beats_random(smollm2_dir: Path, wikitext: Path, s
 
 def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm2_dir: Path, wikitext: Path,
                                                           smollm2_table: tuple[Path, float]) -> None:
-    """SmolLM2 pruned 35%, then 8 LoRA steps on valid text: test-set perplexity goes down."""
+    """SmolLM2 pruned 35%, then 8 LoRA steps on 4 x 64 tokens of valid text: test-set perplexity (8 x 128) goes down."""
     from transformers import AutoTokenizer
 
     from gp_lightning.finetune.config import FinetuneConfig
@@ -62,8 +62,8 @@ def test_smollm2_lora_recovery_lowers_held_out_perplexity(tmp_path: Path, smollm
     )
     config = FinetuneConfig.from_flat(
         model=str(tmp_path / "run" / "model"), output=str(tmp_path / "ft"), dataset=str(wikitext / "valid.txt"),
-        eval_dataset=str(wikitext / "test.txt"), eval_max_windows=16, finetune_samples=32, val_samples=4,
-        seq_len=128, batch_size=4, learning_rate=1e-3, warmup_steps=1, save_model=False,
+        eval_dataset=str(wikitext / "test.txt"), eval_max_windows=8, eval_seq_len=128, finetune_samples=32,
+        val_samples=4, seq_len=64, batch_size=4, learning_rate=1e-3, warmup_steps=1, save_model=False,
     )
     result = FinetuneRecipe(config, model=pruned.pruned_model, tokenizer=AutoTokenizer.from_pretrained(smollm2_dir)).run()
     ev = result.evaluation
