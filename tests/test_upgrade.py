@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,11 +20,11 @@ import torch
 from safetensors.torch import save_file
 from test_generation import NEW_TOKENS, PAD, prompts, recompute, run_without_gp_lightning
 
+from gp_lightning.cli import main
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.model.gp_pruned.revision import CURRENT_REVISION, StaleCheckpointCodeWarning, shipped_revision
 
 DATA = Path(__file__).resolve().parent / "data"
-CLI = Path(sys.executable).parent / "gp-lightning"
 ARCHS = ("llama", "qwen2")
 
 
@@ -56,7 +54,7 @@ def _remote_generations(tmp_path: Path, ids: torch.Tensor, mask: torch.Tensor) -
     return load_file(out)
 
 
-def test_old_checkpoint_warns_and_upgrade_repairs_generation(tmp_path: Path) -> None:
+def test_old_checkpoint_warns_and_upgrade_repairs_generation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for arch in ARCHS:
         shutil.copytree(DATA / f"{arch}-revision1", tmp_path / arch)
     ids, mask = prompts()
@@ -76,10 +74,9 @@ def test_old_checkpoint_warns_and_upgrade_repairs_generation(tmp_path: Path) -> 
 
     kept = ("model.safetensors", "config.json", "generation_config.json")
     digests = {arch: _digest(tmp_path / arch, kept) for arch in ARCHS}
-    done = subprocess.run([str(CLI), "upgrade-checkpoint", *(str(tmp_path / arch) for arch in ARCHS)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count(f"revision 1 -> {CURRENT_REVISION}") == 2
+    capsys.readouterr()
+    assert main(["upgrade-checkpoint", *(str(tmp_path / arch) for arch in ARCHS)]) == 0  # `gp-lightning upgrade-checkpoint`
+    assert capsys.readouterr().out.count(f"revision 1 -> {CURRENT_REVISION}") == 2
     for arch in ARCHS:
         assert _digest(tmp_path / arch, kept) == digests[arch]  # weights and config untouched
         assert shipped_revision(tmp_path / arch) == CURRENT_REVISION
@@ -94,15 +91,16 @@ def test_old_checkpoint_warns_and_upgrade_repairs_generation(tmp_path: Path) -> 
         torch.testing.assert_close(after[arch + ".logits"], expected_logits[arch], rtol=0, atol=1e-5)
 
 
-def test_upgrade_refuses_what_is_not_a_pruned_checkpoint(tmp_path: Path) -> None:
+def test_upgrade_refuses_what_is_not_a_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from conftest import tiny_model
 
     dense = tmp_path / "dense"
     tiny_model("llama").save_pretrained(dense)
     listing = sorted(p.name for p in dense.iterdir())
     for target, message in ((dense, "not a gp-lightning pruned checkpoint"), (tmp_path / "nowhere", "not a directory")):
-        done = subprocess.run([str(CLI), "upgrade-checkpoint", str(target)], capture_output=True, text=True)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+        assert main(["upgrade-checkpoint", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     assert sorted(p.name for p in dense.iterdir()) == listing  # nothing written
 
 
