@@ -208,3 +208,27 @@ def test_offloaded_layers_and_streamed_surgery_write_the_in_memory_refit(arch: s
     assert all(torch.equal(a[k], b[k]) for k in a)
     configs = [json.loads((tmp_path / kind / "config.json").read_text()) for kind in ("memory", "streamed")]
     assert configs[0]["output_bias"] == configs[1]["output_bias"]
+
+
+def test_obs_scores_of_three_192_wide_groups_are_the_formula() -> None:
+    """SmolLM2's GQA groups (three blocks of 3 x 64 columns) on 2 threads: MKL's batched LU inverse failed there
+    ("Pivots given to lu_solve must all be greater or equal to 1"); the Cholesky scores equal the formula."""
+    from gp_lightning.compensation.refit import _obs_scores
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 576, generator=g)
+    inverse = torch.linalg.inv((x.T @ x + 5 * torch.eye(576)).double()).float()
+    blocks = torch.stack([inverse[u * 192 : (u + 1) * 192, u * 192 : (u + 1) * 192] for u in range(3)])
+    weight = torch.randn(64, 576, generator=g)
+    alive = torch.tensor([True, False, True])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scores = _obs_scores(weight, blocks, alive)
+    finally:
+        torch.set_num_threads(threads)
+    for u in (0, 2):
+        w = weight[:, u * 192 : (u + 1) * 192].double()
+        expected = float(torch.trace(w @ torch.linalg.inv(blocks[u].double()) @ w.T))
+        assert float(scores[u]) == pytest.approx(expected, rel=1e-4)
+    assert scores[1] == float("inf")

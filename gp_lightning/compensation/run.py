@@ -30,7 +30,7 @@ from gp_lightning.compensation.layerwise import (
     progress,
 )
 from gp_lightning.compensation.offload import prepare
-from gp_lightning.compensation.refit import Refit, obs_refit, refit
+from gp_lightning.compensation.refit import Refit, obs_refit, refit, unit_columns
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.runtime.errors import ConfigError
@@ -72,10 +72,6 @@ def _kept(lp: LayerPlan, block: str) -> list[int]:
 
 def _units(lp: LayerPlan, block: str) -> int:
     return lp.num_groups if block == "self_attn" else lp.num_channels
-
-
-def _columns(units: list[int], width: int) -> torch.Tensor:
-    return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
 
 
 def _check_homogeneous(model: nn.Module) -> None:
@@ -165,9 +161,9 @@ class _Walker:
                 lp.keep_groups = kept
             else:
                 lp.keep_channels = kept
-            kept_columns = _columns(kept, width)
+            kept_columns = unit_columns(kept, width)
         else:
-            kept_columns = _columns(_kept(lp, block), width)
+            kept_columns = unit_columns(_kept(lp, block), width)
             fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
                         self.config.compensation_damping, with_bias=with_bias)
         self.apply(projection, kept_columns, fit)

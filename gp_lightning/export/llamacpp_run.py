@@ -20,11 +20,18 @@ from gp_lightning.runtime.errors import GPLightningError
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 
 
-def _run(cmd: list[str | Path], timeout: float = 1800) -> str:
+def _run(cmd: list[str | Path], timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; a failure is one error naming the tool and the end of what it printed."""
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise GPLightningError(f"{Path(str(cmd[0])).name} failed ({done.returncode}): {' | '.join(tail)}")
+    return done
+
+
+def _output(cmd: list[str | Path], timeout: float = 1800) -> str:
+    """What a llama.cpp tool printed on both streams (its results and its log share them)."""
+    done = _run(cmd, timeout)
     return done.stdout + done.stderr
 
 
@@ -40,7 +47,7 @@ def logits(cpp: LlamaCpp, gguf: Path, ids: list[int], threads: int = 2) -> np.nd
 
 def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
     """llama.cpp's token ids of a file's text (with BOS only if the GGUF says the tokenizer adds one)."""
-    out = _run([cpp.tool("llama-tokenize"), "-m", gguf, "-f", text_file, "--ids", "--log-disable"])
+    out = _output([cpp.tool("llama-tokenize"), "-m", gguf, "-f", text_file, "--ids", "--log-disable"])
     start, end = out.rfind("["), out.rfind("]")
     return [int(x) for x in out[start + 1 : end].split(",") if x.strip()]
 
@@ -48,7 +55,7 @@ def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
 def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks: int, threads: int = 2) -> float:
     """``llama-perplexity`` with its default settings (flash attention where it can, f16 KV cache): chunks of
     ``context`` tokens, each scored on its second half."""
-    out = _run([cpp.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(context), "-b", str(context),
+    out = _output([cpp.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(context), "-b", str(context),
                 "--chunks", str(chunks), "-t", str(threads)])
     found = _PPL.search(out)
     if found is None:
@@ -59,19 +66,16 @@ def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks:
 def complete(cpp: LlamaCpp, gguf: Path, prompt: str, tokens: int, threads: int = 2) -> str:
     """Greedy continuation of ``prompt`` (the generated text only), all float32 (no f16 cache, no flash attention):
     a near-tie between two tokens must not flip on rounding."""
-    out = subprocess.run([str(cpp.tool("llama-completion")), "-m", str(gguf), "-p", prompt, "-n", str(tokens),
-                          "--temp", "0", "--top-k", "1", "-no-cnv", "--no-display-prompt", "--simple-io",
-                          "--ignore-eos", "-t", str(threads), "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-warmup"],
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise GPLightningError(f"llama-completion failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+    out = _run([cpp.tool("llama-completion"), "-m", gguf, "-p", prompt, "-n", str(tokens), "--temp", "0", "--top-k",
+                "1", "-no-cnv", "--no-display-prompt", "--simple-io", "--ignore-eos", "-t", str(threads), "-ctk", "f32",
+                "-ctv", "f32", "-fa", "off", "--no-warmup"], timeout=600)
     return out.stdout.removesuffix("\n\n")  # the tool ends its output with two newlines of its own
 
 
 def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int = 2, repetitions: int = 3
           ) -> dict[str, float]:
     """``llama-bench`` prefill and decode throughput (tokens/s)."""
-    out = _run([cpp.tool("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
+    out = _output([cpp.tool("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
                 "-t", str(threads), "-r", str(repetitions), "-o", "json"])
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     result = {}

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from gp_lightning.runtime.errors import ConfigError
-from gp_lightning.surgery.pruned_config import _DROP_CONFIG_KEYS, _config_dict
+from gp_lightning.surgery.pruned_config import architecture_keys, config_dict
 
 #: The output-bias switch of each stock class: (attention, MLP); None: the class has none.
 _BIAS_SWITCHES: dict[str, tuple[str | None, str | None]] = {
@@ -40,8 +40,8 @@ def to_stock(pruned: PreTrainedModel) -> PreTrainedModel:
     base = config.base_model_type
     if base not in _BIAS_SWITCHES:
         raise ConfigError(f"no stock class is known for '{base}'")
-    raw = _config_dict(config)
-    data = {k: v for k, v in raw.items() if k not in _DROP_CONFIG_KEYS}
+    raw = config_dict(config)
+    data = architecture_keys(raw)
     data.update(_uniform_widths(raw))
     biases = getattr(config, "output_bias", None) or {}
     state = {k: v for k, v in pruned.state_dict().items() if not k.endswith("_output_bias")}

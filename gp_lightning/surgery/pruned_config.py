@@ -20,7 +20,7 @@ _DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_ve
 def pruned_config(dense_config: Any, layout: ModelLayout, plan: PruningPlan, provenance: dict,
                   compensation: Compensation | None = None) -> GPPrunedConfig:
     """The GPPrunedConfig describing the model after ``plan`` (and its compensation's output biases)."""
-    base = {k: v for k, v in _config_dict(dense_config).items() if k not in _DROP_CONFIG_KEYS}
+    base = architecture_keys(config_dict(dense_config))
     base_type = getattr(dense_config, "base_model_type", None) or dense_config.model_type
     kept = plan.kept_layers
     per_layer: dict[int, dict[str, Any]] = {}
@@ -75,7 +75,13 @@ def _output_biases(dense_config: Any, layout: ModelLayout, plan: PruningPlan,
     return biases
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
+def architecture_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the keys that name a class or describe a pruning (what a new config inherits)."""
+    return {k: v for k, v in data.items() if k not in _DROP_CONFIG_KEYS}
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """``config.to_dict()`` that also reads a per-layer config's global attributes, with ``dtype`` as text."""
     if hasattr(config, "allow_global_per_layer_attribute_access"):
         previous = config.allow_global_per_layer_attribute_access
         config.allow_global_per_layer_attribute_access = True
