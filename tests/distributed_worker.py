@@ -50,20 +50,25 @@ def save_importance(importance: object, out: str) -> None:
     Path(out).with_suffix(".json").write_text(json.dumps(importance.gradient_statistics))
 
 
-def run_compensation(out: str) -> None:
-    """The refit of tests/test_compensation.py's plan on 7 windows over the ranks (weights and biases)."""
-    import torch.distributed as dist
+def compensation(rank: int = 0, world: int = 1) -> object:
+    """The refit of tests/test_compensation.py's plan on 7 windows (this rank's shard of them)."""
     from test_compensation import WINDOWS, _plan
 
     from gp_lightning.compensation.config import CompensationConfig
     from gp_lightning.compensation.run import compensate
     from gp_lightning.model.layout import describe
 
+    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
+    return compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2, rank, world)
+
+
+def run_compensation(out: str) -> None:
+    """:func:`compensation` over the ranks; rank 0 saves the weights and biases."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
-    result = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2,
-                        dist.get_rank(), dist.get_world_size())
+    result = compensation(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
         save_file({f"{layer}.{block}.{kind}": value.contiguous() for kind, values in (("w", result.weights),
                    ("b", result.biases)) for (layer, block), value in values.items()}, out)

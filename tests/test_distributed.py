@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibrate, tiny_model
+from conftest import calibrate
 from conftest import selection as selection_config
-from distributed_worker import model, windows
+from distributed_worker import compensation, model, windows
 from safetensors.torch import load_file
 
 from gp_lightning.calibration.units import UnitImportance
@@ -80,15 +80,16 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """
     root = tmp_path_factory.mktemp("two-ranks")
     resumed = root / "resumed"
-    killed = _launch("--out", str(resumed / "importance.st"), "--strategy", "fsdp", "--windows", "9", "--run_dir",
-                     str(resumed), "--checkpoint_every", "1", "--kill_after", "2")
+    job = {**RESUMED, "out": str(resumed / "importance.st"), "run_dir": str(resumed)}
+    killed = _launch(*(f for key, value in job.items() for f in (f"--{key}", str(value))), "--checkpoint_every", "1",
+                     "--kill_after", "2")
     killed_wrote = sorted(p.name for p in resumed.iterdir())
     sharded = root / "sharded-checkpoint"
     model("qwen2").save_pretrained(sharded, max_shard_size="20KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
     cases = [{**options, "from_dir": str(sharded) if options.get("from_dir") else None, "out": str(root / f"{name}.st")}
              for name, options in CASES.items()]
-    cases.append({**RESUMED, "out": str(resumed / "importance.st"), "run_dir": str(resumed), "resume": True})
+    cases.append({**job, "resume": True})
     cases.append({"kind": "compensation", "out": str(root / "compensation.st")})
     (root / "cases.json").write_text(json.dumps(cases))
     done = _launch("--cases", str(root / "cases.json"))
@@ -150,14 +151,8 @@ def test_fsdp_killed_and_resumed_equals_one_process(two_ranks: dict[str, object]
 
 def test_two_ranks_give_the_gram_sums_of_one_process(two_ranks: dict[str, object]) -> None:
     """Seven windows over two gloo ranks (one padded): the same refit as one process."""
-    from test_compensation import WINDOWS, _plan
-
-    from gp_lightning.compensation.config import CompensationConfig
-    from gp_lightning.compensation.run import compensate
-
     ranks = load_file(two_ranks["root"] / "compensation.st")
-    dense = tiny_model("qwen2", layers=4, gqa=2, num_kv=3)
-    single = compensate(dense, describe(dense), _plan(dense), WINDOWS[:7], CompensationConfig(), 2)
+    single = compensation()
     assert len(ranks) == 2 * len(single.weights)
     for (layer, block), weight in single.weights.items():
         torch.testing.assert_close(ranks[f"{layer}.{block}.w"], weight, rtol=1e-4, atol=1e-5)

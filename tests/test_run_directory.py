@@ -88,3 +88,13 @@ def test_overwrite_never_replaces_a_model_folder_no_run_wrote(tmp_path: Path, ti
         _run(tiny_checkpoint, wikitext, mine, overwrite=True)
     assert (mine / "model" / "weights.bin").read_bytes() == b"precious"
     assert sorted(p.name for p in mine.iterdir()) == ["model"]
+
+
+def test_only_a_running_positive_pid_is_alive() -> None:
+    """0 and negative pids name process groups to kill(): a manifest or staging name holding one has no owner."""
+    import os
+
+    from gp_lightning.runtime.io import process_alive
+
+    assert process_alive(os.getpid())
+    assert not process_alive(0) and not process_alive(-1)

@@ -55,8 +55,8 @@ def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
 def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks: int, threads: int = 2) -> float:
     """``llama-perplexity`` with its default settings (flash attention where it can, f16 KV cache): chunks of
     ``context`` tokens, each scored on its second half."""
-    out = _output([cpp.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(context), "-b", str(context),
-                "--chunks", str(chunks), "-t", str(threads)])
+    out = _output([cpp.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(context), "-b",
+                   str(context), "--chunks", str(chunks), "-t", str(threads)])
     found = _PPL.search(out)
     if found is None:
         raise GPLightningError(f"llama-perplexity printed no estimate: {out.strip().splitlines()[-3:]}")
@@ -76,7 +76,7 @@ def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, thread
           ) -> dict[str, float]:
     """``llama-bench`` prefill and decode throughput (tokens/s)."""
     out = _output([cpp.tool("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
-                "-t", str(threads), "-r", str(repetitions), "-o", "json"])
+                   "-t", str(threads), "-r", str(repetitions), "-o", "json"])
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     result = {}
     for row in rows:

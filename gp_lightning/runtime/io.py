@@ -101,7 +101,11 @@ def staging_dir(target: Path) -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a stale staging directory or run manifest is one whose owner is gone)."""
+    """Whether process ``pid`` still runs (a stale staging directory or run manifest is one whose owner is gone).
+
+    Only a positive pid names one process (0 and negative ones name process groups to ``kill``)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -45,7 +45,7 @@ def state(manifest: dict[str, Any] | None) -> str:
     if status == "complete":
         return "complete"
     pid = int(manifest.get("pid", -1))
-    if status == "running" and pid > 0 and process_alive(pid) and pid != os.getpid():
+    if status == "running" and process_alive(pid) and pid != os.getpid():
         return "running"
     return "unfinished"
 
