@@ -224,7 +224,7 @@ def test_obs_scores_of_three_192_wide_groups_are_the_formula() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        scores = _obs_scores(weight, blocks, alive)
+        scores = _obs_scores(weight.T.contiguous(), blocks, alive)
     finally:
         torch.set_num_threads(threads)
     for u in (0, 2):
@@ -232,3 +232,14 @@ def test_obs_scores_of_three_192_wide_groups_are_the_formula() -> None:
         expected = float(torch.trace(w @ torch.linalg.inv(blocks[u].double()) @ w.T))
         assert float(scores[u]) == pytest.approx(expected, rel=1e-4)
     assert scores[1] == float("inf")
+
+
+def test_the_output_energy_from_the_upper_blocks_is_the_trace() -> None:
+    """``tr(T G T^T)`` from the blocks on and above the diagonal of G (three blocks at 300 columns) is the full product's."""
+    from gp_lightning.compensation.refit import _energy, block_edges
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 300, generator=g, dtype=torch.float64)
+    target = torch.randn(20, 300, generator=g, dtype=torch.float64)
+    assert len(block_edges(300)) == 4
+    assert _energy(target, x.T @ x) == pytest.approx(float(torch.trace(target @ x.T @ x @ target.T)), rel=1e-12)

@@ -156,7 +156,8 @@ class _Walker:
         if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
             gone, fit = obs_refit(projection.weight, projection.bias, gram, width, units - len(_kept(lp, block)),
                                   self.config.compensation_damping, with_bias)
-            kept = [u for u in range(units) if u not in set(gone)]
+            gone_units = set(gone)
+            kept = [u for u in range(units) if u not in gone_units]
             if block == "self_attn":
                 lp.keep_groups = kept
             else:
