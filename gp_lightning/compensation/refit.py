@@ -262,7 +262,7 @@ def _obs_walk(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
     while len(removed) < count:
         scores = _obs_scores(target[:columns], blocks, alive)
         take = torch.topk(scores, min(step, count - len(removed)), largest=False, sorted=False).indices
-        cols = unit_cols[take].reshape(-1)
+        cols = take if unit_width == 1 else unit_cols[take].reshape(-1)
         rows = inverse[cols].addmm_(left[cols, :done], right[:done], alpha=-1)  # rows of the current inverse
         block = _spd_inverse(rows[:, cols])
         scaled = block @ rows
@@ -359,12 +359,11 @@ def _obs_scores(rows: torch.Tensor, blocks: torch.Tensor, alive: torch.Tensor) -
     indefinite scores infinite: its unit is not removed by this step.
     """
     units, width, _ = blocks.shape
-    if width == 1:
-        scores = torch.linalg.vector_norm(rows, dim=1).square_() / blocks.reshape(-1)  # one pass, no temporary
-    else:
-        w = rows.view(units, width, rows.shape[1])  # units x w x out
-        safe = torch.where(alive[:, None, None], blocks, torch.eye(width, dtype=blocks.dtype))
-        chol, info = torch.linalg.cholesky_ex(safe)
-        scores = torch.linalg.solve_triangular(chol, w, upper=False).square().sum(dim=(1, 2))
-        scores = scores.masked_fill(info > 0, float("inf"))
-    return scores.masked_fill(~alive, float("inf"))
+    if width == 1:  # one pass over the rows, then in place
+        scores = torch.linalg.vector_norm(rows, dim=1).square_().div_(blocks.reshape(-1))
+        return scores.masked_fill_(~alive, float("inf"))
+    w = rows.view(units, width, rows.shape[1])  # units x w x out
+    safe = torch.where(alive[:, None, None], blocks, torch.eye(width, dtype=blocks.dtype))
+    chol, info = torch.linalg.cholesky_ex(safe)
+    scores = torch.linalg.solve_triangular(chol, w, upper=False).square().sum(dim=(1, 2))
+    return scores.masked_fill(info > 0, float("inf")).masked_fill(~alive, float("inf"))

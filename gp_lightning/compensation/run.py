@@ -179,9 +179,8 @@ class _Walker:
     def apply(self, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> None:
         """Write the refit into the running model: removed columns zero, kept columns refit, the bias."""
         with torch.no_grad():
-            weight = torch.zeros_like(projection.weight)
-            weight[:, kept] = fit.weight.to(weight.dtype)
-            projection.weight.copy_(weight)
+            projection.weight.zero_()  # the fit holds its own copy of the weights
+            projection.weight[:, kept] = fit.weight.to(projection.weight.dtype)
             if projection.bias is not None:
                 projection.bias.copy_(fit.bias.to(projection.bias.dtype))
             elif bool(fit.bias.abs().sum() > 0):
