@@ -278,3 +278,19 @@ def test_distillation_trains_toward_the_teacher_and_refuses_another_vocabulary(
         finetune(settings(pruned_checkpoint, tmp_path / "kd2", wikitext, finetune_loss="kd", teacher=str(other)))
     with pytest.raises(ConfigError, match="teacher"):
         settings(pruned_checkpoint, tmp_path / "kd3", wikitext, finetune_loss="kd")
+
+
+@pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_the_teacher_runs_in_its_own_precision_inside_a_bf16_training_step(precision: str, dtype: torch.dtype) -> None:
+    """Lightning's bf16-mixed wraps the training step in bf16 autocast; a 32-true teacher must still be float32."""
+    from gp_lightning.finetune.module import FinetuneModule
+
+    teacher = tiny_model("llama", layers=2).eval()
+    module = FinetuneModule(tiny_model("llama", layers=2), teacher=teacher, teacher_precision=precision)
+    batch = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = module.teacher_logits(batch)
+    assert logits.dtype == dtype
+    if precision == "32-true":
+        with torch.no_grad():
+            torch.testing.assert_close(logits, teacher(input_ids=batch["input_ids"]).logits)

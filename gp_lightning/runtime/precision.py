@@ -40,9 +40,9 @@ def load_dtype(precision: str) -> torch.dtype:
 
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """bf16 autocast for bf16 precisions (a no-op on weights that are already bf16)."""
-    if precision.startswith("bf16"):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    else:
+    """bf16 autocast for bf16 precisions (a no-op on weights that are already bf16); for the others autocast is
+    off, also inside an enclosing one (the KD teacher's logits inside a bf16-mixed training step are float32
+    when the evaluation precision is 32-true)."""
+    enabled = precision.startswith("bf16")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
         yield
