@@ -159,11 +159,13 @@ def gram_of(inputs: list[torch.Tensor], batches: Batches) -> torch.Tensor:
     """The all-reduced Gram matrix of a projection's captured inputs (padding windows left out)."""
     gram = Gram(inputs[0].shape[-1], inputs[0].device)
     pending: list[torch.Tensor] = []
+    size = 0  # bytes in pending
     for x, weights in zip(inputs, batches.weights, strict=True):
         pending.append(real_rows(x, weights))
-        if sum(rows.numel() for rows in pending) * 4 >= _GRAM_CHUNK_BYTES:
+        size += pending[-1].numel() * pending[-1].element_size()
+        if size >= _GRAM_CHUNK_BYTES:
             gram.add_rows(torch.cat(pending))
-            pending.clear()
+            pending, size = [], 0
     if pending:
         gram.add_rows(torch.cat(pending))
     value = gram.value
