@@ -234,12 +234,29 @@ def test_obs_scores_of_three_192_wide_groups_are_the_formula() -> None:
     assert scores[1] == float("inf")
 
 
-def test_the_output_energy_from_the_upper_blocks_is_the_trace() -> None:
-    """``tr(T G T^T)`` from the blocks on and above the diagonal of G (three blocks at 300 columns) is the full product's."""
-    from gp_lightning.compensation.refit import _energy, block_edges
+def test_the_output_energy_by_halves_is_the_trace() -> None:
+    """``tr(T G T^T)`` from the halves of G (one split at 300 columns, two at 500) is the full product's."""
+    from gp_lightning.compensation.refit import _energy
 
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(1000, 300, generator=g, dtype=torch.float64)
-    target = torch.randn(20, 300, generator=g, dtype=torch.float64)
+    for columns in (300, 500):
+        x = torch.randn(1000, columns, generator=g, dtype=torch.float64)
+        target = torch.randn(20, columns, generator=g, dtype=torch.float64)
+        expected = float(torch.trace(target @ x.T @ x @ target.T))
+        assert _energy(target, x.T @ x) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_gram_from_upper_blocks_is_the_full_gram() -> None:
+    """The Gram update computes only the blocks on and above the diagonal (three at 300 columns); mirrored, it is
+    ``sum [x; 1] [x; 1]^T``."""
+    from gp_lightning.compensation.layerwise import Gram, block_edges
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 50, 300, generator=g)
+    gram = Gram(300, torch.device("cpu"))
+    gram.add(x, torch.ones(2))
+    rows = torch.cat([x.reshape(-1, 300), torch.ones(100, 1)], dim=1).double()
     assert len(block_edges(300)) == 4
-    assert _energy(target, x.T @ x) == pytest.approx(float(torch.trace(target @ x.T @ x @ target.T)), rel=1e-12)
+    torch.testing.assert_close(gram.value.double(), rows.T @ rows, rtol=1e-5, atol=1e-3)
+
+

@@ -106,7 +106,7 @@ class _Walker:
             return batches
         blocks = self.blocks(index)
         if not blocks:
-            return batches.on(layer_outputs(module, batches))
+            return batches.on(layer_outputs(module, batches) if self.needs_outputs(index) else [])
         if not self.config.sequential:
             grams, outputs = dense_pass(module, batches, list(blocks.values()))
             for (block, projection), gram in zip(blocks.items(), grams, strict=True):
@@ -126,28 +126,40 @@ class _Walker:
             return module(h, **kwargs)
 
         if "self_attn" in blocks:
-            o_proj, own = blocks["self_attn"], _own_bias(module, "self_attn")
+            o_proj = blocks["self_attn"]
             inputs = captured_inputs(run_layer, o_proj, batches)
             self.block(index, "self_attn", o_proj, gram_of(inputs, batches))
             with torch.no_grad():
-                mid = [h + o_proj(x) + own for h, x in zip(batches.hidden, inputs, strict=True)]
-        else:
+                mid = [_residual(h, o_proj(x), _own_bias(module, "self_attn"))
+                       for h, x in zip(batches.hidden, inputs, strict=True)]
+        elif "mlp" in blocks or self.needs_outputs(index):
             mid = captured_inputs(run_layer, module.post_attention_layernorm, batches)
-        own = _own_bias(module, "mlp")
         if "mlp" in blocks:
-            down = blocks["mlp"]
-            inputs = captured_inputs(lambda h, kwargs: module.mlp(module.post_attention_layernorm(h)), down, batches,
-                                     hidden=mid)
-            self.block(index, "mlp", down, gram_of(inputs, batches))
-            with torch.no_grad():
-                outputs = [h + down(x) + own for h, x in zip(mid, inputs, strict=True)]
-        else:
+            outputs = self.sequential_mlp(index, module, batches.on(mid), blocks["mlp"])
+        elif self.needs_outputs(index):
+            own = _own_bias(module, "mlp")
             with torch.no_grad():
                 outputs = [h + module.mlp(module.post_attention_layernorm(h)) + own for h in mid]
+        else:
+            outputs = []
         if not self.checked:  # the layers are alike (see _check_homogeneous): the first one tells
             _check_structure(module, batches, outputs[0])
             self.checked = True
         return outputs
+
+    def sequential_mlp(self, index: int, module: nn.Module, batches: Batches, down: nn.Linear) -> list[torch.Tensor]:
+        """Refit down_proj on the MLP's inputs from ``batches`` (the compensated attention's outputs); the layer's
+        outputs, if the next layer needs them."""
+        inputs = captured_inputs(lambda h, kwargs: module.mlp(module.post_attention_layernorm(h)), down, batches)
+        self.block(index, "mlp", down, gram_of(inputs, batches))
+        if not self.needs_outputs(index):
+            return []
+        with torch.no_grad():
+            return [_residual(h, down(x), _own_bias(module, "mlp")) for h, x in zip(batches.hidden, inputs, strict=True)]
+
+    def needs_outputs(self, index: int) -> bool:
+        """Whether layer ``index``'s outputs are used: by the next layer, or to check the structure on the first."""
+        return index < self.layout.num_layers - 1 or not self.checked
 
     def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> None:
         layer, lp = self.layout.layers[index], self.plan.layers[index]
@@ -202,6 +214,14 @@ def _own_bias(module: nn.Module, block: str) -> torch.Tensor | float:
     """A gp_pruned layer's own output bias of ``block`` (0 when it has none)."""
     bias = getattr(module, f"{block}_output_bias", None)
     return 0.0 if bias is None else bias
+
+
+def _residual(hidden: torch.Tensor, out: torch.Tensor, own: torch.Tensor | float) -> torch.Tensor:
+    """``hidden + out (+ own)``, summed in that order, into ``out`` (a fresh projection output)."""
+    out += hidden
+    if not isinstance(own, float):
+        out += own
+    return out
 
 
 def _check_structure(module: nn.Module, batches: Batches, output: torch.Tensor) -> None:
