@@ -260,3 +260,11 @@ def test_the_gram_from_upper_blocks_is_the_full_gram() -> None:
     torch.testing.assert_close(gram.value.double(), rows.T @ rows, rtol=1e-5, atol=1e-3)
 
 
+def test_the_walks_small_inverses() -> None:
+    """The OBS walk's block inverses: 1 x 1 directly (a reciprocal), larger ones by their Cholesky factor."""
+    from gp_lightning.compensation.refit import _spd_inverse
+
+    one = torch.tensor([[3.7e-4]])
+    assert float(_spd_inverse(one)) == pytest.approx(1 / 3.7e-4, rel=1e-6)
+    two = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    torch.testing.assert_close(_spd_inverse(two), torch.linalg.inv(two))

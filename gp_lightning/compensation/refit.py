@@ -343,8 +343,9 @@ def _kept_columns(units: int, width: int, removed: list[int]) -> torch.Tensor:
 
 def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
     """The inverse of a symmetric positive definite matrix by its Cholesky factor (float64 LU if rounding made it
-    indefinite). A positive 1 x 1 one, most of the OBS walk's steps, directly: ``rsqrt(a)^2`` is bit for bit what
-    LAPACK's factor and inverse give here, without their overhead (about 0.1 ms a call)."""
+    indefinite). A positive 1 x 1 one (every step of an MLP walk of up to 256 units) directly: ``rsqrt(a)^2`` is
+    bit for bit what LAPACK's factor and inverse give here (5,000 values and the whole compensation of SmolLM2
+    compared), without their overhead (about 0.1 ms a call)."""
     if matrix.shape[0] == 1 and bool(matrix > 0):
         return matrix.rsqrt().square_()
     chol, info = torch.linalg.cholesky_ex(matrix)
