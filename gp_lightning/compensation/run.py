@@ -129,19 +129,20 @@ class _Walker:
             o_proj = blocks["self_attn"]
             inputs = captured_inputs(run_layer, o_proj, batches)
             self.block(index, "self_attn", o_proj, gram_of(inputs, batches))
+        if "mlp" not in blocks and not self.needs_outputs(index):
+            return []
+        if "self_attn" in blocks:
+            own = _own_bias(module, "self_attn")
             with torch.no_grad():
-                mid = [_residual(h, o_proj(x), _own_bias(module, "self_attn"))
-                       for h, x in zip(batches.hidden, inputs, strict=True)]
-        elif "mlp" in blocks or self.needs_outputs(index):
+                mid = [_residual(h, o_proj(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
+        else:
             mid = captured_inputs(run_layer, module.post_attention_layernorm, batches)
         if "mlp" in blocks:
             outputs = self.sequential_mlp(index, module, batches.on(mid), blocks["mlp"])
-        elif self.needs_outputs(index):
+        else:
             own = _own_bias(module, "mlp")
             with torch.no_grad():
-                outputs = [h + module.mlp(module.post_attention_layernorm(h)) + own for h in mid]
-        else:
-            outputs = []
+                outputs = [_residual(h, module.mlp(module.post_attention_layernorm(h)), own) for h in mid]
         if not self.checked:  # the layers are alike (see _check_homogeneous): the first one tells
             _check_structure(module, batches, outputs[0])
             self.checked = True
@@ -154,8 +155,9 @@ class _Walker:
         self.block(index, "mlp", down, gram_of(inputs, batches))
         if not self.needs_outputs(index):
             return []
+        own = _own_bias(module, "mlp")
         with torch.no_grad():
-            return [_residual(h, down(x), _own_bias(module, "mlp")) for h, x in zip(batches.hidden, inputs, strict=True)]
+            return [_residual(h, down(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
 
     def needs_outputs(self, index: int) -> bool:
         """Whether layer ``index``'s outputs are used: by the next layer, or to check the structure on the first."""
