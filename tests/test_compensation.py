@@ -268,3 +268,48 @@ def test_the_walks_small_inverses() -> None:
     assert float(_spd_inverse(one)) == pytest.approx(1 / 3.7e-4, rel=1e-6)
     two = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     torch.testing.assert_close(_spd_inverse(two), torch.linalg.inv(two))
+
+
+@pytest.mark.parametrize("own_bias", [False, True])
+def test_the_projection_on_its_kept_columns_is_the_masked_projection(own_bias: bool) -> None:
+    """What the sequential walk applies after a refit (the kept input columns only, the refit bias) equals the
+    running model's masked projection: removed columns zero, the bias its own or an added forward hook."""
+    from gp_lightning.compensation.layerwise import AddedBias
+    from gp_lightning.compensation.refit import Refit
+    from gp_lightning.compensation.run import KeptProjection
+
+    g = torch.Generator().manual_seed(7)
+    projection = torch.nn.Linear(40, 12, bias=own_bias)
+    kept = torch.tensor([0, 3, 4, 9, 17, 30, 39])
+    fit = Refit(torch.randn(12, len(kept), generator=g, dtype=torch.float64),
+                torch.randn(12, generator=g, dtype=torch.float64), "least_squares", 1.0, 0.5)
+    hooks = AddedBias()
+    with torch.no_grad():
+        projection.weight.zero_()
+        projection.weight[:, kept] = fit.weight.float()
+        if own_bias:
+            projection.bias.copy_(fit.bias.float())
+        else:
+            hooks.add(projection, fit.bias)
+    x = torch.randn(3, 5, 40, generator=g)
+    compact = KeptProjection.of(projection, kept, fit)
+    with torch.no_grad():
+        expected = projection(x)
+    hooks.remove()
+    assert compact.weight.shape == (12, len(kept))
+    torch.testing.assert_close(compact(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grams_joined_in_one_reused_buffer_equal_fresh_ones() -> None:
+    """Every Gram of a walk joins its batches in one scratch buffer: a smaller Gram after a larger one (and one with
+    padding windows) comes out as with a fresh buffer."""
+    from gp_lightning.compensation.layerwise import Batches, Scratch, gram_of
+
+    g = torch.Generator().manual_seed(8)
+    scratch = Scratch()
+    for features, weights in ((64, torch.ones(2)), (24, torch.tensor([1.0, 0.0])), (64, torch.ones(2))):
+        inputs = [torch.randn(2, 7, features, generator=g) for _ in range(3)]
+        batches = Batches([], [], [weights] * 3)
+        assert torch.equal(gram_of(inputs, batches, scratch), gram_of(inputs, batches))
+        rows = torch.cat([x[weights > 0].reshape(-1, features) for x in inputs])
+        assert int(gram_of(inputs, batches, scratch)[-1, -1]) == rows.shape[0]

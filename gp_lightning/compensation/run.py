@@ -22,6 +22,7 @@ from gp_lightning.compensation.config import CompensationConfig
 from gp_lightning.compensation.layerwise import (
     AddedBias,
     Batches,
+    Scratch,
     captured_inputs,
     dense_pass,
     first_layer_inputs,
@@ -91,6 +92,7 @@ class _Walker:
         self.plan = PruningPlan([dataclasses.replace(lp) for lp in plan.layers], plan.remove_empty_layers, plan.meta)
         self.result = Compensation(self.plan)
         self.hooks = AddedBias()
+        self.scratch = Scratch()  # reused by every Gram
         self.checked = False  # whether the layer structure was checked against a layer's own forward
 
     def blocks(self, index: int) -> dict[str, nn.Linear]:
@@ -126,15 +128,13 @@ class _Walker:
             return module(h, **kwargs)
 
         if "self_attn" in blocks:
-            o_proj = blocks["self_attn"]
-            inputs = captured_inputs(run_layer, o_proj, batches)
-            self.block(index, "self_attn", o_proj, gram_of(inputs, batches))
+            inputs = captured_inputs(run_layer, blocks["self_attn"], batches)
+            o_proj = self.block(index, "self_attn", blocks["self_attn"], gram_of(inputs, batches, self.scratch))
         if "mlp" not in blocks and not self.needs_outputs(index):
             return []
         if "self_attn" in blocks:
             own = _own_bias(module, "self_attn")
-            with torch.no_grad():
-                mid = [_residual(h, o_proj(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
+            mid = [_residual(h, o_proj(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
         else:
             mid = captured_inputs(run_layer, module.post_attention_layernorm, batches)
         if "mlp" in blocks:
@@ -152,18 +152,18 @@ class _Walker:
         """Refit down_proj on the MLP's inputs from ``batches`` (the compensated attention's outputs); the layer's
         outputs, if the next layer needs them."""
         inputs = captured_inputs(lambda h, kwargs: module.mlp(module.post_attention_layernorm(h)), down, batches)
-        self.block(index, "mlp", down, gram_of(inputs, batches))
+        refit_down = self.block(index, "mlp", down, gram_of(inputs, batches, self.scratch))
         if not self.needs_outputs(index):
             return []
         own = _own_bias(module, "mlp")
-        with torch.no_grad():
-            return [_residual(h, down(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
+        return [_residual(h, refit_down(x), own) for h, x in zip(batches.hidden, inputs, strict=True)]
 
     def needs_outputs(self, index: int) -> bool:
         """Whether layer ``index``'s outputs are used: by the next layer, or to check the structure on the first."""
         return index < self.layout.num_layers - 1 or not self.checked
 
-    def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> None:
+    def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> KeptProjection:
+        """Refit (and with OBS choose) one block's units; the refit projection on its kept input columns."""
         layer, lp = self.layout.layers[index], self.plan.layers[index]
         width, units = _unit_width(layer, block), _units(lp, block)
         with_bias = self.config.compensation_bias or projection.bias is not None  # its own bias is always refit
@@ -189,6 +189,7 @@ class _Walker:
             if projection.bias is not None:
                 self.result.own_bias.add((index, block))
         self.record(index, block, projection, gram, fit, units - len(_kept(lp, block)))
+        return KeptProjection.of(projection, kept_columns, fit)
 
     def apply(self, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> None:
         """Write the refit into the running model: removed columns zero, kept columns refit, the bias."""
@@ -210,6 +211,31 @@ class _Walker:
         })
         if fit.fallback:
             log.warning("compensation of layer %d %s: %s; used %s", index, name, fit.fallback, fit.method)
+
+
+@dataclass
+class KeptProjection:
+    """A refit projection applied to its kept input columns only: what the masked projection computes (its removed
+    columns are zero) without the products of those zeros (SmolLM2's plan at 20% removes about half of o_proj's
+    and a fifth of down_proj's columns)."""
+
+    columns: torch.Tensor
+    weight: torch.Tensor  # out x kept
+    bias: torch.Tensor | None  # the projection's own bias or the added one; None when neither
+
+    @classmethod
+    def of(cls, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> KeptProjection:
+        dtype = projection.weight.dtype
+        has_bias = projection.bias is not None or bool(fit.bias.abs().sum() > 0)
+        return cls(kept.to(projection.weight.device), fit.weight.to(dtype).contiguous(),
+                   fit.bias.to(dtype) if has_bias else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        # gather, not index_select: 0.45 ms against 1.7 ms for 512 tokens x 1,536 here (one thread)
+        kept = torch.gather(rows, 1, self.columns.expand(rows.shape[0], -1))
+        with torch.no_grad():
+            return nn.functional.linear(kept, self.weight, self.bias).view(*x.shape[:-1], -1)
 
 
 def _own_bias(module: nn.Module, block: str) -> torch.Tensor | float:
