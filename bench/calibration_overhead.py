@@ -113,12 +113,14 @@ def worker(method: str, spec: common.Row) -> common.Row:
     loaded_rss, loaded_peak = common.proc_status_mib("VmRSS"), common.peak_rss_mib()
 
     start, cpu_start, load_start = time.perf_counter(), common.cpu_seconds(), os.getloadavg()[0]
+    steal_start = common.steal_seconds()
     grad_params = _calibrate(method, model, layout, windows, spec["batch_size"])
     seconds, cpu = time.perf_counter() - start, common.cpu_seconds() - cpu_start
     return {
         "method": method,
         "seconds": seconds,
         "cpu_seconds": cpu,
+        "steal_seconds": common.steal_seconds() - steal_start,
         "loadavg": max(load_start, os.getloadavg()[0]),
         "loaded_rss_mib": loaded_rss,
         "loaded_peak_mib": loaded_peak,
@@ -199,10 +201,12 @@ def report(args: argparse.Namespace, runs: Runs) -> str:
         "",
     ]
     every_run = [run for method_runs in runs.values() for run in method_runs]
-    lines += ["Individual runs (in the order they ran):", "", "| method | seconds | CPU seconds | peak RSS MiB | load avg |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["Individual runs (in the order they ran; steal: CPU seconds the hypervisor gave other guests during "
+              "the run, both vCPUs together):", "",
+              "| method | seconds | CPU seconds | peak RSS MiB | load avg | steal s |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {run['method']} | {run['seconds']:.2f} | {run['cpu_seconds']:.1f} | {run['peak_rss_mib']:.0f} | "
-              f"{run['loadavg']:.2f} |" for run in sorted(every_run, key=lambda run: run["order"])]
+              f"{run['loadavg']:.2f} | {run.get('steal_seconds', 0.0):.1f} |"
+              for run in sorted(every_run, key=lambda run: run["order"])]
     lines.append("")
     load_peaks = [run for run in every_run if run["loaded_peak_mib"] >= run["peak_rss_mib"]]
     if load_peaks:

@@ -158,8 +158,11 @@ def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -
     if pairs:
         body += ["", "Time ratio of each compensation run to the calibration run next to it (the machine's speed drifts "
                  f"between runs): {', '.join(f'{r:.2f}' for r in pairs)}."]
-    body += ["", "Runs: " + "; ".join(f"{run['method']} {run['seconds']:.1f} s / {run['peak_rss_mib']:.0f} MiB "
-                                        f"(load {run['loadavg']:.2f})" for rs in comp["runs"].values() for run in rs), ""]
+    ordered = sorted((run for rs in comp["runs"].values() for run in rs), key=lambda run: run["order"])
+    body += ["", "Runs, in the order they ran (steal: CPU seconds the hypervisor gave other guests meanwhile, both "
+             "vCPUs): " + "; ".join(f"{run['method']} {run['seconds']:.1f} s / {run['peak_rss_mib']:.0f} MiB "
+                                     f"(load {run['loadavg']:.2f}, steal {run.get('steal_seconds', 0.0):.1f} s)"
+                                     for run in ordered), ""]
     return body
 
 
