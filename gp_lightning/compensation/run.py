@@ -216,8 +216,8 @@ class _Walker:
 @dataclass
 class KeptProjection:
     """A refit projection applied to its kept input columns only: what the masked projection computes (its removed
-    columns are zero) without the products of those zeros (SmolLM2's plan at 20% removes about half of o_proj's
-    and a fifth of down_proj's columns)."""
+    columns are zero) without the products of those zeros (the speed benchmark's 20% plan of SmolLM2 removes about
+    half of o_proj's columns and a fifth of down_proj's)."""
 
     columns: torch.Tensor
     weight: torch.Tensor  # out x kept
@@ -225,10 +225,10 @@ class KeptProjection:
 
     @classmethod
     def of(cls, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> KeptProjection:
-        dtype = projection.weight.dtype
+        device, dtype = projection.weight.device, projection.weight.dtype
         has_bias = projection.bias is not None or bool(fit.bias.abs().sum() > 0)
-        return cls(kept.to(projection.weight.device), fit.weight.to(dtype).contiguous(),
-                   fit.bias.to(dtype) if has_bias else None)
+        return cls(kept.to(device), fit.weight.to(device, dtype).contiguous(),
+                   fit.bias.to(device, dtype) if has_bias else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
