@@ -97,6 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6])
     common.add_threads(parser, 1, "the calibration, surgery and inference workers")
     parser.add_argument("--calibration_repeats", type=int, default=2, help="subprocess runs per calibration method")
+    parser.add_argument("--compensation_windows", type=int, default=COMPENSATION_WINDOWS,
+                        help="section 5: calibration windows of 128 tokens (the goal is set on the quality benchmark's 32; "
+                             "the compensation's per-layer solves do not grow with them)")
     parser.add_argument("--table_repeats", type=int, default=5, help="timed repetitions per table shape")
     parser.add_argument("--surgery_repeats", type=int, default=3, help="subprocess runs per surgery variant")
     parser.add_argument("--inference_repeats", type=int, default=5, help="timed repetitions per model and workload")
@@ -127,7 +130,7 @@ def section_calibration(args: argparse.Namespace) -> Row:
 # -- section 5: compensation vs calibration --------------------------------------------------------------
 def section_compensation(args: argparse.Namespace) -> Row:
     """Calibration and compensation in the calibration-overhead workers, alternating, medians."""
-    co_args = calibration_overhead.parse_args(["--model", MODEL, "--num_samples", str(COMPENSATION_WINDOWS),
+    co_args = calibration_overhead.parse_args(["--model", MODEL, "--num_samples", str(args.compensation_windows),
                                                "--seq_len", "128", "--batch_size", "4",
                                                "--repeats", str(args.calibration_repeats)])
     methods = ("calibration", calibration_overhead.COMPENSATION)
@@ -141,12 +144,15 @@ def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -
     """Section 5: the compensation's cost as ratios to the calibration's."""
     cal, com = comp["figures"]["calibration"], comp["figures"][calibration_overhead.COMPENSATION]
     time_ratio, memory_ratio = com["seconds"] / cal["seconds"], com["peak_rss_mib"] / cal["peak_rss_mib"]
-    goals.append(f"| 5 | compensation / calibration time | {time_ratio:.3f}x | <= {COMPENSATION_TIME_GOAL}x | "
-                 f"{yes(time_ratio <= COMPENSATION_TIME_GOAL)} |")
+    quality_set = args.compensation_windows == COMPENSATION_WINDOWS  # the goals hold on this set only
+    time_met = yes(time_ratio <= COMPENSATION_TIME_GOAL) if quality_set else f"(info: {args.compensation_windows} windows)"
+    goals.append(f"| 5 | compensation / calibration time | {time_ratio:.3f}x | <= {COMPENSATION_TIME_GOAL}x | {time_met} |")
+    memory_met = yes(memory_ratio <= COMPENSATION_MEMORY_GOAL) if quality_set else time_met
     goals.append(f"| 5 | compensation / calibration peak RSS | {memory_ratio:.2f}x | <= {COMPENSATION_MEMORY_GOAL}x | "
-                 f"{yes(memory_ratio <= COMPENSATION_MEMORY_GOAL)} |")
+                 f"{memory_met} |")
+    windows_note = " (the quality benchmark's calibration set)" if quality_set else " (not the goal's 32)"
     body = ["## 5. Compensation vs calibration", "",
-            f"{MODEL} float32, {COMPENSATION_WINDOWS} windows x 128 tokens (the quality benchmark's calibration set), "
+            f"{MODEL} float32, {args.compensation_windows} windows x 128 tokens{windows_note}, "
             f"batch 4, {args.calibration_repeats} subprocess runs per step "
             "(alternating, medians), one thread. Calibration: `run_calibration` (Taylor). Compensation: `compensate` "
             "with the default settings (least squares, sequential, OBS within layer) of a 20% plan. Seconds: the step "
