@@ -205,7 +205,7 @@ def report(args: argparse.Namespace, runs: Runs) -> str:
               "the run, both vCPUs together):", "",
               "| method | seconds | CPU seconds | peak RSS MiB | load avg | steal s |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {run['method']} | {run['seconds']:.2f} | {run['cpu_seconds']:.1f} | {run['peak_rss_mib']:.0f} | "
-              f"{run['loadavg']:.2f} | {run.get('steal_seconds', 0.0):.1f} |"
+              f"{run['loadavg']:.2f} | {run['steal_seconds']:.1f} |"
               for run in sorted(every_run, key=lambda run: run["order"])]
     lines.append("")
     load_peaks = [run for run in every_run if run["loaded_peak_mib"] >= run["peak_rss_mib"]]

@@ -273,31 +273,31 @@ def test_the_walks_small_inverses() -> None:
 @pytest.mark.parametrize("own_bias", [False, True])
 def test_the_projection_on_its_kept_columns_is_the_masked_projection(own_bias: bool) -> None:
     """What the sequential walk applies after a refit (the kept input columns only, the refit bias) equals the
-    running model's masked projection: removed columns zero, the bias its own or an added forward hook."""
+    masked projection it writes into the running model, and both equal one masked by hand: removed columns zero,
+    the bias its own or an added forward hook."""
     from gp_lightning.compensation.layerwise import AddedBias
     from gp_lightning.compensation.refit import Refit
-    from gp_lightning.compensation.run import KeptProjection
+    from gp_lightning.compensation.run import write_refit
 
     g = torch.Generator().manual_seed(7)
     projection = torch.nn.Linear(40, 12, bias=own_bias)
+    reference = torch.nn.Linear(40, 12, bias=True)
     kept = torch.tensor([0, 3, 4, 9, 17, 30, 39])
     fit = Refit(torch.randn(12, len(kept), generator=g, dtype=torch.float64),
                 torch.randn(12, generator=g, dtype=torch.float64), "least_squares", 1.0, 0.5)
+    with torch.no_grad():
+        reference.weight.zero_()
+        reference.weight[:, kept] = fit.weight.float()
+        reference.bias.copy_(fit.bias.float())
     hooks = AddedBias()
-    with torch.no_grad():
-        projection.weight.zero_()
-        projection.weight[:, kept] = fit.weight.float()
-        if own_bias:
-            projection.bias.copy_(fit.bias.float())
-        else:
-            hooks.add(projection, fit.bias)
+    compact = write_refit(projection, kept, fit, hooks)
     x = torch.randn(3, 5, 40, generator=g)
-    compact = KeptProjection.of(projection, kept, fit)
     with torch.no_grad():
-        expected = projection(x)
+        expected, written = reference(x), projection(x)
     hooks.remove()
     assert compact.weight.shape == (12, len(kept))
     torch.testing.assert_close(compact(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(written, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_grams_joined_in_one_reused_buffer_equal_fresh_ones() -> None:

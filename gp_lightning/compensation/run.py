@@ -181,25 +181,15 @@ class _Walker:
             kept_columns = unit_columns(_kept(lp, block), width)
             fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
                         self.config.compensation_damping, with_bias=with_bias)
-        self.apply(projection, kept_columns, fit)
+        compact = write_refit(projection, kept_columns, fit, self.hooks)
         if fit.method != "none":
-            self.result.weights[(index, block)] = fit.weight.to(projection.weight.dtype)
+            self.result.weights[(index, block)] = compact.weight
             if with_bias:
                 self.result.biases[(index, block)] = fit.bias.to(projection.weight.dtype)
             if projection.bias is not None:
                 self.result.own_bias.add((index, block))
         self.record(index, block, projection, gram, fit, units - len(_kept(lp, block)))
-        return KeptProjection.of(projection, kept_columns, fit)
-
-    def apply(self, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> None:
-        """Write the refit into the running model: removed columns zero, kept columns refit, the bias."""
-        with torch.no_grad():
-            projection.weight.zero_()  # the fit holds its own copy of the weights
-            projection.weight[:, kept] = fit.weight.to(projection.weight.dtype)
-            if projection.bias is not None:
-                projection.bias.copy_(fit.bias.to(projection.bias.dtype))
-            elif bool(fit.bias.abs().sum() > 0):
-                self.hooks.add(projection, fit.bias)
+        return compact
 
     def record(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor, fit: Refit,
                removed: int) -> None:
@@ -223,19 +213,29 @@ class KeptProjection:
     weight: torch.Tensor  # out x kept
     bias: torch.Tensor | None  # the projection's own bias or the added one; None when neither
 
-    @classmethod
-    def of(cls, projection: nn.Linear, kept: torch.Tensor, fit: Refit) -> KeptProjection:
-        device, dtype = projection.weight.device, projection.weight.dtype
-        has_bias = projection.bias is not None or bool(fit.bias.abs().sum() > 0)
-        return cls(kept.to(device), fit.weight.to(device, dtype).contiguous(),
-                   fit.bias.to(device, dtype) if has_bias else None)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         # gather, not index_select: 0.45 ms against 1.7 ms for 512 tokens x 1,536 here (one thread)
         kept = torch.gather(rows, 1, self.columns.expand(rows.shape[0], -1))
         with torch.no_grad():
             return nn.functional.linear(kept, self.weight, self.bias).view(*x.shape[:-1], -1)
+
+
+def write_refit(projection: nn.Linear, kept: torch.Tensor, fit: Refit, hooks: AddedBias) -> KeptProjection:
+    """Write the refit into the running model (removed columns zero, kept columns refit; the bias into the projection's
+    own, or a forward hook when it has none and the refit added one); the same refit on the kept columns only."""
+    weight = fit.weight.to(projection.weight.device, projection.weight.dtype)
+    bias: torch.Tensor | None = fit.bias.to(projection.weight.device, projection.weight.dtype)
+    with torch.no_grad():
+        projection.weight.zero_()  # the fit holds its own copy of the weights
+        projection.weight[:, kept] = weight
+        if projection.bias is not None:
+            projection.bias.copy_(bias)
+        elif bool(fit.bias.abs().sum() > 0):
+            hooks.add(projection, bias)
+        else:
+            bias = None
+    return KeptProjection(kept.to(projection.weight.device), weight, bias)
 
 
 def _own_bias(module: nn.Module, block: str) -> torch.Tensor | float:
