@@ -157,9 +157,9 @@ def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -
     body = ["## 5. Compensation vs calibration", "",
             f"{MODEL} float32, {args.compensation_windows} windows x 128 tokens{windows_note}, "
             f"batch 4, {args.calibration_repeats} subprocess runs per step "
-            "(alternating, medians), one thread. Calibration: `run_calibration` (Taylor). Compensation: `compensate` "
-            "with the default settings (least squares, sequential, OBS within layer) of a 20% plan. Seconds: the step "
-            "only (not loading); peak RSS: the worker's VmHWM.", "",
+            f"(alternating, medians), torch/OpenMP threads {args.threads}. Calibration: `run_calibration` (Taylor). "
+            "Compensation: `compensate` with the default settings (least squares, sequential, OBS within layer) of a "
+            "20% plan. Seconds: the step only (not loading); peak RSS: the worker's VmHWM.", "",
             "| step | seconds | peak RSS MiB | RSS after load MiB |", "|---|---:|---:|---:|"]
     for name, fig in comp["figures"].items():
         body.append(f"| {name} | {fig['seconds']:.2f} | {fig['peak_rss_mib']:.0f} | {fig['loaded_rss_mib']:.0f} |")
