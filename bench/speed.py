@@ -163,11 +163,11 @@ def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -
             "| step | seconds | peak RSS MiB | RSS after load MiB |", "|---|---:|---:|---:|"]
     for name, fig in comp["figures"].items():
         body.append(f"| {name} | {fig['seconds']:.2f} | {fig['peak_rss_mib']:.0f} | {fig['loaded_rss_mib']:.0f} |")
-    pairs = adjacent_ratios(comp["runs"])
+    ordered = sorted((run for rs in comp["runs"].values() for run in rs), key=lambda run: run["order"])
+    pairs = adjacent_ratios(ordered)
     if pairs:
         body += ["", "Time ratio of each compensation run to the calibration run next to it (the machine's speed drifts "
                  f"between runs): {', '.join(f'{r:.2f}' for r in pairs)}."]
-    ordered = sorted((run for rs in comp["runs"].values() for run in rs), key=lambda run: run["order"])
     body += ["", "Runs, in the order they ran (steal: CPU seconds the hypervisor gave other guests meanwhile, both "
              "vCPUs): " + "; ".join(f"{run['method']} {run['seconds']:.1f} s / {run['peak_rss_mib']:.0f} MiB "
                                      f"(load {run['loadavg']:.2f}, steal {run['steal_seconds']:.1f} s)"
@@ -175,10 +175,9 @@ def report_compensation(args: argparse.Namespace, comp: Row, goals: list[str]) -
     return body
 
 
-def adjacent_ratios(runs: dict[str, list[Row]]) -> list[float]:
-    """compensation / calibration seconds for each compensation run and the calibration run just before or after it
-    (the alternating order pairs them), in run order."""
-    ordered = sorted((r for rs in runs.values() for r in rs), key=lambda r: r["order"])
+def adjacent_ratios(ordered: list[Row]) -> list[float]:
+    """compensation / calibration seconds for each compensation run (``ordered``: every run, in run order) and the
+    calibration run just before or after it (the alternating order pairs them)."""
     ratios = []
     for i, run in enumerate(ordered):
         if run["method"] != calibration_overhead.COMPENSATION:

@@ -213,12 +213,12 @@ class KeptProjection:
     weight: torch.Tensor  # out x kept
     bias: torch.Tensor | None  # the projection's own bias or the added one; None when neither
 
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         # gather, not index_select: 0.45 ms against 1.7 ms for 512 tokens x 1,536 here (one thread)
         kept = torch.gather(rows, 1, self.columns.expand(rows.shape[0], -1))
-        with torch.no_grad():
-            return nn.functional.linear(kept, self.weight, self.bias).view(*x.shape[:-1], -1)
+        return nn.functional.linear(kept, self.weight, self.bias).view(*x.shape[:-1], -1)
 
 
 def write_refit(projection: nn.Linear, kept: torch.Tensor, fit: Refit, hooks: AddedBias) -> KeptProjection:
