@@ -28,6 +28,7 @@ from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.table.config import TableConfig
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+SaveDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 #: Alternative spellings accepted on the command line, as used by the pruning guides.
 FLAG_ALIASES: dict[str, str] = {
@@ -44,6 +45,10 @@ class OutputConfig(RunConfig):
 
     save_model: bool = True
     """Write the pruned model into ``output/model``."""
+    save_dtype: SaveDType = "auto"
+    """Dtype of the pruned checkpoint's weights. ``auto``: the source checkpoint's, whatever the compute
+    precision (kept weights are the source's values exactly; refit projections are computed in float32
+    and rounded once to it). ``float32``, ``bfloat16`` or ``float16`` convert on save."""
     export_gguf: GGUFType | None = None
     """Also write ``output/model.gguf`` for llama.cpp / Ollama in this type (llama.cpp's ``deci`` architecture:
     per-layer head and FFN widths; see ``gp-lightning export-gguf``). Needs ``save_model`` or ``streamed_surgery``."""

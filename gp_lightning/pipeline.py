@@ -13,6 +13,7 @@ directory is made, so a bad invocation leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from gp_lightning.model.sharded import meta_model
 from gp_lightning.model.source import local_checkpoint_dir
 from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.runtime.launch import launcher_warning
-from gp_lightning.runtime.precision import load_dtype
+from gp_lightning.runtime.precision import holds, load_dtype
 from gp_lightning.runtime.ranks import broadcast_from_zero, distributed, process_group, world_size
 from gp_lightning.runtime.recipe import Recipe
 from gp_lightning.selection.greedy import check_budget, select
@@ -92,9 +93,14 @@ class PruneRecipe(Recipe):
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, e = self.cfg, self.cfg.evaluation
         self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)
         self._check_recovery()
+        needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
+        if cfg.table.from_table is None and self._needs_calibration_windows():  # (from a table: known once read)
+            check_source(cfg.data.dataset, "calibration")  # a missing file or hub stops here, not after the load
+        if needed:
+            check_source(e.eval_dataset, "evaluation")
         warning = launcher_warning()
         if warning:
             warnings.warn(warning, stacklevel=2)
@@ -113,14 +119,12 @@ class PruneRecipe(Recipe):
             count = max(cfg.data.num_samples, refit if cfg.refit.enabled else 0)
             windows = calibration_windows(tokens, count, cfg.data.seq_len, cfg.run.seed)  # the first ones calibrate
             self.cal_windows, self.refit_windows = windows[: cfg.data.num_samples], windows[:refit]
-        e = cfg.evaluation
-        needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings,
                                       cfg.data.text_encoding)
         self.open_log(cfg.to_dict())
-        log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s", __version__,
+        log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s (%s)", __version__,
                  cfg.source.model, self.layout.num_layers, self.layout.total_params, self.layout.prunable_params,
-                 self.precision)
+                 self.precision, self.precision_reason)
 
     def _check_stock_shape(self) -> None:
         """``allocation: uniform_per_layer`` saves the stock class: what it cannot hold is refused or turned off here."""
@@ -149,8 +153,8 @@ class PruneRecipe(Recipe):
             raise ConfigError("finetune in a distributed run starts every rank from the saved pruned model: set "
                               "save_model: true.")
         settings = cfg.finetune_settings()
-        check_source(settings.data.dataset)
-        check_source(settings.evaluation.eval_dataset)
+        check_source(settings.data.dataset, "calibration")
+        check_source(settings.evaluation.eval_dataset, "evaluation")
 
     def _load(self) -> tuple[torch.nn.Module, Any]:
         """The dense model (under FSDP on the meta device: each rank reads its own shard later)."""
@@ -166,17 +170,38 @@ class PruneRecipe(Recipe):
         directory = local_checkpoint_dir(cfg.source.model, cfg.source.cache_dir)
         return meta_model(directory, dtype), AutoTokenizer.from_pretrained(cfg.source.tokenizer or directory)
 
-    def full_model(self) -> torch.nn.Module:
-        """The dense model, whole, on this process (reloaded when calibration left it sharded)."""
+    def full_model(self, exact: bool = False) -> torch.nn.Module:
+        """The dense model, whole, on this process (reloaded when calibration left it sharded). ``exact``: in a
+        dtype that holds the source's weights exactly (compensation and surgery), reloaded if needed."""
         if self.model is None or any(p.is_meta for p in self.model.parameters()):
-            self.model, _ = self.cfg.source.load(load_dtype(self.precision))
+            self.model, _ = self.cfg.source.load(self.weights_dtype(exact))
+        elif exact and not holds(next(self.model.parameters()).dtype, self.source_dtype):
+            log.info("reloading the dense model in %s for compensation and surgery (the %s compute precision cannot "
+                     "hold its weights exactly)", self.source_dtype, self.precision)
+            self.model = None
+            self.model, _ = self.cfg.source.load(self.weights_dtype(exact))
         return self.model
 
     def offloaded_model(self) -> torch.nn.Module:
         """The dense model on the meta device, its layers to be read from disk one at a time."""
         directory = local_checkpoint_dir(self.cfg.source.model, self.cfg.source.cache_dir)
         self.model = None  # what calibration held is not needed again: surgery streams from disk
-        return meta_model(directory, load_dtype(self.precision))
+        return meta_model(directory, self.weights_dtype(exact=True))
+
+    @functools.cached_property
+    def source_dtype(self) -> torch.dtype:
+        """The dtype the source checkpoint stores its weights in."""
+        return self.cfg.source.storage_dtype()
+
+    def weights_dtype(self, exact: bool) -> torch.dtype:
+        """The compute precision's weight dtype; with ``exact``, the source's where that one would round them."""
+        compute = load_dtype(self.precision)
+        return compute if not exact or holds(compute, self.source_dtype) else self.source_dtype
+
+    def save_dtype(self) -> torch.dtype:
+        """The pruned checkpoint's dtype: ``save_dtype``, or the source's."""
+        chosen = self.cfg.run.save_dtype
+        return self.source_dtype if chosen == "auto" else getattr(torch, chosen)
 
     def _needs_calibration_windows(self) -> bool:
         cfg, t = self.cfg, self.cfg.table
@@ -260,7 +285,7 @@ class PruneRecipe(Recipe):
             return None
         assert self.layout is not None and self.refit_windows is not None
         rank, world = process_group()
-        model = self.offloaded_model() if refit.compensation_offload else self.full_model()
+        model = self.offloaded_model() if refit.compensation_offload else self.full_model(exact=True)
         with self.timed("compensation_s"):
             result = compensate(model, self.layout, plan, self.refit_windows, refit,
                                 self.cfg.data.batch_size, rank, world)
@@ -295,11 +320,11 @@ class PruneRecipe(Recipe):
             self.model = None  # the weights are read from disk instead
             with self.timed("surgery_s"):
                 stream_prune(source, self.layout, selection.plan, self.provenance(selection), self.run_dir / "model",
-                             tokenizer=self.tokenizer, compensation=compensation)
+                             tokenizer=self.tokenizer, compensation=compensation, dtype=self.save_dtype())
             return load_pruned(self.run_dir / "model")
         with self.timed("surgery_s"):
-            pruned = apply_plan(self.full_model(), self.layout, selection.plan, self.provenance(selection),
-                                compensation)
+            pruned = apply_plan(self.full_model(exact=True), self.layout, selection.plan, self.provenance(selection),
+                                compensation, self.save_dtype())
         self.model = None
         self.save(pruned)
         return pruned

@@ -33,3 +33,10 @@ class ModelConfig:
         return load_model(self.model, dtype=dtype, tokenizer_source=self.tokenizer,
                           trust_remote_code=self.trust_remote_code, cache_dir=self.cache_dir,
                           with_tokenizer=with_tokenizer)
+
+    def storage_dtype(self) -> Any:
+        """The torch dtype the source checkpoint stores its weights in (see
+        :func:`gp_lightning.model.source.checkpoint_dtype`)."""
+        from gp_lightning.model.source import checkpoint_dtype
+
+        return checkpoint_dtype(self.model, self.cache_dir, self.trust_remote_code)

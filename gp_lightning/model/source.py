@@ -7,6 +7,7 @@ safetensors HF directory, which then reloads in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,6 +188,39 @@ def _load(
     except Exception as exc:
         raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
     return model, tokenizer
+
+
+#: safetensors dtype names -> torch dtypes, for the floating point types a checkpoint stores weights in.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def checkpoint_dtype(source: str, cache_dir: str | None = None, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype ``source`` stores its weights in: what a pruned checkpoint of it is saved in by default.
+
+    A local directory answers from its safetensors headers (the weights as they are, whatever the config says),
+    else from ``config.json``; a hub id from its config; a ``.gguf`` (de-quantized here) is float32.
+    """
+    location = resolve(source, cache_dir)
+    path = Path(location).expanduser()
+    if path.suffix == ".gguf":
+        return torch.float32
+    if path.is_dir():
+        from gp_lightning.model.weights import read_header, source_weight_files
+
+        with contextlib.suppress(ModelSourceError):
+            for info in read_header(source_weight_files(path)[0]).values():
+                if info["dtype"] in _SAFETENSORS_DTYPES:
+                    return _SAFETENSORS_DTYPES[info["dtype"]]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelSourceError(f"Could not read the config of model '{source}': {' '.join(str(exc).split())}") from exc
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:

@@ -1,36 +1,65 @@
-"""Numerics: pick bf16 only where the hardware computes it natively.
+"""Numerics: what ``auto`` means on this machine for this run, and the dtypes that follow from a precision.
 
-On CPUs without AMX / AVX512-BF16 (e.g. AVX2-only machines) bf16 matmuls are emulated and several
-times slower than float32, and CPU bf16 autocast is slower still, so ``auto`` means float32 there.
+``auto`` asks :mod:`gp_lightning.runtime.machine`: bf16 only where the hardware computes it natively,
+and bf16 weights (``bf16-true``) only where the run can hold them: a distributed or sharded run
+all-reduces and shards float32 gradients, so there ``auto`` is ``bf16-mixed`` on a bf16 GPU and
+``32-true`` on a CPU (CPU bf16 autocast re-casts every weight on every forward and measured slower
+than float32). A precision the user set is kept as it is (and refused with a clear error where it
+cannot work).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-
-def cpu_has_native_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability().upper()
-    if "AMX" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+from gp_lightning.runtime.machine import Machine, detect
 
 
-def resolve(precision: str, accelerator: str = "auto") -> str:
-    """Turn ``auto`` into a concrete Lightning precision string."""
+@dataclass(frozen=True)
+class Choice:
+    """A concrete Lightning precision and why it was chosen (the log line says both)."""
+
+    precision: str
+    reason: str
+
+
+def needs_float32_parameters(strategy: str, world: int) -> bool:
+    """Whether this run's strategy keeps float32 parameters: DDP/FSDP/ZeRO-3, and any run of several processes."""
+    return strategy in ("ddp", "fsdp", "deepspeed") or world > 1
+
+
+def choose(precision: str, accelerator: str = "auto", strategy: str = "auto", world: int = 1,
+           machine: Machine | None = None) -> Choice:
+    """``precision`` as a concrete Lightning precision for a run of ``world`` processes with ``strategy``."""
     if precision != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-true" if cpu_has_native_bf16() else "32-true"
+        return Choice(precision, "set in the config")
+    machine = machine or detect()
+    if machine.uses_gpu(accelerator):
+        if machine.cuda_bf16:
+            return Choice("bf16-mixed", "auto: the GPU computes bf16 natively")
+        return Choice("32-true", "auto: the GPU has no native bf16")
+    if not machine.cpu_bf16:
+        return Choice("32-true", f"auto: this CPU ({machine.kind}) emulates bf16, float32 is faster")
+    if needs_float32_parameters(strategy, world):
+        return Choice("32-true", f"auto: a {strategy} run of {world} process(es) needs float32 parameters, and on "
+                                 "CPU float32 is faster than bf16 autocast")
+    return Choice("bf16-true", f"auto: this CPU ({machine.kind}) computes bf16 natively")
+
+
+def resolve(precision: str, accelerator: str = "auto", strategy: str = "auto", world: int = 1) -> str:
+    """Turn ``auto`` into a concrete Lightning precision string (see :func:`choose`)."""
+    return choose(precision, accelerator, strategy, world).precision
+
+
+def holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of dtype ``narrow`` is exactly a value of ``wide`` (float32 holds bf16 and float16)."""
+    if wide == narrow:
+        return True
+    return wide in (torch.float32, torch.float64) and torch.finfo(wide).bits > torch.finfo(narrow).bits
 
 
 def load_dtype(precision: str) -> torch.dtype:

@@ -16,8 +16,8 @@ from typing import Any
 from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.config import DistributedConfig, Precision, RunConfig
 from gp_lightning.runtime.io import check_run_dir, open_run_log
-from gp_lightning.runtime.precision import resolve
-from gp_lightning.runtime.ranks import global_rank
+from gp_lightning.runtime.precision import choose
+from gp_lightning.runtime.ranks import global_rank, world_size
 
 log = logging.getLogger("gp_lightning")
 
@@ -39,9 +39,17 @@ class Recipe:
 
         if self.rank == 0:
             check_run_dir(self.run_dir, overwrite, config, resume)
-        self.precision = resolve(self._distributed.precision, self._distributed.accelerator)
-        self.eval_precision = resolve(self._eval_precision, self._distributed.accelerator)
+        d = self._distributed
+        choice = choose(d.precision, d.accelerator, d.strategy, self.world_size())
+        self.precision, self.precision_reason = choice.precision, choice.reason
+        self.eval_precision = choose(self._eval_precision, d.accelerator).precision  # rank 0 alone evaluates
         L.seed_everything(self._run.seed, verbose=False)
+
+    def world_size(self) -> int:
+        """Processes of this run: what the launcher started, else what Lightning will start (devices x nodes)."""
+        d = self._distributed
+        planned = (d.devices if isinstance(d.devices, int) else 1) * d.num_nodes
+        return max(world_size(), planned)
 
     def open_log(self, config: dict[str, Any]) -> None:
         """Rank 0: ``config.yaml`` and ``training.log`` in the run directory (the other ranks write nothing)."""

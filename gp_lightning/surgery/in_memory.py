@@ -26,18 +26,18 @@ if TYPE_CHECKING:
 
 
 def apply_plan(model: nn.Module, layout: ModelLayout, plan: PruningPlan, provenance: dict,
-               compensation: Compensation | None = None) -> GPPrunedForCausalLM:
+               compensation: Compensation | None = None, dtype: torch.dtype | None = None) -> GPPrunedForCausalLM:
     """Return a new, physically smaller model carrying the dense model's remaining weights (refit where
-    ``compensation`` refit them)."""
+    ``compensation`` refit them), in ``dtype`` (default: the dense model's)."""
     config = pruned_config(model.config, layout, plan, provenance, compensation)
     config._attn_implementation = getattr(model.config, "_attn_implementation", None)
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     device = torch.get_default_device()  # where a freshly constructed model would live
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     dense = model.state_dict()
     dense_storages = {tensor.untyped_storage().data_ptr() for tensor in dense.values()}
     state = {}
-    for name, tensor in TensorSlicer(layout, plan, compensation).apply(dense.items()):
+    for name, tensor in TensorSlicer(layout, plan, compensation, dtype).apply(dense.items()):
         if name in tied:
             continue  # the embedding, tied below
         tensor = tensor.to(device=device, dtype=dtype)

@@ -32,9 +32,11 @@ def unit_rows(groups: list[int], width: int) -> torch.Tensor:
 class TensorSlicer:
     """Maps a dense parameter ``(name, tensor)`` to its pruned form, or to nothing."""
 
-    def __init__(self, layout: ModelLayout, plan: PruningPlan, compensation: Compensation | None = None) -> None:
+    def __init__(self, layout: ModelLayout, plan: PruningPlan, compensation: Compensation | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.layout = layout
         self.plan = plan
+        self.dtype = dtype  # floating tensors come out in it (None: each in its own); refits are rounded once to it
         kept = plan.kept_layers
         self.new_index = {old: new for new, old in enumerate(kept)}
         self.weights = {} if compensation is None else compensation.weights
@@ -43,7 +45,7 @@ class TensorSlicer:
     def __call__(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         match = _LAYER_PARAM.match(name)
         if match is None:
-            return name, tensor
+            return name, self._cast(tensor)
         old = int(match["idx"])
         if old not in self.new_index:
             return None
@@ -51,7 +53,12 @@ class TensorSlicer:
         if result is None:
             return None
         rest, sliced = self._compensated(old, match["rest"], *result)
-        return f"{match['prefix']}.{self.new_index[old]}.{rest}", sliced
+        return f"{match['prefix']}.{self.new_index[old]}.{rest}", self._cast(sliced)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dtype is None or not tensor.is_floating_point() or tensor.dtype == self.dtype:
+            return tensor
+        return tensor.to(self.dtype)
 
     def _compensated(self, old: int, dense: str, rest: str, sliced: torch.Tensor) -> tuple[str, torch.Tensor]:
         """The refit weight or output bias instead of the sliced one, where the compensation has one.
@@ -74,9 +81,10 @@ class TensorSlicer:
             value = self.biases[key] + (0 if sliced.is_meta else sliced.to(self.biases[key].dtype))
         else:
             return rest, sliced
+        dtype = self.dtype or sliced.dtype
         if sliced.is_meta:  # a dry run over stored shapes
-            return rest, torch.empty(value.shape, dtype=sliced.dtype, device="meta")
-        return rest, value.to(sliced.dtype).clone()
+            return rest, torch.empty(value.shape, dtype=dtype, device="meta")
+        return rest, value.to(dtype).clone()
 
     def _slice(self, layer: LayerLayout, lp: LayerPlan, rest: str, tensor: torch.Tensor
                ) -> tuple[str, torch.Tensor] | None:
@@ -126,4 +134,4 @@ class TensorSlicer:
         """
         for (old, block), bias in sorted(self.biases.items()):
             if (old, block) not in self._placed and old in self.new_index:
-                yield f"{prefix}.{self.new_index[old]}.{block}_output_bias", bias.clone()
+                yield f"{prefix}.{self.new_index[old]}.{block}_output_bias", self._cast(bias.clone())

@@ -136,7 +136,7 @@ def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, de
                     f"expects {expected[name]}: the layout or plan does not match the checkpoint in '{source}'."
                 )
             start, end = info["data_offsets"]
-            itemsize = (end - start) // max(math.prod(shape), 1)
+            itemsize = (end - start) // max(math.prod(shape), 1) if slicer.dtype is None else sliced.element_size()
             reads[name] = _Read(name, path, source_name, sliced.numel() * itemsize)
     if unused:
         logger.warning("Streamed surgery ignores %d stored tensors the model does not use: %s", len(unused), unused)
@@ -282,13 +282,14 @@ def stream_prune(
     max_shard_size: int | str = "5GB",
     dense_config: Any = None,
     compensation: Compensation | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Apply ``plan`` to the safetensors checkpoint in ``source`` and save the pruned checkpoint to ``output``.
 
     The result equals ``save_pruned(apply_plan(model, layout, plan, provenance), tokenizer, output)``
     (same tensors, config, modeling files and generation config) but the dense model is never
     loaded: tensors are read one at a time and written in shards of at most ``max_shard_size``
-    bytes, each tensor in its stored dtype. ``layout`` must describe the checkpoint
+    bytes, each tensor in its stored dtype (floating ones in ``dtype`` when given). ``layout`` must describe the checkpoint
     (:func:`describe_checkpoint` reads it without loading weights). With ``compensation`` its refit
     weights and output biases are written instead of the sliced ones. Writing is atomic: into a
     staging directory that is renamed onto ``output`` when complete and removed on failure.
@@ -304,8 +305,9 @@ def stream_prune(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
     dense_names = set(dense_meta_model(dense_config).state_dict())
-    reads = _plan_reads(files, layout, TensorSlicer(layout, plan, compensation), dense_names, expected, tied, source)
-    slicer = TensorSlicer(layout, plan, compensation)
+    reads = _plan_reads(files, layout, TensorSlicer(layout, plan, compensation, dtype), dense_names, expected, tied,
+                        source)
+    slicer = TensorSlicer(layout, plan, compensation, dtype)
     generation_config = _generation_config(source, dense_config)
 
     with staged_directory(output) as staging:
