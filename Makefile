@@ -44,8 +44,14 @@ llamacpp: install
 deepspeed-ops: install
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b is not None and b.is_compatible() and b.load()"
 
+# The demo's WikiText-2: this folder's valid.txt (calibration) and test.txt (evaluation) when it holds them (the
+# workspace's copy, or any copy: make demo DEMO_DATA=~/wikitext-2), else the config's `wikitext2` from the hub.
+DEMO_DATA ?= ../shared/data/wikitext-2
+DEMO_FILES := $(and $(wildcard $(DEMO_DATA)/valid.txt),$(wildcard $(DEMO_DATA)/test.txt))
+
 demo: model
-	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite
+	$(BIN)/python prune.py --config configs/smollm2-135m.yaml --pruning_ratio 0.2 --output runs/demo --overwrite \
+	    $(if $(DEMO_FILES),--dataset $(DEMO_DATA)/valid.txt --eval_dataset $(DEMO_DATA)/test.txt)
 
 # The full suite on the newest allowed releases (llama.cpp runs the GGUF exports), then the checkpoint/generation
 # tests on the oldest transformers.

@@ -92,18 +92,28 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture) -> None:
 def test_bad_input_exits_cleanly_without_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
     monkeypatch.chdir(tmp_path)  # a relative --output, as typed in a shell
-    assert prune_main([*args, "--output", "runs/x"]) == 2
+    text = _local_text(tmp_path)
+    assert prune_main([*args, "--output", "runs/x", "--dataset", text, "--eval_dataset", text]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
+def _local_text(folder: Path) -> str:
+    """A local text file: the data (hub datasets too) is checked before the model loads, so a test of a later error
+    names text that is there."""
+    (folder / "text.txt").write_text("A few words of text.\n")
+    return str(folder / "text.txt")
+
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    code = prune_main(["--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "run")])
+    text = _local_text(tmp_path)
+    code = prune_main(["--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "run"), "--dataset", text,
+                       "--eval_dataset", text])
     assert code == 2
     assert not (tmp_path / "run").exists()
 
@@ -112,7 +122,8 @@ def test_too_little_calibration_text(tmp_path: Path, tiny_checkpoint: Path, caps
     short = tmp_path / "short.txt"
     short.write_text("Only a few words of text here.\n")
     code = prune_main(["--model", str(tiny_checkpoint), "--dataset", str(short), "--num_samples", "4",
-                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
+                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run"), "--eval_dataset",
+                       _local_text(tmp_path)])
     assert code == 2
     assert "too short" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -139,7 +150,8 @@ def test_unreadable_text_is_one_line_naming_the_file(tmp_path: Path, tiny_checkp
                                                      message: str) -> None:
     (tmp_path / name).write_bytes(content)
     code = prune_main(["--model", str(tiny_checkpoint), "--dataset", str(tmp_path / name), "--num_samples", "4",
-                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
+                       "--pruning_ratio", "0.001", "--output", str(tmp_path / "run"), "--eval_dataset",
+                       _local_text(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert re.search(f"^error: .*{message}", err, re.MULTILINE)
@@ -172,7 +184,7 @@ def test_nan_weights_are_named_at_load(tmp_path: Path, tiny_checkpoint: Path, wi
     tensors["model.layers.1.mlp.down_proj.weight"][0, :3] = float("nan")
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     code = prune_main(["--model", str(broken), "--importance_method", method, "--dataset",
-                       str(wikitext / "valid.txt"), "--num_samples", "4",
+                       str(wikitext / "valid.txt"), "--eval_dataset", str(wikitext / "test.txt"), "--num_samples", "4",
                        "--precision", "32-true", "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "overflowed" not in err
@@ -273,7 +285,9 @@ def test_a_model_directory_is_checked_before_transformers_reads_it(tmp_path: Pat
     else:
         config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps({**config, "model_type": "llamazing"}))
-    assert prune_main(["--model", str(model), "--output", str(tmp_path / "run")]) == 2
+    text = _local_text(tmp_path)
+    assert prune_main(["--model", str(model), "--output", str(tmp_path / "run"), "--dataset", text,
+                       "--eval_dataset", text]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "upgrade" not in err
     assert not (tmp_path / "run").exists()

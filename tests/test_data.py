@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from gp_lightning.data.sources import load_text
+from gp_lightning.data import sources
+from gp_lightning.data.sources import check_source, load_text
 from gp_lightning.data.windows import calibration_windows, evaluation_windows
 from gp_lightning.runtime.errors import DataError
 
@@ -32,18 +33,53 @@ def test_hub_names_map_to_datasets_calls(monkeypatch: pytest.MonkeyPatch) -> Non
         calls.append((path, kwargs))
         return {"text": ["x", "y"]}
 
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda: None)  # no request leaves the test
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert load_text("wikitext2", "evaluation") == "x\n\ny"
     load_text("c4", "calibration")
     assert calls[0] == ("wikitext", {"split": "test", "name": "wikitext-2-raw-v1"})
     assert calls[1] == ("allenai/c4", {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})
 
-    def offline(path: str, **kwargs: object) -> None:
-        raise ConnectionError("no network")
+    def refused(path: str, **kwargs: object) -> None:
+        raise ValueError("Unknown split 'train'.\nShould be one of ['test'].")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match="local file"):
-        load_text("wikitext2", "calibration")
+    monkeypatch.setattr(datasets, "load_dataset", refused)
+    with pytest.raises(DataError, match="Unknown split 'train'. Should be") as failed:
+        check_source("wikitext2", "calibration")
+    assert "\n" not in str(failed.value) and "--dataset" in str(failed.value)
+
+
+def test_an_unreachable_hub_is_asked_once_then_the_cache_is_read_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: one quick request, then datasets reads its cache in offline mode (no retries for ~25 s); with
+    nothing cached, one line naming the dataset, the unreachable hub and both ways on."""
+    import datasets
+    from huggingface_hub import constants
+
+    class NoNetwork:
+        def head(self, url: str, timeout: float) -> None:
+            raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.get_session", NoNetwork)
+    seen = []
+
+    def cache_only(path: str, **kwargs: object) -> dict:
+        seen.append((datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE))
+        if len(seen) > 1:
+            raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+        return {"text": ["cached"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_only)
+    hub_offline = constants.HF_HUB_OFFLINE  # the environment's setting
+    assert load_text("wikitext2", "calibration") == "cached"
+    with pytest.raises(DataError) as failed:
+        check_source("wikitext2", "evaluation")
+    assert seen == [(True, True), (True, True)]
+    assert not datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE is hub_offline  # restored
+    message = str(failed.value)
+    assert message.startswith("Dataset 'wikitext2' (wikitext, split test): the Hugging Face hub could not be "
+                              "reached (OSError: [Errno -2] Name or service not known)")
+    assert "Connect to the hub, or pass local text with --dataset" in message and "--eval_dataset" in message
 
 
 def test_unknown_dataset_and_missing_file() -> None:

@@ -23,9 +23,9 @@ class TextConfig:
     """Text"""
 
     dataset: str = "wikitext2"
-    """``wikitext2``, ``c4`` (Hugging Face hub) or a local ``.txt``/``.jsonl``/``.parquet`` file (without hub
-    access: ``../shared/data/wikitext-2/valid.txt``); fine-tuning also takes alpaca-style instruction records
-    (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``)."""
+    """``wikitext2``, ``c4`` (Hugging Face hub: the train split) or a local ``.txt``/``.jsonl``/``.parquet`` file
+    (without hub access, e.g. a WikiText-2 copy's ``valid.txt``); fine-tuning also takes alpaca-style instruction
+    records (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``)."""
     seq_len: int = 128
     """Tokens per window (for instruction data: the most tokens an example keeps)."""
     batch_size: int = 4

@@ -1,16 +1,19 @@
 """Calibration and evaluation text: where it comes from and how it is cut into token windows.
 
-Sources are a Hugging Face dataset name (``wikitext2``, ``c4``: loaded with ``datasets`` for users
-who reach the hub) or a local ``.txt`` / ``.jsonl`` / ``.parquet`` file. Text is tokenized as one
-stream and cut into fixed windows, so every window is full and nothing is padded.
+Sources are a Hugging Face dataset name (``wikitext2``, ``c4``: loaded with ``datasets`` from the hub,
+or from the datasets cache when the hub cannot be reached) or a local ``.txt`` / ``.jsonl`` / ``.parquet``
+file. :func:`check_source` finds a missing one before a model loads. Text is tokenized as one stream and
+cut into fixed windows, so every window is full and nothing is padded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from gp_lightning.runtime.errors import DataError
 
@@ -47,27 +50,41 @@ HUB_DATASETS: dict[str, HubDataset] = {
     ),
 }
 
-LOCAL_HINT = "a local file works everywhere, e.g. ../shared/data/wikitext-2/valid.txt"
+#: The way on without the hub, the end of every hub error.
+LOCAL_TEXT = ("pass local text with --dataset (calibration) and --eval_dataset (evaluation), e.g. the valid.txt and "
+              "test.txt of a WikiText-2 copy (make demo DEMO_DATA=<its folder> passes them)")
 
 
 def load_text(source: str, role: Role, encoding: str = "utf-8") -> str:
     """Return the raw text of ``source`` for the given role (calibration or evaluation); local files are decoded
     with ``encoding``."""
-    check_source(source)
     path = Path(source).expanduser()
-    return _read_local(path, encoding) if path.is_file() else _read_hub(source, role)
+    if path.is_file():
+        return _read_local(path, encoding)
+    _check_name(source)
+    return "\n\n".join(_load_hub(source, role)["text"])
 
 
-def check_source(source: str) -> None:
-    """Fail now, with the fix, if ``source`` is neither an existing file nor a known dataset name."""
-    path = Path(source).expanduser()
-    if path.is_file() or source in HUB_DATASETS:
+def check_source(source: str, role: Role | None = None) -> None:
+    """Fail now, before a model loads, if :func:`load_text` could not give ``source``: a missing file, an unknown
+    name, and with ``role``, a hub dataset that neither the hub nor the datasets cache has (its split for ``role``
+    is downloaded here, into the datasets cache that :func:`load_text` then reads)."""
+    if not Path(source).expanduser().is_file():
+        _check_name(source)
+        if role is not None:
+            _load_hub(source, role)
+
+
+def _check_name(source: str) -> None:
+    """``source`` (not an existing file) is a known dataset name, or a one-line error."""
+    if source in HUB_DATASETS:
         return
+    path = Path(source).expanduser()
     if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or "/" in source:
         raise DataError(f"Dataset file '{source}' does not exist (looked in {path.resolve()}).")
     raise DataError(
         f"Unknown dataset '{source}'. Use one of {', '.join(HUB_DATASETS)} (Hugging Face hub) or the "
-        f"path of a .txt, .jsonl or .parquet file; {LOCAL_HINT}."
+        "path of a .txt, .jsonl or .parquet file."
     )
 
 
@@ -119,18 +136,51 @@ def _text_field(record: object, where: str) -> str:
     raise DataError(f"{where}: expected a JSON object with a 'text' field.")
 
 
-def _read_hub(name: str, role: Role) -> str:
+def _load_hub(name: str, role: Role) -> Any:
+    """The hub dataset ``name``'s split for ``role``; when the hub cannot be reached, the datasets cache's copy."""
     import datasets
 
     spec = HUB_DATASETS[name]
     kwargs = spec.load_kwargs(role)
+    what = f"Dataset '{name}' ({spec.path}, split {kwargs['split']})"
+    unreachable = _hub_unreachable()
     try:
-        ds = datasets.load_dataset(spec.path, **kwargs)
-    except Exception as exc:  # network, auth, missing split: all end the same way for the user
-        raise DataError(
-            f"Could not load dataset '{name}' ({spec.path}, split {kwargs['split']}) from the Hugging Face "
-            f"hub: {exc}. Without hub access pass a local file instead; {LOCAL_HINT}."
-        ) from exc
-    return "\n\n".join(ds["text"])
+        with _offline(unreachable is not None):  # only the cache can serve it then: at once, without retries
+            return datasets.load_dataset(spec.path, **kwargs)
+    except ConnectionError as exc:  # datasets' word for offline or unreachable, with no cached copy
+        reason = unreachable or " ".join(str(exc).split())
+        raise DataError(f"{what}: the Hugging Face hub could not be reached ({reason}) and the datasets cache has "
+                        f"no copy. Connect to the hub, or {LOCAL_TEXT}.") from exc
+    except Exception as exc:  # authentication, a missing split: all end the same way for the user
+        raise DataError(f"{what} could not be loaded from the Hugging Face hub: {' '.join(str(exc).split())}. "
+                        f"Without hub access, {LOCAL_TEXT}.") from exc
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now (offline mode, no network, no answer), or None: one request within
+    ``HF_HUB_ETAG_TIMEOUT`` (10 s) where the hub client would retry for ~25 s, printing a warning each time."""
+    import datasets
+    from huggingface_hub import constants, get_session
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return "offline mode is on: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE"
+    try:
+        get_session().head(datasets.config.HF_ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:  # the client's transport errors; their classes differ between huggingface_hub releases
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    return None
+
+
+@contextlib.contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """With ``on``, datasets and the hub client in offline mode for the block (both read these flags per call)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if on:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved

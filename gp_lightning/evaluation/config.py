@@ -13,8 +13,8 @@ class EvaluationWindows:
     """Perplexity evaluation"""
 
     eval_dataset: str = "wikitext2"
-    """Perplexity text, same forms as ``dataset`` (never the text a model trains on; without hub access:
-    ``../shared/data/wikitext-2/test.txt``)."""
+    """Perplexity text, same forms as ``dataset`` (hub datasets: the test/validation split; never the text a model
+    trains on; without hub access, e.g. a WikiText-2 copy's ``test.txt``)."""
     eval_seq_len: int = 128
     """Tokens per non-overlapping perplexity window (128 as LLM-Pruner and FLAP report)."""
     eval_max_windows: int | None = None
