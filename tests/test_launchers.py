@@ -2,9 +2,12 @@
 
 Each launch prunes and then fine-tunes (``--finetune``: every rank joins the recovery from the model
 rank 0 saved), so one launch per launcher checks both against a single-process run of the same
-config: rank 0's table and plan equal the single process's, and 2 gloo ranks x batch 2 fine-tune as
-1 process x batch 4 does (the same examples per step: same losses, same weights). The fine-tune
-distills from the dense model mixed with the LM loss, so the teacher runs under every strategy too.
+config (``--strategy ddp`` in one process, and no precision flag: ``auto`` resolves alike for one
+process and two, float32 parameters on every CPU kind, under bf16 autocast where the CPU computes
+bf16 natively): rank 0's table and plan equal the single process's, and 2 gloo ranks x batch 2
+fine-tune as 1 process x batch 4 does (the same examples per step: same losses, same weights). The
+fine-tune distills from the dense model mixed with the LM loss, so the teacher runs under every
+strategy too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from safetensors.torch import load_file
 
 from gp_lightning.export.checkpoint import load_pruned
 from gp_lightning.pipeline import oneshot
+from gp_lightning.runtime.precision import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 PRUNABLE = TINY_CHECKPOINT_PRUNABLE
@@ -39,9 +43,10 @@ def _finetune_config(directory: Path, batch_size: int) -> str:
 
 
 def _settings(checkpoint: Path, wikitext: Path, output: Path, finetune_batch: int) -> dict[str, object]:
+    """No ``precision``: ``auto`` must pick for one process what it picks for two (see the module's doc)."""
     return dict(model=str(checkpoint), pruning_ratio=0.3 * PRUNABLE, num_samples=7, seq_len=32, batch_size=2,
                 dataset=str(wikitext / "valid.txt"), eval_dataset=str(wikitext / "test.txt"), eval_max_windows=4,
-                eval_seq_len=32, precision="32-true", eval_precision="32-true", accelerator="cpu",
+                eval_seq_len=32, eval_precision="32-true", accelerator="cpu",
                 test_before_prune=False, output=str(output), finetune=True,
                 finetune_config=_finetune_config(output.parent, finetune_batch))
 
@@ -59,7 +64,7 @@ def _port() -> str:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, wikitext: Path) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    result = oneshot(**_settings(tiny_checkpoint, wikitext, out, finetune_batch=4))
+    result = oneshot(**_settings(tiny_checkpoint, wikitext, out, finetune_batch=4), strategy="ddp")  # one process
     assert result.finetuned is not None and result.finetuned.evaluation["finetune_loss"] == "kd+lm"
     return out
 
@@ -79,6 +84,9 @@ def test_two_rank_launch_equals_single_process(tmp_path: Path, tiny_checkpoint: 
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr  # really two processes
+    results = [json.loads((run / "evaluation_results.json").read_text()) for run in (out, single_run)]
+    assert results[0]["precision"] == results[1]["precision"] == resolve("auto", "cpu", strategy)
+    assert f"precision={results[0]['precision']} (auto: a " in done.stderr  # the log line says why
     assert (out / "pruning_plan.json").read_text() == (single_run / "pruning_plan.json").read_text()
     pd.testing.assert_frame_equal(pd.read_csv(out / "global_group_table.csv"),
                                   pd.read_csv(single_run / "global_group_table.csv"), rtol=1e-5)

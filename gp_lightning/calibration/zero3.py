@@ -28,6 +28,7 @@ from gp_lightning.calibration.wanda import InputNorms, all_reduce_norms, wanda_s
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import CalibrationError
+from gp_lightning.runtime.machine import detect
 
 
 def _flat_units(item: UnitParameter, start: int, count: int, device: torch.device) -> torch.Tensor:
@@ -75,7 +76,7 @@ def zero3_calibration(model: nn.Module, layout: ModelLayout, windows: torch.Tens
     The scoring is the collectors' own (:func:`taylor_score`, :class:`InputNorms` + :func:`wanda_score`),
     applied to each rank's flat partition of every weight.
     """
-    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cpu = not detect().uses_gpu(accelerator)
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -131,3 +132,20 @@ def _partition_importance(items: list[UnitParameter], method: str, norms: dict[n
             values = wanda_score(weight, norms[item.module], columns)
         result.add(item, _local_sums(item, values, rank))
     return result
+
+
+def build_cpu_ops() -> list[str]:
+    """JIT-compile, once, the DeepSpeed ops a CPU job of this machine would compile on first use (``make
+    deepspeed-ops``; the machine's ``deepspeed_cpu_ops``): the names built. A GPU machine has none to build."""
+    ops = detect().deepspeed_cpu_ops()
+    if ops:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in ops:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load()
+            built.append(name)
+    return built

@@ -105,8 +105,9 @@ class FinetuneRecipe(Recipe):
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings, d.text_encoding)
         self.evaluator.results.update(known)
         self.open_log(cfg.to_dict())
-        log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples", __version__,
-                 cfg.adapter.finetune_method, cfg.source.model, len(self.train_examples), len(self.val_examples))
+        log.info("gp-lightning %s fine-tune (%s): model=%s, %d training / %d validation examples, precision=%s (%s)",
+                 __version__, cfg.adapter.finetune_method, cfg.source.model, len(self.train_examples),
+                 len(self.val_examples), self.precision, self.precision_reason)
 
     def load_teacher(self) -> torch.nn.Module | None:
         """The dense model to distil from (kd, kd+lm), frozen, in the evaluation precision."""

@@ -17,10 +17,10 @@ The decisions (the modules that act on them import this one):
 | llama.cpp run flags | none | none | ``--no-repack`` | none | none |
 | DeepSpeed CPU ops built ahead | shm comm | shm comm | shm comm | none | none |
 
-A distributed or sharded CPU run needs float32 parameters (gradients are all-reduced and sharded
-in float32): ``32-true`` there, not ``bf16-mixed``, because CPU bf16 autocast casts every weight
-on every forward and measured slower than float32 on both kinds of native-bf16 CPU we have (see
-the README, "Precision").
+A distributed or sharded run needs float32 parameters (gradients are all-reduced and sharded in
+float32). On a CPU it also computes in float32, so that its statistics equal one process's (bf16
+autocast rounds each batch's gradients); ``bf16-mixed`` would calibrate in 0.43x the time on an
+AVX512-BF16 CPU (``bench/results/precision.md``) and is the user's to choose.
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 
 ``auto`` asks :mod:`gp_lightning.runtime.machine`: bf16 only where the hardware computes it natively,
 and bf16 weights (``bf16-true``) only where the run can hold them: a distributed or sharded run
-all-reduces and shards float32 gradients, so there ``auto`` is ``bf16-mixed`` on a bf16 GPU and
-``32-true`` on a CPU (CPU bf16 autocast re-casts every weight on every forward and measured slower
-than float32). A precision the user set is kept as it is (and refused with a clear error where it
-cannot work).
+all-reduces and shards float32 gradients. There ``auto`` is ``bf16-mixed`` on a bf16 GPU and
+``32-true`` on a CPU: bf16 autocast rounds each batch's gradients, so the global table would depend
+on how the windows are split over ranks, while a float32 run selects exactly what one process
+selects. That costs time on a native-bf16 CPU (``bf16-mixed`` calibrates in 0.43x the time of
+``32-true`` on an AVX512-BF16 CPU, ``bench/precision.py``): a user who prefers the speed sets it.
+Where bf16 is emulated (AVX2-only CPUs) ``auto`` is ``32-true`` everywhere. A precision the user set
+is kept as it is (and refused with a clear error where it cannot work).
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ def choose(precision: str, accelerator: str = "auto", strategy: str = "auto", wo
     if not machine.cpu_bf16:
         return Choice("32-true", f"auto: this CPU ({machine.kind}) emulates bf16, float32 is faster")
     if needs_float32_parameters(strategy, world):
-        return Choice("32-true", f"auto: a {strategy} run of {world} process(es) needs float32 parameters, and on "
-                                 "CPU float32 is faster than bf16 autocast")
+        return Choice("32-true", f"auto: a {strategy} run of {world} process(es) needs float32 parameters, and float32 "
+                                 "compute keeps its statistics equal to one process's (bf16 autocast would round "
+                                 "each batch's gradients: set bf16-mixed to trade that for speed)")
     return Choice("bf16-true", f"auto: this CPU ({machine.kind}) computes bf16 natively")
 
 
