@@ -40,9 +40,9 @@ llamacpp: install
 
 # DeepSpeed JIT-compiles its CPU shared-memory all-reduce op the first time a CPU job initializes it (~40 s
 # here); build it once into ~/.cache/torch_extensions like llama.cpp, not inside the first DeepSpeed run.
-# On a GPU machine the accelerator has no such op and this does nothing.
+# Which ops: gp_lightning/runtime/machine.py (a GPU machine has none to build here).
 deepspeed-ops: install
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b is not None and b.is_compatible() and b.load()"
+	$(BIN)/python -c "from gp_lightning.calibration.zero3 import build_cpu_ops; print('DeepSpeed ops built:', build_cpu_ops())"
 
 # The demo's WikiText-2: this folder's valid.txt (calibration) and test.txt (evaluation) when it holds them (the
 # workspace's copy, or any copy: make demo DEMO_DATA=~/wikitext-2), else the config's `wikitext2` from the hub.
