@@ -103,7 +103,8 @@ def test_remote_code_generation_equals_in_memory(tmp_path: Path) -> None:
 
 
 def run_without_gp_lightning(cwd: Path, body: str) -> str:
-    """Run ``body`` in a fresh interpreter where gp_lightning cannot be imported; return its stdout."""
+    """Run ``body`` in a fresh interpreter where gp_lightning cannot be imported and stdin is closed (a question
+    transformers asks finds no answer instead of waiting for one); return what it printed, stdout then stderr."""
     project = str(Path(__file__).resolve().parent.parent)
     script = textwrap.dedent(f"""
         import sys
@@ -117,10 +118,10 @@ def run_without_gp_lightning(cwd: Path, body: str) -> str:
         import torch
         from transformers import AutoModelForCausalLM
     """) + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def test_a_cache_under_an_unknown_name_is_an_error() -> None:
