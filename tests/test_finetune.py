@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gp_lightning.cli import prune_main, train_main
@@ -114,6 +115,14 @@ def test_full_finetune_updates_every_parameter(tmp_path: Path, pruned_checkpoint
     assert not unchanged
     assert result.evaluation["parameters"]["trainable"] == result.evaluation["parameters"]["total"]
     assert not (tmp_path / "full" / "model").exists()
+
+
+def test_bf16_training_keeps_the_source_dtype(tmp_path: Path, pruned_checkpoint: Path, wikitext: Path) -> None:
+    """Training in bf16 weights (what auto picks on a native-bf16 CPU) saves the float32 source as float32."""
+    result = finetune(settings(pruned_checkpoint, tmp_path / "bf16", wikitext, precision="bf16-true", num_epochs=1,
+                               finetune_samples=4, val_samples=2, test_before_finetune=False, test_after_finetune=False))
+    assert result.evaluation["precision"] == "bf16-true"
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model" / "model.safetensors").values()} == {torch.float32}
 
 
 def test_run_writes_results_curve_and_adapter_that_reloads(tmp_path: Path, pruned_checkpoint: Path,

@@ -201,7 +201,7 @@ class FinetuneRecipe(Recipe):
         module.model = whole
 
     def save(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Adapter alone (peft format), or the merged model in the input's checkpoint format."""
+        """Adapter alone (peft format), or the merged model in the input's checkpoint format and dtype."""
         cfg = self.cfg
         with self.timed("save_s"):
             if cfg.run.save_adapter_only:
@@ -213,7 +213,7 @@ class FinetuneRecipe(Recipe):
                     if self.tokenizer is not None:
                         self.tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
                 return model
-            out = merged(model)
+            out = merged(model).to(cfg.source.storage_dtype())  # the source checkpoint's dtype, as pruning keeps it
             out.config.recovery = self.provenance()
             if cfg.run.save_model:
                 save_checkpoint(out, self.tokenizer, self.run_dir / "model")
