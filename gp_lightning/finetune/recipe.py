@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from gp_lightning import __version__
 from gp_lightning.analysis.plots import finetune_loss_figure, save_png
+from gp_lightning.data.sources import check_source
 from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import save_checkpoint
 from gp_lightning.finetune.config import FinetuneConfig
@@ -90,6 +91,11 @@ class FinetuneRecipe(Recipe):
         cfg = self.cfg
         self.start(cfg.run.overwrite, cfg.to_dict())
         self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
+        e = cfg.evaluation
+        needed = self.rank == 0 and (e.test_before_finetune or e.test_after_finetune)
+        check_source(cfg.data.dataset, "calibration")  # a missing file or hub stops here, not after the load
+        if needed:
+            check_source(e.eval_dataset, "evaluation")
         with self.timed("load_model_s"):
             if self.model is None:
                 self.model, self.tokenizer = cfg.source.load(load_dtype(self.precision))
@@ -99,8 +105,6 @@ class FinetuneRecipe(Recipe):
         self.train_examples, self.val_examples = load_examples(
             d.dataset, d.data_format, self.tokenizer, d.seq_len, d.finetune_samples, d.val_samples, cfg.run.seed,
             d.prompt_format, d.text_encoding)
-        e = cfg.evaluation
-        needed = self.rank == 0 and (e.test_before_finetune or e.test_after_finetune)
         known = dict(self.evaluator.results)  # a perplexity handed over by prune.py --finetune
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings, d.text_encoding)
         self.evaluator.results.update(known)
