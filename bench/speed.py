@@ -502,6 +502,7 @@ def worker_llamacpp(spec: Row) -> Row:
     from gp_lightning.export.llamacpp_build import require
     from gp_lightning.model.source import fetch_embedded
     from gp_lightning.pipeline import oneshot
+    from gp_lightning.runtime.machine import detect
 
     cpp = require()
     out = Path(spec["output"])
@@ -522,7 +523,8 @@ def worker_llamacpp(spec: Row) -> Row:
                 rates[key][name].append(value)
     loads.append(common.loadavg())
     return {"sizes": sizes, "rates": rates, "loads": loads, "threads": spec["threads"],
-            "prompt_tokens": spec["prompt_tokens"], "new_tokens": spec["new_tokens"]}
+            "prompt_tokens": spec["prompt_tokens"], "new_tokens": spec["new_tokens"],
+            "flags": " ".join(detect().llamacpp_bench_flags()) or "none"}
 
 
 def section_llamacpp(args: argparse.Namespace, prepared: Row, scratch: Path) -> Row:
@@ -538,7 +540,8 @@ def report_llamacpp(args: argparse.Namespace, cpp: Row, goals: list[str]) -> lis
     body = ["## 6. llama.cpp: dense vs pruned (f16 GGUF)", "",
             f"`llama-bench` (llama.cpp b11434, built from the PyPI sdist by `make llamacpp`), {cpp['threads']} thread(s), "
             f"prefill = pp{cpp['prompt_tokens']}, decode = tg{cpp['new_tokens']}, 2 repetitions per call, "
-            f"{len(cpp['loads']) - 1} interleaved rounds, medians. Load average at each round: "
+            f"{len(cpp['loads']) - 1} interleaved rounds, medians, run flags: {cpp.get('flags', 'none')}. "
+            "Load average at each round: "
             f"{', '.join(fmt_load(x) for x in cpp['loads'])}.", "",
             "| model | GGUF MB | prefill tok/s | vs dense | decode tok/s | vs dense |", "|---|---:|---:|---:|---:|---:|"]
     for name in names:

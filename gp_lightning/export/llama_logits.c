@@ -1,11 +1,14 @@
-/* gp-llama-logits MODEL.gguf TOKENS.bin OUT.bin [THREADS]
+/* gp-llama-logits MODEL.gguf TOKENS.bin OUT.bin [THREADS [--no-repack]]
  *
  * Runs llama.cpp on the int32 token ids of TOKENS.bin as one sequence and writes the float32 logits
  * of every position to OUT.bin (row-major, n_tokens x n_vocab). The stock tools print only the last
  * position or log-probabilities, which is not enough to compare a GGUF against the HF model.
+ * --no-repack does what the stock tools' flag of that name does: the weights stay out of llama.cpp's
+ * extra buffer types (repacked CPU layouts, the AMX buffer type).
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "llama.h"
 
@@ -20,8 +23,13 @@ static int fail(const char *what, const char *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4) return fail("usage: gp-llama-logits MODEL.gguf TOKENS.bin OUT.bin [THREADS]", NULL);
+    if (argc < 4) return fail("usage: gp-llama-logits MODEL.gguf TOKENS.bin OUT.bin [THREADS [--no-repack]]", NULL);
     int threads = argc > 4 ? atoi(argv[4]) : 2;
+    bool repack = true;
+    for (int i = 5; i < argc; ++i) {
+        if (strcmp(argv[i], "--no-repack") != 0) return fail("unknown option", argv[i]);
+        repack = false;
+    }
 
     FILE *in = fopen(argv[2], "rb");
     if (!in) return fail("cannot read", argv[2]);
@@ -37,6 +45,7 @@ int main(int argc, char **argv) {
     llama_log_set(quiet, NULL);
     llama_backend_init();
     struct llama_model_params mparams = llama_model_default_params();
+    mparams.use_extra_bufts = repack;
     struct llama_model *model = llama_model_load_from_file(argv[1], mparams);
     if (!model) return fail("cannot load", argv[1]);
 

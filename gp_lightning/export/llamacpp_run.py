@@ -1,7 +1,9 @@
 """Run llama.cpp's tools on a GGUF and read their answers: logits, tokens, perplexity, completions, speed.
 
 These are what the GGUF export is checked against (the HF model's logits, tokenizer, perplexity and
-greedy generation) and what ``bench/speed.py`` measures.
+greedy generation) and what ``bench/speed.py`` measures. Every tool that runs the model gets this machine's
+llama.cpp run flags (:meth:`~gp_lightning.runtime.machine.Machine.llamacpp_run_flags`: ``--no-repack`` on AMX
+CPUs, whose AMX buffer type crashes on q8_0), in that tool's spelling.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from gp_lightning.export.llamacpp_build import LOGITS_TOOL, LlamaCpp
 from gp_lightning.runtime.errors import GPLightningError
+from gp_lightning.runtime.machine import detect
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 
@@ -29,6 +32,13 @@ def _run(cmd: list[str | Path], timeout: float = 1800) -> subprocess.CompletedPr
     return done
 
 
+def _command(cpp: LlamaCpp, tool: str, *args: str | Path) -> list[str | Path]:
+    """``tool`` with ``args``, then this machine's run flags (``llama-bench`` has its own parser and spelling)."""
+    machine = detect()
+    flags = machine.llamacpp_bench_flags() if tool == "llama-bench" else machine.llamacpp_run_flags()
+    return [cpp.tool(tool), *args, *flags]
+
+
 def _output(cmd: list[str | Path], timeout: float = 1800) -> str:
     """What a llama.cpp tool printed on both streams (its results and its log share them)."""
     done = _run(cmd, timeout)
@@ -40,14 +50,14 @@ def logits(cpp: LlamaCpp, gguf: Path, ids: list[int], threads: int = 2) -> np.nd
     with tempfile.TemporaryDirectory() as tmp:
         tokens, out = Path(tmp) / "ids.bin", Path(tmp) / "logits.bin"
         np.asarray(ids, dtype=np.int32).tofile(tokens)
-        _run([cpp.tool(LOGITS_TOOL), gguf, tokens, out, str(threads)])
+        _run(_command(cpp, LOGITS_TOOL, gguf, tokens, out, str(threads)))
         values = np.fromfile(out, dtype=np.float32)
     return values.reshape(len(ids), -1)
 
 
 def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
     """llama.cpp's token ids of a file's text (with BOS only if the GGUF says the tokenizer adds one)."""
-    out = _output([cpp.tool("llama-tokenize"), "-m", gguf, "-f", text_file, "--ids", "--log-disable"])
+    out = _output(_command(cpp, "llama-tokenize", "-m", gguf, "-f", text_file, "--ids", "--log-disable"))
     start, end = out.rfind("["), out.rfind("]")
     return [int(x) for x in out[start + 1 : end].split(",") if x.strip()]
 
@@ -55,8 +65,8 @@ def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
 def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks: int, threads: int = 2) -> float:
     """``llama-perplexity`` with its default settings (flash attention where it can, f16 KV cache): chunks of
     ``context`` tokens, each scored on its second half."""
-    out = _output([cpp.tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(context), "-b",
-                   str(context), "--chunks", str(chunks), "-t", str(threads)])
+    out = _output(_command(cpp, "llama-perplexity", "-m", gguf, "-f", text_file, "-c", str(context), "-b",
+                           str(context), "--chunks", str(chunks), "-t", str(threads)))
     found = _PPL.search(out)
     if found is None:
         raise GPLightningError(f"llama-perplexity printed no estimate: {out.strip().splitlines()[-3:]}")
@@ -66,17 +76,17 @@ def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks:
 def complete(cpp: LlamaCpp, gguf: Path, prompt: str, tokens: int, threads: int = 2) -> str:
     """Greedy continuation of ``prompt`` (the generated text only), all float32 (no f16 cache, no flash attention):
     a near-tie between two tokens must not flip on rounding."""
-    out = _run([cpp.tool("llama-completion"), "-m", gguf, "-p", prompt, "-n", str(tokens), "--temp", "0", "--top-k",
-                "1", "-no-cnv", "--no-display-prompt", "--simple-io", "--ignore-eos", "-t", str(threads), "-ctk", "f32",
-                "-ctv", "f32", "-fa", "off", "--no-warmup"], timeout=600)
+    out = _run(_command(cpp, "llama-completion", "-m", gguf, "-p", prompt, "-n", str(tokens), "--temp", "0",
+                        "--top-k", "1", "-no-cnv", "--no-display-prompt", "--simple-io", "--ignore-eos", "-t",
+                        str(threads), "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-warmup"), timeout=600)
     return out.stdout.removesuffix("\n\n")  # the tool ends its output with two newlines of its own
 
 
 def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int = 2, repetitions: int = 3
           ) -> dict[str, float]:
     """``llama-bench`` prefill and decode throughput (tokens/s)."""
-    out = _output([cpp.tool("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
-                   "-t", str(threads), "-r", str(repetitions), "-o", "json"])
+    out = _output(_command(cpp, "llama-bench", "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
+                           "-t", str(threads), "-r", str(repetitions), "-o", "json"))
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     result = {}
     for row in rows:
@@ -86,6 +96,6 @@ def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, thread
 
 
 def quantize(cpp: LlamaCpp, source: Path, target: Path, kind: str, threads: int = 2) -> Path:
-    """``llama-quantize`` ``source`` into ``target`` (e.g. Q4_K_M)."""
+    """``llama-quantize`` ``source`` into ``target`` (e.g. Q4_K_M): no run flags, it runs no model (nor has the option)."""
     _run([cpp.tool("llama-quantize"), source, target, kind, str(threads)])
     return target

@@ -14,7 +14,7 @@ The decisions (the modules that act on them import this one):
 | --- | --- | --- | --- | --- | --- |
 | ``auto`` precision, one process | 32-true | bf16-true | bf16-true | bf16-mixed | 32-true |
 | ``auto`` precision, distributed/sharded | 32-true | 32-true | 32-true | bf16-mixed | 32-true |
-| llama.cpp run flags | none | none | ``--no-repack`` | none | none |
+| llama.cpp run flags | none | none | ``--no-repack`` (``llama-bench``: ``--repack 0``) | none | none |
 | DeepSpeed CPU ops built ahead | shm comm | shm comm | shm comm | none | none |
 
 A distributed or sharded run needs float32 parameters (gradients are all-reduced and sharded in
@@ -66,6 +66,10 @@ class Machine:
         """Flags every llama.cpp tool run gets: ``--no-repack`` on AMX CPUs, where the AMX buffer type of a
         native build crashes on q8_0 (the ``extra buffer types`` that repacking enables are turned off)."""
         return ("--no-repack",) if self.amx else ()
+
+    def llamacpp_bench_flags(self) -> tuple[str, ...]:
+        """The same for ``llama-bench``, which has its own parser and spells it ``--repack 0``."""
+        return ("--repack", "0") if self.amx else ()
 
     def deepspeed_cpu_ops(self) -> tuple[str, ...]:
         """DeepSpeed op builders a CPU job JIT-compiles on first use, to build once ahead of the first run."""
