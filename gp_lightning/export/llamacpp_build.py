@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gp_lightning.model.source import cache_root
 from gp_lightning.runtime.errors import GPLightningError
+from gp_lightning.runtime.machine import detect
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def build(cache_dir: str | None = None, jobs: int | None = None) -> LlamaCpp:
         if shutil.which(program) is None:
             raise GPLightningError(f"building llama.cpp needs `{program}` on PATH (apt install cmake ninja-build gcc)")
     root.parent.mkdir(parents=True, exist_ok=True)
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or detect().cores
     with tempfile.TemporaryDirectory(prefix=".llamacpp-build-", dir=root.parent) as tmp:
         work = Path(tmp)
         source = download_source(work)

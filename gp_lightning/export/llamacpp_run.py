@@ -39,18 +39,23 @@ def _command(cpp: LlamaCpp, tool: str, *args: str | Path) -> list[str | Path]:
     return [cpp.tool(tool), *args, *flags]
 
 
+def _threads(threads: int | None) -> str:
+    """``threads``, or one per core this process may use (the machine's ``cores``)."""
+    return str(threads or detect().cores)
+
+
 def _output(cmd: list[str | Path], timeout: float = 1800) -> str:
     """What a llama.cpp tool printed on both streams (its results and its log share them)."""
     done = _run(cmd, timeout)
     return done.stdout + done.stderr
 
 
-def logits(cpp: LlamaCpp, gguf: Path, ids: list[int], threads: int = 2) -> np.ndarray:
+def logits(cpp: LlamaCpp, gguf: Path, ids: list[int], threads: int | None = None) -> np.ndarray:
     """float32 logits of every position of ``ids`` (one sequence), n_tokens x n_vocab."""
     with tempfile.TemporaryDirectory() as tmp:
         tokens, out = Path(tmp) / "ids.bin", Path(tmp) / "logits.bin"
         np.asarray(ids, dtype=np.int32).tofile(tokens)
-        _run(_command(cpp, LOGITS_TOOL, gguf, tokens, out, str(threads)))
+        _run(_command(cpp, LOGITS_TOOL, gguf, tokens, out, _threads(threads)))
         values = np.fromfile(out, dtype=np.float32)
     return values.reshape(len(ids), -1)
 
@@ -62,31 +67,31 @@ def tokenize(cpp: LlamaCpp, gguf: Path, text_file: Path) -> list[int]:
     return [int(x) for x in out[start + 1 : end].split(",") if x.strip()]
 
 
-def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks: int, threads: int = 2) -> float:
+def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, context: int, chunks: int, threads: int | None = None) -> float:
     """``llama-perplexity`` with its default settings (flash attention where it can, f16 KV cache): chunks of
     ``context`` tokens, each scored on its second half."""
     out = _output(_command(cpp, "llama-perplexity", "-m", gguf, "-f", text_file, "-c", str(context), "-b",
-                           str(context), "--chunks", str(chunks), "-t", str(threads)))
+                           str(context), "--chunks", str(chunks), "-t", _threads(threads)))
     found = _PPL.search(out)
     if found is None:
         raise GPLightningError(f"llama-perplexity printed no estimate: {out.strip().splitlines()[-3:]}")
     return float(found.group(1))
 
 
-def complete(cpp: LlamaCpp, gguf: Path, prompt: str, tokens: int, threads: int = 2) -> str:
+def complete(cpp: LlamaCpp, gguf: Path, prompt: str, tokens: int, threads: int | None = None) -> str:
     """Greedy continuation of ``prompt`` (the generated text only), all float32 (no f16 cache, no flash attention):
     a near-tie between two tokens must not flip on rounding."""
     out = _run(_command(cpp, "llama-completion", "-m", gguf, "-p", prompt, "-n", str(tokens), "--temp", "0",
                         "--top-k", "1", "-no-cnv", "--no-display-prompt", "--simple-io", "--ignore-eos", "-t",
-                        str(threads), "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-warmup"), timeout=600)
+                        _threads(threads), "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-warmup"), timeout=600)
     return out.stdout.removesuffix("\n\n")  # the tool ends its output with two newlines of its own
 
 
-def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int = 2, repetitions: int = 3
+def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int | None = None, repetitions: int = 3
           ) -> dict[str, float]:
     """``llama-bench`` prefill and decode throughput (tokens/s)."""
     out = _output(_command(cpp, "llama-bench", "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens),
-                           "-t", str(threads), "-r", str(repetitions), "-o", "json"))
+                           "-t", _threads(threads), "-r", str(repetitions), "-o", "json"))
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     result = {}
     for row in rows:
@@ -95,7 +100,7 @@ def speed(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, new_tokens: int, thread
     return result
 
 
-def quantize(cpp: LlamaCpp, source: Path, target: Path, kind: str, threads: int = 2) -> Path:
+def quantize(cpp: LlamaCpp, source: Path, target: Path, kind: str, threads: int | None = None) -> Path:
     """``llama-quantize`` ``source`` into ``target`` (e.g. Q4_K_M): no run flags, it runs no model (nor has the option)."""
-    _run([cpp.tool("llama-quantize"), source, target, kind, str(threads)])
+    _run([cpp.tool("llama-quantize"), source, target, kind, _threads(threads)])
     return target

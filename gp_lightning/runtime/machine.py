@@ -64,7 +64,8 @@ class Machine:
 
     def llamacpp_run_flags(self) -> tuple[str, ...]:
         """Flags every llama.cpp tool run gets: ``--no-repack`` on AMX CPUs, where the AMX buffer type of a
-        native build crashes on q8_0 (the ``extra buffer types`` that repacking enables are turned off)."""
+        native build crashes on q8_0 (and is reported to on Q4_K_M, and wrong on q4_0): the ``extra buffer
+        types`` that repacking enables are turned off."""
         return ("--no-repack",) if self.amx else ()
 
     def llamacpp_bench_flags(self) -> tuple[str, ...]:
