@@ -80,6 +80,8 @@ class FinetuneRecipe(Recipe):
         self.initial_val_loss = float("nan")
         self.curve = pd.DataFrame()
         self.teacher: torch.nn.Module | None = None
+        #: the dtype the merged model is saved in: the handed-over model's, else the source checkpoint's
+        self.source_dtype = None if model is None else next(model.parameters()).dtype
 
     @property
     def evaluation(self) -> dict[str, Any]:
@@ -217,7 +219,7 @@ class FinetuneRecipe(Recipe):
                     if self.tokenizer is not None:
                         self.tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
                 return model
-            out = merged(model).to(cfg.source.storage_dtype())  # the source checkpoint's dtype, as pruning keeps it
+            out = merged(model).to(self.source_dtype or cfg.source.storage_dtype())  # as pruning keeps it
             out.config.recovery = self.provenance()
             if cfg.run.save_model:
                 save_checkpoint(out, self.tokenizer, self.run_dir / "model")
