@@ -98,6 +98,8 @@ def test_cli_prints_summary(tmp_path: Path, tiny_checkpoint: Path, wikitext: Pat
     {},  # compensation (the default) refits on the calibration text: the second step reads it too
     {"temperature": 1.0, "normalization": "log", "clip_percentile_low": 5.0, "compensation": "none",
      "within_layer": "score"},
+    # every precision: bf16 compute must not reach compensation or surgery differently in the two paths
+    {"precision": "auto"}, {"precision": "bf16-true"}, {"precision": "bf16-mixed"},
 ])
 def test_table_only_then_from_table_equals_one_run(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
                                                    extra: dict) -> None:
