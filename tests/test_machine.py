@@ -69,8 +69,10 @@ def test_forcing_a_kind_and_a_bad_kind(monkeypatch: pytest.MonkeyPatch) -> None:
         machine.detect.cache_clear()
 
 
-def test_detect_reads_this_machine() -> None:
-    """The real machine's kind follows its /proc/cpuinfo flags (whatever CPU runs the suite)."""
+def test_detect_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real machine's kind follows its /proc/cpuinfo flags (whatever CPU runs the suite, forced or not)."""
+    monkeypatch.delenv(machine.ENV, raising=False)
+    machine.detect.cache_clear()
     with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
         flags = set(next(line for line in handle if line.startswith("flags")).split(":", 1)[1].split())
     found = machine.detect()
@@ -78,6 +80,7 @@ def test_detect_reads_this_machine() -> None:
     assert found.cpu_bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
     assert found.kind.split("+")[0] in CPU_KINDS
     assert found.cores == len(os.sched_getaffinity(0))  # llama.cpp threads and build jobs
+    machine.detect.cache_clear()  # a kind forced for the whole suite applies again
 
 
 def test_holds() -> None:
