@@ -346,8 +346,8 @@ class PruneRecipe(Recipe):
 
     # -- the driver ----------------------------------------------------------------------------
     def run(self) -> RunResult:
-        self.setup()
         try:
+            self.setup()  # inside: a run stopped by bad input releases the run directory's lock too
             if self.cfg.evaluation.test_before_prune and self.evaluator.windows is not None:
                 self.evaluator.measure(self.full_model(), "before")
             raw = self.raw_table()

@@ -131,3 +131,19 @@ def test_resume_takes_only_an_unfinished_run_of_the_same_settings(tmp_path: Path
     err = capsys.readouterr().err
     assert "other settings (pruning_ratio 0.001 -> 0.002)" in err
     assert (unfinished / "config.yaml").read_bytes() == config
+
+
+def test_resume_into_a_directory_that_does_not_exist_leaves_nothing(tmp_path: Path, tiny_checkpoint: Path,
+                                                                     wikitext: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Refused in one line before the model is loaded: no directory, no config.yaml, no failed run.json."""
+    from gp_lightning.cli import prune_main
+
+    missing = tmp_path / "runs" / "typo"
+    assert prune_main(["--model", str(tiny_checkpoint), "--dataset", str(wikitext / "valid.txt"), "--num_samples",
+                       "4", "--seq_len", "32", "--pruning_ratio", "0.001", "--test_before_prune", "false",
+                       "--test_after_prune", "false", "--output", str(missing), "--resume", "--checkpoint_every",
+                       "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{missing}' does not exist, so there is no run to resume" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -26,15 +26,24 @@ def _manifest(run: Path) -> dict:
 
 
 def test_overwrite_replaces_exactly_the_previous_run(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path) -> None:
+    """run.json lists files, not directories: a file the user put into the run's analysis/ survives --overwrite."""
     run = tmp_path / "run"
     _run(tiny_checkpoint, wikitext, run)
-    assert _manifest(run)["status"] == "complete" and "model" in _manifest(run)["files"]
+    old = _manifest(run)
+    assert old["status"] == "complete" and "model/config.json" in old["files"] and "model" in old["dirs"]
+    assert all((run / name).is_file() for name in old["files"])  # files only, the staged model/ file by file
     (run / "my_notes.txt").write_text("mine")  # written by the user after the run: not the run's
+    (run / "analysis" / "notes.txt").write_text("mine too")  # inside a directory the run made
     _run(tiny_checkpoint, wikitext, run, overwrite=True, save_model=False, pruning_ratio=0.003)
     assert not (run / "model").exists()  # the 0.002 model does not stay beside the 0.003 results
     assert (run / "my_notes.txt").read_text() == "mine"
+    assert (run / "analysis" / "notes.txt").read_text() == "mine too"
     assert "pruning_ratio: 0.003" in (run / "config.yaml").read_text()
-    assert _manifest(run)["status"] == "complete" and "model" not in _manifest(run)["files"]
+    new = _manifest(run)
+    assert new["status"] == "complete" and not [name for name in new["files"] if name.startswith("model")]
+    assert "analysis/notes.txt" in new["preexisting"] and "analysis/notes.txt" not in new["files"]
+    assert [name for name in old["files"] if (run / name).exists() and name not in new["files"]] == []
+    assert not (run / ".gp-lightning.lock").exists()  # released with the run
 
 
 def test_a_failed_run_is_marked_redone_by_the_same_command_and_refused_by_compare(

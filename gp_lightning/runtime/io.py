@@ -6,11 +6,14 @@ crash never leaves a half-written table or model, and a run never silently repla
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,16 +143,18 @@ def _protected(path: Path) -> str | None:
     return None
 
 
-def check_run_dir(path: Path, overwrite: bool, config: dict[str, Any] | None = None, resume: bool = False) -> None:
+def check_run_dir(path: Path, overwrite: bool, config: dict[str, Any] | None = None,
+                  resume: bool = False) -> RunLock | None:
     """Make ``path`` ready for a run, or refuse with one line (see :mod:`.run_manifest`).
 
     Refused even with ``overwrite``: places whose contents a run must never touch (``/``, home, a project root).
     Refused without it: a finished run, an unfinished run of other settings, a directory of other files.
     ``--overwrite`` removes exactly what the previous run wrote; ``resume`` keeps everything (the statistics
-    checkpoint is continued) but only for an unfinished run of the same settings.
+    checkpoint is continued) but only for an unfinished run of the same settings. An existing directory is
+    locked first (refused while another live run holds it) and stays locked: the returned lock. A directory
+    that does not exist yet is made and locked by the run's first write (:func:`lock_new_run_dir`), so a run
+    stopped by bad input before then leaves nothing behind.
     """
-    from gp_lightning.runtime import run_manifest
-
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"Output '{path}' exists and is not a directory: choose another --output.")
     for parent in path.absolute().parents:
@@ -160,13 +165,28 @@ def check_run_dir(path: Path, overwrite: bool, config: dict[str, Any] | None = N
         raise RunDirectoryError(f"Output '{path}' is {why}: a run writes and replaces files there. Choose a "
                                 "directory of its own, e.g. --output runs/x.")
     if not path.is_dir():
-        return
+        if resume:
+            raise RunDirectoryError(f"--resume: output directory '{path}' does not exist, so there is no run to "
+                                    "resume. Pass the --output of the interrupted run, or start without --resume.")
+        return None
+    lock = lock_run_dir(path)
+    try:
+        _claim(path, overwrite, config, resume)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _claim(path: Path, overwrite: bool, config: dict[str, Any] | None, resume: bool) -> None:
+    """:func:`check_run_dir` for an existing directory this process holds the lock of."""
+    from gp_lightning.runtime import run_manifest
+
     manifest = run_manifest.read(path)
     kind = run_manifest.state(manifest)
     if resume:
         if kind == "running":
-            raise RunDirectoryError(f"Output directory '{path}' is being written by another run (pid "
-                                    f"{manifest['pid']}): wait for it before resuming.")
+            raise in_use(path, manifest["pid"], "wait for it before resuming")
         if config is not None:
             check_resumable(path, config)
         return
@@ -186,6 +206,94 @@ def check_run_dir(path: Path, overwrite: bool, config: dict[str, Any] | None = N
             "the run's files beside them.")
     same = None if config is None or not (path / "config.yaml").is_file() else not _config_changes(path, config)
     run_manifest.claim(path, overwrite, same, has_legacy_run=legacy)
+
+
+#: The lock file of a run directory: ``fcntl.flock``-ed by the live run that owns the directory (its pid inside).
+LOCK_FILE = ".gp-lightning.lock"
+
+
+def in_use(path: Path, pid: object, fix: str = "wait for it, or choose another --output") -> RunDirectoryError:
+    """The one-line refusal of a directory another live run writes."""
+    return RunDirectoryError(f"Output directory '{path}' is being written by another run (pid {pid}): {fix}.")
+
+
+class RunLock:
+    """This process's exclusive hold on a run directory: an ``fcntl.flock`` on its :data:`LOCK_FILE`.
+
+    The operating system releases it when the process ends, however it ends; :meth:`release` also removes the file.
+    """
+
+    def __init__(self, file: Path, fd: int) -> None:
+        self.file, self._fd = file, fd
+
+    def __del__(self) -> None:  # a recipe dropped without its cleanup (its setup raised) does not keep the lock
+        with contextlib.suppress(Exception):  # at interpreter exit: the OS releases it anyway
+            self.release()
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            if _is_open_file(self._fd, self.file):
+                self.file.unlink()
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _is_open_file(fd: int, file: Path) -> bool:
+    """Whether ``file`` still names the file open as ``fd`` (its holder may have removed it since we opened it)."""
+    try:
+        named, held = os.stat(file), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def lock_run_dir(path: Path) -> RunLock:
+    """Lock ``path`` (made if missing) for this process, or refuse naming the live run that holds it."""
+    file = path / LOCK_FILE
+    while True:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise in_use(path, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_open_file(fd, file):
+            break
+        os.close(fd)  # its last holder removed it between our open and our lock: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return RunLock(file, fd)
+
+
+def _holder(fd: int) -> str:
+    """The pid written in a lock file another process holds (it writes it just after locking: wait for it)."""
+    for _ in range(100):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.02)
+    return "unknown"
+
+
+def lock_new_run_dir(path: Path) -> RunLock:
+    """The first write of a run into ``path``, which did not exist when :func:`check_run_dir` looked: make and lock
+    it, and refuse (writing nothing) if another run has written into it meanwhile."""
+    from gp_lightning.runtime import run_manifest
+
+    lock = lock_run_dir(path)
+    if any(not p.name.startswith(".") for p in path.iterdir()):
+        lock.release()
+        pid = (run_manifest.read(path) or {}).get("pid", "unknown")
+        raise RunDirectoryError(f"Output directory '{path}' was taken by another run (pid {pid}) while this one was "
+                                "loading: choose another --output.")
+    return lock
 
 
 #: Keys that may differ between an interrupted run and its resumption (they do not change its results).

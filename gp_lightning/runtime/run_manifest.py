@@ -1,14 +1,17 @@
 """A run directory belongs to one run: ``run.json`` says which files that run wrote and whether it finished.
 
-Written when the run writes its first file (status ``running``, with its pid and the names that were
-already there), rewritten last when it finishes (``complete``, with the files it wrote) or fails
-(``failed``). ``--overwrite`` then removes exactly what the previous run wrote before the new one starts,
-so two runs never mix; an unfinished run (failed, or killed: ``running`` with a dead pid) may be redone
+Written when the run writes its first file (status ``running``, with its pid and the files and directories
+that were already there), rewritten last when it finishes (``complete``, with the files it wrote and the
+directories it made, as paths relative to the run directory) or fails (``failed``). ``--overwrite`` then
+removes exactly the files the previous run wrote, and the directories it made once they are empty (a file
+you put into ``analysis/`` stays, and so does ``analysis/``), before the new one starts, so two runs never
+mix; an unfinished run (failed, or killed: ``running`` with a dead pid) may be redone
 by the same command without ``--overwrite``; ``compare`` and ``--from_table`` refuse unfinished runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gp_lightning.runtime.errors import RunDirectoryError
-from gp_lightning.runtime.io import process_alive, write_json
+from gp_lightning.runtime.io import in_use, process_alive, write_json
 
 MANIFEST = "run.json"
 
@@ -55,19 +58,45 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def begin(path: Path) -> None:
-    """Mark ``path`` as written by this process from now on (call before the run's first file)."""
+    """Mark ``path`` as written by this process from now on (call before the run's first file).
+
+    A manifest still there belongs to the unfinished run that ``--resume`` continues: what was there before *that*
+    run started stays the user's."""
     path.mkdir(parents=True, exist_ok=True)
-    before = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
-    _write(path, {"status": "running", "pid": os.getpid(), "started": _now(), "preexisting": before})
+    previous = read(path) or {}
+    if "preexisting_dirs" in previous:
+        files, dirs = previous["preexisting"], previous["preexisting_dirs"]
+    else:
+        files, dirs = _tree(path)
+    _write(path, {"status": "running", "pid": os.getpid(), "started": _now(), "preexisting": files,
+                  "preexisting_dirs": dirs})
 
 
 def finish(path: Path, status: str = "complete") -> None:
-    """Mark the run complete (or failed) and list the files it wrote; written last."""
+    """Mark the run complete (or failed) and list the files it wrote and the directories it made; written last."""
     manifest = read(path) or {}
-    keep = set(manifest.get("preexisting", []))
-    files = sorted(p.name for p in path.iterdir() if p.name not in keep and p.name != MANIFEST
-                   and not p.name.startswith("."))
-    _write(path, {**manifest, "status": status, "finished": _now(), "files": files})
+    files, dirs = _written_since(path, manifest)
+    _write(path, {**manifest, "status": status, "finished": _now(), "files": files, "dirs": dirs})
+
+
+def _tree(path: Path) -> tuple[list[str], list[str]]:
+    """The files (symbolic links included) and the directories under ``path``, as sorted relative POSIX paths;
+    hidden ones (the lock, staging directories) and the manifest left out."""
+    files, dirs = [], []
+    for root, subdirs, names in os.walk(path):
+        here = Path(root).relative_to(path)
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        for name in subdirs:  # os.walk lists a link to a directory here and does not enter it
+            (files if (Path(root) / name).is_symlink() else dirs).append((here / name).as_posix())
+        files += [(here / name).as_posix() for name in names if not name.startswith(".")]
+    return sorted(f for f in files if f != MANIFEST), sorted(dirs)
+
+
+def _written_since(path: Path, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The files and directories in ``path`` that were not there when ``manifest``'s run began."""
+    files, dirs = _tree(path)
+    old_files, old_dirs = set(manifest.get("preexisting", [])), set(manifest.get("preexisting_dirs", []))
+    return [f for f in files if f not in old_files], [d for d in dirs if d not in old_dirs]
 
 
 def _now() -> str:
@@ -75,20 +104,48 @@ def _now() -> str:
 
 
 def remove_previous(path: Path, manifest: dict[str, Any] | None) -> None:
-    """Delete what the previous run in ``path`` wrote (its manifest's files, or a legacy run's known outputs)."""
-    if manifest is None:
-        names = list(LEGACY_OUTPUTS)
-    elif "files" in manifest:
-        names = list(manifest["files"])
-    else:  # killed before it listed its files: everything that appeared since it started
-        keep = set(manifest.get("preexisting", []))
-        names = [p.name for p in path.iterdir() if p.name not in keep and not p.name.startswith(".")]
-    for name in [*names, MANIFEST]:
+    """Delete what the previous run in ``path`` wrote: the files its manifest lists, then the directories it made
+    that are empty now; a run killed before it listed them wrote what appeared since it began. Runs of earlier
+    releases listed (or, without a manifest, wrote) whole top-level names: those go whole."""
+    if manifest is not None and "preexisting_dirs" in manifest:
+        if "files" in manifest:
+            files, dirs = manifest["files"], manifest.get("dirs", [])
+        else:
+            files, dirs = _written_since(path, manifest)
+        _remove_files(path, files, dirs)
+    else:
+        if manifest is None:
+            names = list(LEGACY_OUTPUTS)
+        else:
+            keep = set(manifest.get("preexisting", []))
+            names = manifest.get("files", [p.name for p in path.iterdir() if p.name not in keep])
+        for name in names:
+            target = path / name
+            if _inside(path, name) and target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif _inside(path, name) and (target.exists() or target.is_symlink()):
+                target.unlink()
+    (path / MANIFEST).unlink(missing_ok=True)
+
+
+def _inside(path: Path, name: str) -> bool:
+    """Whether the manifest entry ``name`` is a path below ``path``, not hidden (the lock), and not reached through a
+    link: an edited manifest, or a directory replaced by a link, deletes nothing elsewhere."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts or parts[0].startswith("."):
+        return False
+    return (path / name).parent.resolve() == path.resolve().joinpath(*parts[:-1])
+
+
+def _remove_files(path: Path, files: list[str], dirs: list[str]) -> None:
+    for name in files:
         target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
+        if _inside(path, name) and (target.is_symlink() or target.is_file()):
             target.unlink()
+    for name in sorted(dirs, key=lambda d: d.count("/"), reverse=True):  # the deepest first
+        if _inside(path, name) and not (path / name).is_symlink():
+            with contextlib.suppress(OSError):  # not empty: it holds files that run did not write
+                (path / name).rmdir()
 
 
 def claim(path: Path, overwrite: bool, same_settings: bool | None, has_legacy_run: bool) -> None:
@@ -99,8 +156,7 @@ def claim(path: Path, overwrite: bool, same_settings: bool | None, has_legacy_ru
     manifest = read(path)
     kind = state(manifest)
     if kind == "running":
-        raise RunDirectoryError(f"Output directory '{path}' is being written by another run (pid {manifest['pid']}): "
-                                "wait for it, or choose another --output.")
+        raise in_use(path, manifest["pid"])
     if kind == "complete" or (kind == "none" and has_legacy_run):
         if not overwrite:
             return  # the caller's "already holds a run" refusal applies
