@@ -251,8 +251,8 @@ class FinetuneRecipe(Recipe):
         self.curve = curve
 
     def run(self) -> FinetuneResult:
-        self.setup()
         try:
+            self.setup()  # inside: a run stopped by bad input releases the run directory's lock too
             cfg = self.cfg
             if cfg.evaluation.test_before_finetune and self.evaluator.windows is not None:
                 assert self.model is not None
