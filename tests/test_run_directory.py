@@ -63,7 +63,7 @@ def test_a_failed_run_is_marked_redone_by_the_same_command_and_refused_by_compar
     assert not (run / "model").exists()  # the previous run's model went with the previous run
     capsys.readouterr()
     assert compare_main([str(run), str(run), "--output", str(tmp_path / "cmp")]) == 2
-    assert "is not a finished gp-lightning run (run.json says failed)" in capsys.readouterr().err
+    assert "which did not finish (run.json says failed)" in capsys.readouterr().err
     assert _manifest(run)["status"] == "failed", _manifest(run)
     with pytest.raises(RunDirectoryError, match="unfinished run started with other settings"):
         _run(tiny_checkpoint, wikitext, run, pruning_ratio=0.004)

@@ -19,18 +19,16 @@ import yaml
 from matplotlib.figure import Figure
 
 from gp_lightning.analysis.plots import save_png
-from gp_lightning.runtime.errors import DataError
+from gp_lightning.runtime import run_manifest
+from gp_lightning.runtime.errors import DataError, GPLightningError
 from gp_lightning.runtime.io import write_csv, write_text
 
 
 def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
-    from gp_lightning.runtime import run_manifest
-
+    run_manifest.require_complete(run, "compare")
     results_path = run / "evaluation_results.json"
-    manifest = run_manifest.read(run)
-    if not results_path.is_file() or (manifest is not None and run_manifest.state(manifest) != "complete"):
-        status = "no evaluation_results.json" if manifest is None else f"run.json says {manifest.get('status')}"
-        raise DataError(f"{run} is not a finished gp-lightning run ({status}).")
+    if not results_path.is_file():
+        raise DataError(f"{run} is not a finished gp-lightning run (no evaluation_results.json).")
     results = json.loads(results_path.read_text())
     if results.get("table_only"):
         raise DataError(f"{run} is a --table_only run: it pruned nothing to compare.")
@@ -93,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="also write comparison.csv/.md and pruning_rates_overlay.png here")
     args = parser.parse_args(argv)
     try:
+        if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+            raise DataError(f"--output {args.output} is a file: compare writes three files into a directory; "
+                            "name a directory (a new one is made).")
         table, summaries = compare_runs(args.runs)
-    except DataError as exc:
+    except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     markdown = to_markdown(table)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from gp_lightning.export.gguf_layers import LayerPlan, ModelPlan, plan_model, read_config, rope_keys
 from gp_lightning.export.gguf_vocab import add_vocab
 from gp_lightning.model.weights import source_weight_files
+from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.errors import GPLightningError, ModelSourceError
 from gp_lightning.runtime.io import atomic_write
 
@@ -327,6 +328,10 @@ def main(argv: list[str]) -> int:
                         help="context length written (default: max_position_embeddings)")
     args = parser.parse_args(argv)
     try:
+        run_manifest.require_complete(args.model_dir, "export-gguf")
+        if Path(args.output).is_dir():
+            raise GPLightningError(f"{args.output} is a directory: name the .gguf file to write (e.g. "
+                                   f"{Path(args.output) / 'model.gguf'}).")
         done = export_gguf(args.model_dir, args.output, args.outtype, args.tokenizer, args.context_length, args.arch)
     except GPLightningError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gp_lightning.model.gp_pruned.revision import CURRENT_REVISION, SHIPPED_CODE, is_pruned_checkpoint, shipped_revision
-from gp_lightning.runtime.errors import CheckpointError
+from gp_lightning.runtime import run_manifest
+from gp_lightning.runtime.errors import CheckpointError, GPLightningError
 from gp_lightning.runtime.io import write_text
 
 
@@ -17,12 +18,14 @@ def upgrade_checkpoint(directory: str | Path) -> tuple[int | None, int]:
     """Rewrite the shipped code files of a pruned checkpoint with this release's; return (old, new) revision.
 
     Each file is written to a temporary file and renamed over the old one; weights, config and
-    tokenizer are not touched. A directory that is not a gp-lightning pruned checkpoint is refused.
+    tokenizer are not touched. A directory that is not a gp-lightning pruned checkpoint, or that a run which did not
+    finish wrote, is refused.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"'{directory}' is not a directory: pass the directory of a pruned checkpoint "
                               "(e.g. runs/x/model).")
+    run_manifest.require_complete(directory, "upgrade-checkpoint")
     if not is_pruned_checkpoint(directory):
         raise CheckpointError(
             f"'{directory}' is not a gp-lightning pruned checkpoint (its config.json is missing or its model_type "
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for directory in args.checkpoints:
         try:
             before, after = upgrade_checkpoint(directory)
-        except CheckpointError as exc:
+        except GPLightningError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         state = "already current, rewritten" if before == after else f"revision {before} -> {after}"

@@ -38,6 +38,7 @@ from gp_lightning.runtime.io import staged_directory, write_csv, write_json
 from gp_lightning.runtime.launch import resolve_launch
 from gp_lightning.runtime.precision import load_dtype
 from gp_lightning.runtime.recipe import Recipe
+from gp_lightning.runtime.run_manifest import require_complete
 
 log = logging.getLogger("gp_lightning")
 
@@ -91,6 +92,9 @@ class FinetuneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        sources = [cfg.distillation.teacher, None if self.model is not None else cfg.source.model]
+        for source in filter(None, sources):  # prune.py --finetune reads its own model/: own_output
+            require_complete(source, "train.py", own_output=cfg.run.output)
         self.start(cfg.run.overwrite, cfg.to_dict())
         self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
         e = cfg.evaluation

@@ -6,7 +6,8 @@ directories it made, as paths relative to the run directory) or fails (``failed`
 removes exactly the files the previous run wrote, and the directories it made once they are empty (a file
 you put into ``analysis/`` stays, and so does ``analysis/``), before the new one starts, so two runs never
 mix; an unfinished run (failed, or killed: ``running`` with a dead pid) may be redone
-by the same command without ``--overwrite``; ``compare`` and ``--from_table`` refuse unfinished runs.
+by the same command without ``--overwrite``. Every command that reads a run (``--from_table``, ``compare``,
+``evaluate``, ``upgrade-checkpoint``, ``export-gguf``, ``train.py --model``) asks :func:`require_complete` first.
 """
 
 from __future__ import annotations
@@ -51,6 +52,40 @@ def state(manifest: dict[str, Any] | None) -> str:
     if status == "running" and process_alive(pid) and pid != os.getpid():
         return "running"
     return "unfinished"
+
+
+def run_directory_of(path: str | Path) -> Path | None:
+    """The run directory ``path`` is, or lies in (``runs/x/model``, ``runs/x/global_group_table.csv``): the nearest of
+    it and its parents that holds a run.json; None for a path that does not exist or lies in no run."""
+    if not path:  # no path given ("")
+        return None
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        return None
+    return next((folder for folder in (path, *path.parents) if (folder / MANIFEST).is_file()), None)
+
+
+def require_complete(path: str | Path, reader: str, own_output: str | Path | None = None) -> None:
+    """Refuse to read ``path`` unless the run that wrote it finished: one line naming the run's state and the fix.
+
+    A path in no run (a plain checkpoint, a run of a release before run.json) is read as before. A run reads what
+    it writes itself: ``own_output`` (the reader's output directory) inside the run (``prune.py --finetune``).
+    """
+    run = run_directory_of(path)
+    if run is None or (own_output is not None and Path(own_output).expanduser().absolute().is_relative_to(run)):
+        return
+    manifest = read(run)
+    kind, status, pid = state(manifest), (manifest or {}).get("status"), (manifest or {}).get("pid")
+    if kind == "complete":
+        return
+    if kind == "running":
+        raise RunDirectoryError(f"{reader}: {path} belongs to the run in {run}, which is still running (pid {pid}): "
+                                "wait for it to finish.")
+    how = f"run.json says {status}" if status != "running" else f"run.json says running, but its pid {pid} is gone"
+    if manifest is None:
+        how = "its run.json is unreadable"
+    raise RunDirectoryError(f"{reader}: {path} belongs to the run in {run}, which did not finish ({how}): finish that "
+                            "run first (rerun its command; the same settings redo it), or use a finished run.")
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

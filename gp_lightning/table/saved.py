@@ -8,20 +8,12 @@ import numpy as np
 import pandas as pd
 
 from gp_lightning.model.layout import ModelLayout
+from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.errors import DataError
 from gp_lightning.runtime.io import checksum_path, file_sha256
 from gp_lightning.table.build import BLOCK, KEY
 
 REQUIRED = [*KEY, "cost", "importance_raw"]
-
-
-def _check_run_state(path: Path) -> None:
-    """A table whose run is still being written is refused (its checksum says whether the file itself is whole)."""
-    from gp_lightning.runtime import run_manifest
-
-    manifest = run_manifest.read(path.parent)
-    if run_manifest.state(manifest) == "running":
-        raise DataError(f"from_table: the run in {path.parent} is still running (pid {manifest['pid']}): wait for it.")
 
 
 def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
@@ -30,7 +22,7 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     The table must describe exactly this model: the same layers, the same number of attention
     groups and MLP channels per layer, and the same unit costs.
     """
-    _check_run_state(Path(path))
+    run_manifest.require_complete(path, "from_table")  # a table of a run that did not finish, or still runs
     table = read_table(Path(path))
     fix = "It was made for another model: run --table_only on this model to make its table."
     expected = {(layer.index, "attention"): (layer.num_kv_heads, layout.attention_group_cost(layer))
