@@ -41,6 +41,7 @@ from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
 from gp_lightning.model.layout import ModelLayout, check_sequence_lengths, describe
 from gp_lightning.model.sharded import meta_model
 from gp_lightning.model.source import local_checkpoint_dir
+from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.runtime.launch import launcher_warning
 from gp_lightning.runtime.precision import holds, load_dtype
@@ -94,6 +95,9 @@ class PruneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, e = self.cfg, self.cfg.evaluation
+        if cfg.table.from_table:  # before the run directory is touched: an unfinished run's table is refused
+            run_manifest.require_complete(cfg.table.from_table, "from_table")
+        run_manifest.require_complete(cfg.source.model, "model", own_output=cfg.run.output)  # a pruned model again
         self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)
         self._check_recovery()
         needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))

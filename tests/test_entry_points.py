@@ -16,7 +16,7 @@ from conftest import tiny_model
 from test_pipeline import _written_table
 
 from gp_lightning.analysis.compare import main as compare_main
-from gp_lightning.cli import train_main
+from gp_lightning.cli import prune_main, train_main
 from gp_lightning.evaluation.checkpoints import evaluate_main
 from gp_lightning.export.gguf_writer import main as export_main
 from gp_lightning.export.upgrade import main as upgrade_main
@@ -57,6 +57,20 @@ def _error(capsys: pytest.CaptureFixture) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def test_prune_refuses_an_unfinished_run_before_touching_its_output(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """--from_table and --model of a failed run: refused before --overwrite clears the output or a model loads."""
+    run = _run(tmp_path / "run", "failed", _dead_pid())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for flag, value, reader in (("--from_table", run / "global_group_table.csv", "from_table"),
+                                ("--model", run / "model", "model")):
+        assert prune_main([flag, str(value), "--output", str(out), "--overwrite"]) == 2
+        assert _error(capsys).startswith(f"error: {reader}: ")
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("status", ["failed", "running, pid gone", "running"])
