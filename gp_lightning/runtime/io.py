@@ -7,10 +7,12 @@ crash never leaves a half-written table or model, and a run never silently repla
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -120,14 +122,38 @@ def process_alive(pid: int) -> bool:
 
 @contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it replaces ``target``, on any error it is removed."""
+    """Yield an empty staging directory; on success it replaces ``target``, on any error it is removed (a failed
+    safetensors write raised as a :class:`WriteError` naming its file)."""
     staging = staging_dir(target)
     try:
         yield staging
         replace_dir(staging, target)
-    except BaseException:
+    except BaseException as exc:
+        named = _named_write_error(exc, staging, target)
         shutil.rmtree(staging, ignore_errors=True)
+        if named is not None:
+            raise named from exc
         raise
+
+
+#: The errno values of a write the file system refused: full, over quota, read-only, no permission.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class WriteError(OSError):
+    """A library's failed write as an :class:`OSError` that names the file (safetensors' own error names none)."""
+
+
+def _named_write_error(exc: BaseException, staging: Path, target: Path) -> WriteError | None:
+    """A ``SafetensorError`` of a write into ``staging`` as a :class:`WriteError` naming the file (as it would be
+    called in ``target``) and the system's reason; None for any other error."""
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    text = " ".join(str(exc).split())
+    code, reason = re.search(r"code: (\d+)", text), re.search(r'message: "([^"]*)"', text)
+    written = sorted(staging.rglob("*.safetensors"), key=lambda path: path.stat().st_mtime)
+    name = target / written[-1].relative_to(staging) if written else target / "*.safetensors"
+    return WriteError(int(code.group(1)) if code else errno.EIO, reason.group(1) if reason else text, str(name))
 
 
 def _protected(path: Path) -> str | None:
