@@ -54,7 +54,7 @@ from gp_lightning.surgery.in_memory import apply_plan
 from gp_lightning.surgery.streamed import stream_prune
 from gp_lightning.table.ablation import AblationLosses, ablation_losses
 from gp_lightning.table.build import build_table
-from gp_lightning.table.saved import load_table, saved_losses
+from gp_lightning.table.saved import check_table_file, load_table, saved_losses
 from gp_lightning.table.transforms import OrderedTable, order_units
 
 log = logging.getLogger("gp_lightning")
@@ -95,7 +95,8 @@ class PruneRecipe(Recipe):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, e = self.cfg, self.cfg.evaluation
-        if cfg.table.from_table:  # before the run directory is touched: an unfinished run's table is refused
+        if cfg.table.from_table:  # before the run directory is touched: no such file, or an unfinished run's
+            check_table_file(Path(cfg.table.from_table).expanduser())
             run_manifest.require_complete(cfg.table.from_table, "from_table")
         run_manifest.require_complete(cfg.source.model, "model", own_output=cfg.run.output)  # a pruned model again
         self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)

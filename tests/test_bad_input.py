@@ -105,6 +105,9 @@ def test_a_dataset_that_is_no_file_says_what_it_is(tmp_path: Path, capsys: pytes
     what = "a directory" if kind == "directory" else "a named pipe (FIFO)"
     assert (f"Dataset '{data}' is {what}, not a file: pass a .txt, .jsonl or .parquet file"
             in _one_error(capsys, code, tmp_path / "run"))
+    code = prune_main(["--from_table", str(data), "--output", str(tmp_path / "run")])
+    assert f"from_table: {data} is {what}, not a file: pass the global_group_table.csv" in _one_error(
+        capsys, code, tmp_path / "run")
 
 
 def test_a_read_only_model_cache_is_named_with_its_fix(tmp_path: Path, capsys: pytest.CaptureFixture,

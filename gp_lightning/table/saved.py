@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gp_lightning.data.sources import not_a_file
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.errors import DataError
@@ -50,11 +51,20 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
     return table
 
 
+def check_table_file(path: Path) -> None:
+    """``path`` is an existing regular file (checked before a run starts), or one line saying what it is instead."""
+    kind = not_a_file(path)
+    if kind is not None:
+        raise DataError(f"from_table: {path} is {kind}, not a file: pass the global_group_table.csv of a --table_only "
+                        "run.")
+    if not path.is_file():
+        raise DataError(f"from_table: {path} does not exist. Pass the global_group_table.csv of a --table_only run.")
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """The CSV as written by a run: complete (its ``.sha256`` side file, when there is one, matches), with the
     required columns, integer keys and finite, non-negative numbers. Every flaw is one line naming the file."""
-    if not path.is_file():
-        raise DataError(f"from_table: {path} does not exist. Pass the global_group_table.csv of a --table_only run.")
+    check_table_file(path)
     side = checksum_path(path)
     if side.is_file() and side.read_text(encoding="utf-8").split()[:1] != [file_sha256(path)]:
         raise DataError(f"from_table: {path} is not the file its run wrote (its SHA-256 differs from {side.name}): it "
