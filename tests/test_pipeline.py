@@ -201,11 +201,12 @@ def _damage(path: Path, damage: str) -> None:
             side.unlink()
         return
     side.unlink()  # the cases below are edits on purpose: their checksum is deleted
-    if damage in ("string", "inf"):
+    if damage in ("string", "inf", "cost"):
         header = lines[0].rstrip("\n").split(",")
-        index = 2 if damage == "string" else 1
+        index = {"string": 2, "inf": 1, "cost": -1}[damage]  # the last row: not the first of its layer and block
         row = lines[index].rstrip("\n").split(",")
-        row[header.index("importance_raw")] = "abc" if damage == "string" else "inf"
+        column, value = ("cost", "7") if damage == "cost" else ("importance_raw", "abc" if damage == "string" else "inf")
+        row[header.index(column)] = value
         lines[index] = ",".join(row) + "\n"
         path.write_text("".join(lines))
     else:
@@ -219,6 +220,7 @@ DAMAGES = {
     "inf": r"line 2: importance_raw = 'inf' is not a finite",
     "empty": "is not a readable CSV",
     "header only": "lacks rows",
+    "cost": r": layer \d+ mlp unit \d+ costs 7 parameters there, \d+ in the model",
 }
 
 

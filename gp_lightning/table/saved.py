@@ -39,9 +39,10 @@ def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
         if len(rows) != count or sorted(rows["group_idx"]) != list(range(count)):
             raise DataError(f"from_table: layer {layer_idx} {kind} has {len(rows)} units in {path}, the model "
                             f"{count}. {fix}")
-        if (rows["cost"] != cost).any():
-            raise DataError(f"from_table: layer {layer_idx} {kind} units cost {int(rows['cost'].iloc[0])} parameters "
-                            f"in {path}, {cost} in the model. {fix}")
+        wrong = rows[rows["cost"] != cost]
+        if len(wrong):  # the unit that differs, not the group's first row
+            raise DataError(f"from_table: {path}: layer {layer_idx} {kind} unit {int(wrong['group_idx'].iloc[0])} "
+                            f"costs {int(wrong['cost'].iloc[0])} parameters there, {cost} in the model. {fix}")
     if expected:
         (layer_idx, kind), (count, _) = next(iter(expected.items()))
         raise DataError(f"from_table: {path} has no rows for layer {layer_idx} {kind} ({count} units in the model). {fix}")
