@@ -141,3 +141,18 @@ def test_an_output_of_the_wrong_kind_is_one_line(tmp_path: Path, tiny_checkpoint
     assert f"--output {taken} is a file" in _error(capsys) and taken.read_text() == "mine"
     assert export_main([str(tiny_checkpoint), str(tmp_path)]) == 2
     assert f"{tmp_path} is a directory: name the .gguf file to write" in _error(capsys)
+
+
+def test_compare_of_a_run_missing_or_damaging_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _run(tmp_path / "run", "complete", _dead_pid())
+    assert compare_main([str(run)]) == 0  # whole, it compares
+    capsys.readouterr()
+    (run / "analysis" / "pruning_summary_by_layer.csv").unlink()
+    assert compare_main([str(run)]) == 2
+    assert _error(capsys).endswith("lacks " + str(run / "analysis" / "pruning_summary_by_layer.csv") + ": it is not a "
+                                   "whole run directory of prune.py; rerun its command (the same settings redo it) "
+                                   "or leave it out.")
+    (run / "analysis" / "pruning_summary_by_layer.csv").write_text("layer_idx,layer_rate\n0,0.2\n")
+    (run / "evaluation_results.json").write_text('{"total_params": 10')
+    assert compare_main([str(run)]) == 2
+    assert "has a damaged file (JSONDecodeError" in _error(capsys)

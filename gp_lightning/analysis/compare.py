@@ -50,7 +50,12 @@ def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
 def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     rows, summaries = [], {}
     for run in runs:
-        row, summary = _read_run(Path(run))
+        try:
+            row, summary = _read_run(Path(run))
+        except (OSError, ValueError, KeyError) as exc:  # a file of the run missing, cut short or edited
+            what = f"lacks {exc.filename}" if isinstance(exc, OSError) and exc.filename else f"has a damaged file ({exc!r})"
+            raise DataError(f"{run} {what}: it is not a whole run directory of prune.py; rerun its command (the same "
+                            "settings redo it) or leave it out.") from exc
         rows.append(row)
         summaries[row["run"]] = summary
     return pd.DataFrame(rows), summaries
