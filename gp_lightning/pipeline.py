@@ -178,13 +178,13 @@ class PruneRecipe(Recipe):
     def full_model(self, exact: bool = False) -> torch.nn.Module:
         """The dense model, whole, on this process (reloaded when calibration left it sharded). ``exact``: in a
         dtype that holds the source's weights exactly (compensation and surgery), reloaded if needed."""
-        if self.model is None or any(p.is_meta for p in self.model.parameters()):
-            self.model, _ = self.cfg.source.load(self.weights_dtype(exact))
-        elif exact and not holds(next(self.model.parameters()).dtype, self.source_dtype):
+        dtype = self.weights_dtype(exact)
+        if exact and self.model is not None and next(self.model.parameters()).dtype != dtype:
             log.info("reloading the dense model in %s for compensation and surgery (the %s compute precision cannot "
-                     "hold its weights exactly)", self.source_dtype, self.precision)
-            self.model = None
-            self.model, _ = self.cfg.source.load(self.weights_dtype(exact))
+                     "hold its weights exactly)", dtype, self.precision)
+            self.model = None  # freed before the reload
+        if self.model is None or any(p.is_meta for p in self.model.parameters()):
+            self.model, _ = self.cfg.source.load(dtype)
         return self.model
 
     def offloaded_model(self) -> torch.nn.Module:

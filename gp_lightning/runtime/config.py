@@ -50,9 +50,9 @@ class DistributedConfig:
 
     precision: Precision = "auto"
     """Numerics of calibration or training. ``auto``: bf16 where the hardware computes it natively (a bf16
-    GPU: ``bf16-mixed``; a CPU with AMX/AVX512-BF16: ``bf16-true`` in one process, ``bf16-mixed`` for DDP,
-    FSDP, ZeRO-3 or several processes, which need float32 parameters), else float32; the log says which
-    and why. ``bf16-mixed``: bf16 autocast over float32 weights. ``bf16-true``: bf16 weights. ``32-true``:
+    GPU: ``bf16-mixed``; a CPU with AMX/AVX512-BF16: ``bf16-true`` in one process), else float32, and float32
+    for DDP, FSDP, ZeRO-3 or several processes on a CPU (their statistics then equal one process's); the log
+    says which and why. ``bf16-mixed``: bf16 autocast over float32 weights. ``bf16-true``: bf16 weights. ``32-true``:
     all float32. Importance statistics always accumulate in float32; saved weights keep the source's dtype."""
     accelerator: str = "auto"
     """Lightning accelerator: ``auto`` (the CUDA GPU when there is one, else the CPU), ``cpu``, or ``gpu``
