@@ -97,7 +97,8 @@ class PruneRecipe(Recipe):
         cfg, e = self.cfg, self.cfg.evaluation
         if cfg.table.from_table:  # before the run directory is touched: no such file, or an unfinished run's
             check_table_file(Path(cfg.table.from_table).expanduser())
-            run_manifest.require_complete(cfg.table.from_table, "from_table")
+            run_manifest.require_complete(cfg.table.from_table, "from_table",
+                                          allow_unfinished=cfg.table.allow_unfinished_table)
         run_manifest.require_complete(cfg.source.model, "model", own_output=cfg.run.output)  # a pruned model again
         self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)
         self._check_recovery()
@@ -117,7 +118,7 @@ class PruneRecipe(Recipe):
                                                 "eval_seq_len": cfg.evaluation.eval_seq_len})
         self._check_stock_shape()
         if cfg.table.from_table:
-            self.saved_table = load_table(cfg.table.from_table, self.layout)
+            self.saved_table = load_table(cfg.table.from_table, self.layout, cfg.table.allow_unfinished_table)
         if self._needs_calibration_windows():
             tokens = tokenize(load_text(cfg.data.dataset, "calibration", cfg.data.text_encoding), self.tokenizer)
             refit = cfg.refit.compensation_samples or cfg.data.num_samples
@@ -415,7 +416,7 @@ class PruneRecipe(Recipe):
         reuse = self.rank == 0 and known is not None and same_windows and theirs.test_before_finetune
         if reuse:  # the pruned model's perplexity was just measured on the same windows
             settings = settings.replace(test_before_finetune=False)
-        recipe = FinetuneRecipe(settings, model=model, tokenizer=None if model is None else self.tokenizer)
+        recipe = FinetuneRecipe(settings, model, None if model is None else self.tokenizer, parent_run=self.run_dir)
         if reuse:
             recipe.evaluator.results["ppl_before"] = known
         log.info("recovery fine-tuning (%s) into %s", settings.adapter.finetune_method, settings.run.output)

@@ -84,16 +84,30 @@ def test_a_run_that_did_not_finish_is_read_by_no_command(tmp_path: Path, status:
                                                 rf".*run, which .*{re.escape(said)}"):
         load_table(run / "global_group_table.csv", describe(tiny_model()))
     before = _digests(run / "model")
-    calls = {"compare": lambda: compare_main([str(run)]),
-             "evaluate": lambda: evaluate_main([str(run / "model"), "--eval_dataset", "no-such.txt"]),
-             "upgrade-checkpoint": lambda: upgrade_main([str(run / "model")]),
-             "export-gguf": lambda: export_main([str(run / "model"), str(tmp_path / "m.gguf"), "--tokenizer", "x"]),
-             "train.py": lambda: train_main(["--model", str(run / "model"), "--output", str(tmp_path / "ft")])}
-    for reader, call in calls.items():
+    calls = [("compare", lambda: compare_main([str(run)])),
+             ("evaluate", lambda: evaluate_main([str(run / "model"), "--eval_dataset", "no-such.txt"])),
+             ("upgrade-checkpoint", lambda: upgrade_main([str(run / "model")])),
+             ("export-gguf", lambda: export_main([str(run / "model"), str(tmp_path / "m.gguf"), "--tokenizer", "x"])),
+             ("train.py", lambda: train_main(["--model", str(run / "model"), "--output", str(tmp_path / "ft")])),
+             ("train.py", lambda: train_main(["--model", str(run / "model"), "--output", str(run / "ft")]))]
+    for reader, call in calls:  # the last: an output inside the unfinished run is no licence to read it
         assert call() == 2, reader
         assert f"{reader}: " in (err := _error(capsys)) and said in err, err
+    assert not (run / "ft").exists() and not (tmp_path / "ft").exists()
     assert _digests(run / "model") == before  # upgrade-checkpoint rewrote nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .gguf, no fine-tune directory
+
+
+def test_allow_unfinished_table_reads_a_dead_run_with_a_warning_never_a_live_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layout = describe(tiny_model())
+    run = _run(tmp_path / "run", "failed", _dead_pid())
+    with caplog.at_level("WARNING"):
+        assert len(load_table(run / "global_group_table.csv", layout, allow_unfinished=True)) > 0
+    assert "which did not finish (run.json says failed): read anyway, as asked" in caplog.text
+    (run / "run.json").write_text(json.dumps({"status": "running", "pid": os.getppid()}))
+    with pytest.raises(RunDirectoryError, match="still running"):
+        load_table(run / "global_group_table.csv", layout, allow_unfinished=True)
 
 
 def test_a_finished_run_and_a_directory_without_run_json_are_read(tmp_path: Path,
@@ -105,7 +119,7 @@ def test_a_finished_run_and_a_directory_without_run_json_are_read(tmp_path: Path
     (run / "run.json").unlink()  # a run of a release before run.json, or a plain checkpoint
     assert upgrade_main([str(run / "model")]) == 0
     (run / "run.json").write_text(json.dumps({"status": "running", "pid": _dead_pid()}))
-    require_complete(run / "model", "train.py", own_output=run / "finetune")  # prune.py --finetune: its own model
+    require_complete(run / "model", "train.py", own_output=run)  # prune.py --finetune reads its own run's model
 
 
 def test_evaluate_checks_its_windows_as_prune_does(tiny_checkpoint: Path, wikitext: Path,
@@ -117,6 +131,23 @@ def test_evaluate_checks_its_windows_as_prune_does(tiny_checkpoint: Path, wikite
     assert "'eval_max_windows' = 0 is invalid: it must be at least 1" in _error(capsys)
     assert evaluate_main([str(tiny_checkpoint), *text, "--eval_seq_len", "1"]) == 2
     assert "'eval_seq_len' = 1 is invalid: it must be at least 2 tokens" in _error(capsys)
+
+
+def test_evaluate_checks_every_local_checkpoint_before_loading_any(tmp_path: Path, tiny_checkpoint: Path,
+                                                                    wikitext: Path, capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second checkpoint has fewer positions than the windows: refused before the first one loads."""
+    import gp_lightning.model.source as source
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_checkpoint, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    loads: list[str] = []
+    monkeypatch.setattr(source, "load_model", lambda path, *a, **k: loads.append(path))
+    args = [str(tiny_checkpoint), str(short), "--eval_dataset", str(wikitext / "test.txt"), "--eval_seq_len", "100"]
+    assert evaluate_main(args) == 2
+    assert "'eval_seq_len' = 100 is invalid: the model has 64 positions" in _error(capsys) and loads == []
 
 
 def test_evaluate_reads_text_in_the_encoding_it_names(tmp_path: Path, tiny_checkpoint: Path,

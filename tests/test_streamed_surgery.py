@@ -144,6 +144,31 @@ def test_stored_tied_lm_head_and_unused_buffer_are_dropped_and_bf16_kept(tmp_pat
     assert _json(streamed / "config.json")["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("reader", ["streamed surgery", "sharded load"])
+def test_a_stored_tensor_the_config_lacks_is_refused_not_ignored(tmp_path: Path, reader: str) -> None:
+    """An extra layer's tensor (a checkpoint of another config): refused as a load in memory refuses it, while the
+    rotary buffer old checkpoints store is still fine. A missing tensor is refused by the sharded load up front."""
+    source = tmp_path / "dense"
+    tiny_model("llama", layers=4).save_pretrained(source)
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)
+    weights["model.layers.7.mlp.down_proj.weight"] = weights["model.layers.1.mlp.down_proj.weight"].clone()
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    layout = describe_checkpoint(source)
+    with pytest.raises(ModelSourceError) as raised:
+        if reader == "streamed surgery":
+            stream_prune(source, layout, _plan(layout, False), PROVENANCE, tmp_path / "out")
+        else:
+            from gp_lightning.model.sharded import meta_model
+
+            meta_model(source, torch.float32)
+    message = str(raised.value)
+    assert "1 unexpected (e.g. 'model.layers.7.mlp.down_proj.weight')" in message and "inv_freq" not in message
+    assert ("1 missing (e.g. 'model.layers.2.mlp.up_proj.weight')" in message) == (reader == "sharded load")
+    assert not (tmp_path / "out").exists()
+
+
 def test_replaces_existing_output_and_cleans_up_on_mismatch(tmp_path: Path) -> None:
     source = tmp_path / "dense"
     tiny_model("llama", layers=4).save_pretrained(source)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from gp_lightning.evaluation.config import EvaluationWindows
 from gp_lightning.evaluation.perplexity import perplexity
 
@@ -13,7 +16,7 @@ def evaluate_checkpoints(checkpoints: list[str], eval_dataset: str, eval_seq_len
 
     The inputs pass prune.py's checks first, before anything loads: the window settings, the text encoding, the
     text's source, and every checkpoint's run (a checkpoint of a run that did not finish is refused); each model
-    then refuses windows longer than its positions before any text is tokenized or measured."""
+    then refuses windows longer than its positions (a local one before any loads) before any text is measured."""
     from gp_lightning.data.config import TextConfig
     from gp_lightning.data.sources import check_source, load_text
     from gp_lightning.data.windows import evaluation_windows, tokenize
@@ -25,6 +28,7 @@ def evaluate_checkpoints(checkpoints: list[str], eval_dataset: str, eval_seq_len
     TextConfig(text_encoding=text_encoding)
     for source in checkpoints:
         run_manifest.require_complete(source, "evaluate")
+        check_sequence_lengths(_local_config(source), {"eval_seq_len": eval_seq_len})  # before any model loads
     check_source(eval_dataset, "evaluation")
     windows = None
     rows: list[dict[str, object]] = []
@@ -39,6 +43,15 @@ def evaluate_checkpoints(checkpoints: list[str], eval_dataset: str, eval_seq_len
                      "windows": int(windows.shape[0]), "seq_len": eval_seq_len})
         del model
     return rows
+
+
+def _local_config(source: str) -> dict:
+    """A local checkpoint's config.json as a dict; {} for a hub id or an unreadable file (its load says why)."""
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

@@ -68,12 +68,14 @@ def training_strategy(distributed: DistributedConfig) -> tuple[Any, int, bool]:
 
 
 class FinetuneRecipe(Recipe):
-    """One recovery fine-tune. ``model``/``tokenizer`` may be handed over in memory (prune.py --finetune)."""
+    """One recovery fine-tune. ``model``/``tokenizer`` may be handed over in memory (prune.py --finetune);
+    ``parent_run``: the prune run this fine-tune is a step of, whose own (still running) model it may read."""
 
     def __init__(self, config: FinetuneConfig, model: torch.nn.Module | None = None,
-                 tokenizer: object | None = None) -> None:
+                 tokenizer: object | None = None, parent_run: Path | None = None) -> None:
         super().__init__(config.run, config.distributed, config.evaluation.eval_precision)
         self.cfg = config
+        self.parent_run = parent_run
         self.model = model
         self.tokenizer = tokenizer
         self.evaluator = Evaluator(None, config.evaluation.eval_batch_size, "32-true", timings=self.timings)
@@ -93,8 +95,8 @@ class FinetuneRecipe(Recipe):
     def setup(self) -> None:
         cfg = self.cfg
         sources = [cfg.distillation.teacher, None if self.model is not None else cfg.source.model]
-        for source in filter(None, sources):  # prune.py --finetune reads its own model/: own_output
-            require_complete(source, "train.py", own_output=cfg.run.output)
+        for source in filter(None, sources):  # prune.py --finetune reads its own run's model/
+            require_complete(source, "train.py", own_output=self.parent_run)
         self.start(cfg.run.overwrite, cfg.to_dict())
         self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
         e = cfg.evaluation

@@ -182,11 +182,12 @@ def _require_linears(block: nn.Module, names: tuple[str, ...], idx: int, where: 
             )
 
 
-def check_sequence_lengths(model: nn.Module, lengths: dict[str, int]) -> None:
+def check_sequence_lengths(model: nn.Module | dict, lengths: dict[str, int]) -> None:
     """Windows longer than the model's positions (``max_position_embeddings``) are refused before any work:
     rotary models run past them without an error, but on positions they never saw, and memory grows with
-    the square of the length."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    the square of the length. ``model``: the model, or its config.json read as a dict (before any load)."""
+    config = model if isinstance(model, dict) else vars(model.config)
+    limit = config.get("max_position_embeddings")
     for key, length in lengths.items():
         if limit is not None and length > limit:
             raise ConfigError(f"Config key '{key}' = {length} is invalid: the model has {limit} positions "

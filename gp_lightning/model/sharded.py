@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from gp_lightning.model.layout import check_supported
+from gp_lightning.model.source import refuse_mismatch, unexpected_tensors
 from gp_lightning.model.weights import source_weight_files
 from gp_lightning.runtime.errors import ModelSourceError
 from gp_lightning.runtime.sharding import local_part
@@ -31,6 +32,10 @@ def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     check_supported(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stored = tensor_files(directory)  # the checkpoint covers the config exactly, as a load in memory checks
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # a tied lm_head is the embedding
+    missing = [name for name, _ in model.named_parameters() if name not in stored and name not in tied]
+    refuse_mismatch(missing, unexpected_tensors(stored, model), str(directory))
     model.gp_weights_dir = str(directory)
     return model.eval()
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,8 +232,25 @@ def check_weights_cover(model: torch.nn.Module, info: dict, source: str) -> None
     missing = set(info.get("missing_keys") or ())
     loaded = {param.data_ptr() for name, param in params.items() if name not in missing}
     missing = sorted(name for name in missing if name not in params or params[name].data_ptr() not in loaded)
-    buffers = dict(model.named_buffers())  # a stored buffer the model recomputes (rotary inv_freq) is harmless
-    unexpected = sorted(name for name in info.get("unexpected_keys") or () if name not in buffers)
+    unexpected = unexpected_tensors(info.get("unexpected_keys") or (), model)
+    refuse_mismatch(missing, unexpected, source)
+
+
+def unexpected_tensors(stored: Iterable[str], model: torch.nn.Module) -> list[str]:
+    """Stored tensor names that are neither a state-dict entry of ``model`` nor a buffer it recomputes itself, as
+    ``from_pretrained`` judges them: the per-layer ``rotary_emb.inv_freq`` old checkpoints store matches the model's
+    one by its last two names, and the class's ``_keys_to_ignore_on_load_unexpected`` patterns hold."""
+    import re
+
+    known = set(model.state_dict())
+    tails = {".".join(name.split(".")[-2:]) for name, _ in model.named_buffers()}
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return sorted(name for name in stored if name not in known and ".".join(name.split(".")[-2:]) not in tails
+                  and not any(p.search(name) for p in ignored))
+
+
+def refuse_mismatch(missing: list[str], unexpected: list[str], source: str) -> None:
+    """One line naming the missing and unexpected tensors of a checkpoint, if there are any."""
     if missing or unexpected:
         what = "; ".join(f"{len(keys)} {kind} (e.g. '{keys[0]}')" for kind, keys in
                          (("missing", missing), ("unexpected", unexpected)) if keys)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 from gp_lightning.runtime.errors import RunDirectoryError
 from gp_lightning.runtime.io import in_use, process_alive, write_json
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "run.json"
 
@@ -65,11 +68,13 @@ def run_directory_of(path: str | Path) -> Path | None:
     return next((folder for folder in (path, *path.parents) if (folder / MANIFEST).is_file()), None)
 
 
-def require_complete(path: str | Path, reader: str, own_output: str | Path | None = None) -> None:
+def require_complete(path: str | Path, reader: str, own_output: str | Path | None = None,
+                     allow_unfinished: bool = False) -> None:
     """Refuse to read ``path`` unless the run that wrote it finished: one line naming the run's state and the fix.
 
     A path in no run (a plain checkpoint, a run of a release before run.json) is read as before. A run reads what
-    it writes itself: ``own_output`` (the reader's output directory) inside the run (``prune.py --finetune``).
+    it writes itself: ``own_output``, the run the reader is a step of (``prune.py --finetune`` reads its model/).
+    ``allow_unfinished``: a run that failed or died is only warned about (one that still runs is refused).
     """
     run = run_directory_of(path)
     if run is None or (own_output is not None and Path(own_output).expanduser().absolute().is_relative_to(run)):
@@ -84,6 +89,10 @@ def require_complete(path: str | Path, reader: str, own_output: str | Path | Non
     how = f"run.json says {status}" if status != "running" else f"run.json says running, but its pid {pid} is gone"
     if manifest is None:
         how = "its run.json is unreadable"
+    if allow_unfinished:
+        logger.warning("%s: %s belongs to the run in %s, which did not finish (%s): read anyway, as asked", reader,
+                       path, run, how)
+        return
     raise RunDirectoryError(f"{reader}: {path} belongs to the run in {run}, which did not finish ({how}): finish that "
                             "run first (rerun its command; the same settings redo it), or use a finished run.")
 

@@ -11,7 +11,6 @@ size, and the files it writes are the ones ``save_pruned`` would have written fo
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from gp_lightning.model.gp_pruned.configuration_gp_pruned import GPPrunedConfig
 from gp_lightning.model.gp_pruned.modeling_gp_pruned import GPPrunedForCausalLM
 from gp_lightning.model.layout import ModelLayout
+from gp_lightning.model.source import refuse_mismatch, unexpected_tensors
 from gp_lightning.model.weights import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -44,7 +44,6 @@ from gp_lightning.surgery.slicer import TensorSlicer
 if TYPE_CHECKING:
     from gp_lightning.compensation.run import Compensation
 
-logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -101,18 +100,19 @@ class _Read:
     nbytes: int  # of the pruned tensor
 
 
-def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, dense_names: set[str],
+def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, dense: torch.nn.Module,
                 expected: dict[str, tuple[int, ...]], tied: set[str], source: Path) -> list[_Read | str]:
     """Which stored tensor becomes which output tensor, in the pruned model's state-dict order.
 
     Runs the slicer on meta tensors of the stored shapes (from the file headers only), so a
     layout or plan that does not fit the checkpoint fails here, before any weight is read or any
     file is written. Following the pruned model's order makes the shard split the one
-    ``save_pretrained`` makes for the in-memory model. Stored tensors the dense model does not have
-    (e.g. the ``rotary_emb.inv_freq`` buffers of old checkpoints) are skipped, as ``from_pretrained``
-    skips them. A compensation's added output biases have no stored source: their names stand in the
-    list instead of a read.
+    ``save_pretrained`` makes for the in-memory model. A stored buffer the dense model recomputes (the
+    ``rotary_emb.inv_freq`` of old checkpoints) is skipped; any other stored tensor the dense model does not
+    have is refused, as a load in memory refuses it. A compensation's added output biases have no stored
+    source: their names stand in the list instead of a read.
     """
+    dense_names = set(dense.state_dict())
     reads: dict[str, _Read] = {}
     unused = []
     for path in files:
@@ -138,8 +138,7 @@ def _plan_reads(files: list[Path], layout: ModelLayout, slicer: TensorSlicer, de
             start, end = info["data_offsets"]
             itemsize = (end - start) // max(math.prod(shape), 1) if slicer.dtype is None else sliced.element_size()
             reads[name] = _Read(name, path, source_name, sliced.numel() * itemsize)
-    if unused:
-        logger.warning("Streamed surgery ignores %d stored tensors the model does not use: %s", len(unused), unused)
+    refuse_mismatch([], unexpected_tensors(unused, dense), str(source))
     added = {name for name, _ in slicer.added()}
     missing = [name for name in expected if name not in reads and name not in added]
     if missing:
@@ -304,9 +303,8 @@ def stream_prune(
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
-    dense_names = set(dense_meta_model(dense_config).state_dict())
-    reads = _plan_reads(files, layout, TensorSlicer(layout, plan, compensation, dtype), dense_names, expected, tied,
-                        source)
+    dense = dense_meta_model(dense_config)
+    reads = _plan_reads(files, layout, TensorSlicer(layout, plan, compensation, dtype), dense, expected, tied, source)
     slicer = TensorSlicer(layout, plan, compensation, dtype)
     generation_config = _generation_config(source, dense_config)
 

@@ -49,6 +49,10 @@ class TableConfig:
     from_table: str | None = None
     """Prune from a saved ``global_group_table.csv`` instead of calibrating. Its ``importance_raw`` (and
     measured B/L) are reused; this run's table settings apply."""
+    allow_unfinished_table: bool = False
+    """Take ``from_table`` from a run that failed or was killed (its run.json does not say complete), with a
+    warning: the table is written whole once calibration ends, so a run that died later left a usable one. A
+    run that is still running is refused all the same."""
 
     def __post_init__(self) -> None:
         for key in ("clip_percentile_low", "clip_percentile_high"):

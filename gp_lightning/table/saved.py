@@ -17,13 +17,14 @@ from gp_lightning.table.build import BLOCK, KEY
 REQUIRED = [*KEY, "cost", "importance_raw"]
 
 
-def load_table(path: str | Path, layout: ModelLayout) -> pd.DataFrame:
+def load_table(path: str | Path, layout: ModelLayout, allow_unfinished: bool = False) -> pd.DataFrame:
     """The table in model order, with its raw importance (and B/L if they were measured).
 
     The table must describe exactly this model: the same layers, the same number of attention
-    groups and MLP channels per layer, and the same unit costs.
+    groups and MLP channels per layer, and the same unit costs. ``allow_unfinished``: see
+    :func:`run_manifest.require_complete`.
     """
-    run_manifest.require_complete(path, "from_table")  # a table of a run that did not finish, or still runs
+    run_manifest.require_complete(path, "from_table", allow_unfinished=allow_unfinished)  # an unfinished run's
     table = read_table(Path(path))
     fix = "It was made for another model: run --table_only on this model to make its table."
     expected = {(layer.index, "attention"): (layer.num_kv_heads, layout.attention_group_cost(layer))
