@@ -109,6 +109,10 @@ def _check_config_file(path: Path, prog: str) -> None:
     if not isinstance(content, dict):
         raise ConfigError(f"--config {path} holds a YAML {type(content).__name__}, not 'key: value' lines (e.g. "
                           f"seed: 7; {prog} --help lists the keys).")
+    if isinstance(content.get("dataset"), list | dict):
+        raise ConfigError(f"--config {path}: dataset is a YAML {type(content['dataset']).__name__}, but it is one "
+                          "string: a file or hub name, or (calibration) a list of sources in quotes, e.g. dataset: "
+                          '"[wikitext2, my.txt]" or dataset: "[wikitext2: 0.7, my.txt: 0.3]".')
 
 
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)

@@ -31,8 +31,8 @@ from gp_lightning.calibration.run import run_calibration
 from gp_lightning.calibration.units import UnitImportance
 from gp_lightning.compensation.run import Compensation, compensate
 from gp_lightning.config import PruneConfig
-from gp_lightning.data.sources import check_source, load_text
-from gp_lightning.data.windows import calibration_windows, tokenize
+from gp_lightning.data.mixture import check_sources, is_mixture, mixture_summary, mixture_windows
+from gp_lightning.data.sources import check_source
 from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import load_pruned, save_checkpoint, save_pruned
 from gp_lightning.export.gguf_writer import export_gguf
@@ -104,7 +104,7 @@ class PruneRecipe(Recipe):
         self._check_recovery()
         needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
         if cfg.table.from_table is None and self._needs_calibration_windows():  # (from a table: known once read)
-            check_source(cfg.data.dataset, "calibration")  # a missing file or hub stops here, not after the load
+            check_sources(cfg.data.dataset, "calibration")  # a missing file or hub stops here, not after the load
         if needed:
             check_source(e.eval_dataset, "evaluation")
         warning = launcher_warning()
@@ -120,10 +120,10 @@ class PruneRecipe(Recipe):
         if cfg.table.from_table:
             self.saved_table = load_table(cfg.table.from_table, self.layout, cfg.table.allow_unfinished_table)
         if self._needs_calibration_windows():
-            tokens = tokenize(load_text(cfg.data.dataset, "calibration", cfg.data.text_encoding), self.tokenizer)
             refit = cfg.refit.compensation_samples or cfg.data.num_samples
             count = max(cfg.data.num_samples, refit if cfg.refit.enabled else 0)
-            windows = calibration_windows(tokens, count, cfg.data.seq_len, cfg.run.seed)  # the first ones calibrate
+            windows = mixture_windows(cfg.data.dataset, self.tokenizer, count, cfg.data.seq_len, cfg.run.seed,
+                                      cfg.data.text_encoding)  # the first ones calibrate
             self.cal_windows, self.refit_windows = windows[: cfg.data.num_samples], windows[:refit]
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings,
                                       cfg.data.text_encoding)
@@ -131,6 +131,9 @@ class PruneRecipe(Recipe):
         log.info("gp-lightning %s: model=%s layers=%d params=%d prunable=%d precision=%s (%s)", __version__,
                  cfg.source.model, self.layout.num_layers, self.layout.total_params, self.layout.prunable_params,
                  self.precision, self.precision_reason)
+        if self.cal_windows is not None and is_mixture(cfg.data.dataset):
+            log.info("calibration mixture, windows per source: %s", mixture_summary(
+                cfg.data.dataset, self.cal_windows.shape[0], self.refit_windows.shape[0]))
 
     def _check_stock_shape(self) -> None:
         """``allocation: uniform_per_layer`` saves the stock class: what it cannot hold is refused or turned off here."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gp_lightning.data.mixture import parse_mixture
 from gp_lightning.runtime.errors import check_config
 
 
@@ -25,7 +26,10 @@ class TextConfig:
     dataset: str = "wikitext2"
     """``wikitext2``, ``c4`` (Hugging Face hub: the train split) or a local ``.txt``/``.jsonl``/``.parquet`` file
     (without hub access, e.g. a WikiText-2 copy's ``valid.txt``); fine-tuning also takes alpaca-style instruction
-    records (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``)."""
+    records (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``). Calibration and compensation also
+    take a mixture, a list in quotes: ``"[wikitext2, my.jsonl]"`` (equal weights) or
+    ``"[wikitext2: 0.7, my.txt: 0.3]"``; its windows are split by the weights, each source's drawn with ``seed``
+    (README: Calibration mixtures)."""
     seq_len: int = 128
     """Tokens per window (for instruction data: the most tokens an example keeps)."""
     batch_size: int = 4
@@ -51,3 +55,4 @@ class DataConfig(TextConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_config(self.num_samples >= 1, "num_samples", self.num_samples, "must be at least 1")
+        parse_mixture(self.dataset)  # a malformed source list is refused before anything runs

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gp_lightning.data.config import TextConfig
+from gp_lightning.data.mixture import is_mixture
 from gp_lightning.evaluation.config import EvaluationWindows
 from gp_lightning.model.config import ModelConfig
 from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig, grouped
@@ -77,6 +78,9 @@ class FinetuneDataConfig(TextConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_config(self.val_samples >= 1, "val_samples", self.val_samples, "must be at least 1")
+        check_config(not is_mixture(self.dataset), "dataset", self.dataset,
+                     "is a list of sources, and fine-tuning reads one: pass one file or hub name (prune.py "
+                     "--finetune: set fine-tuning's own dataset in --finetune_config)")
         if self.finetune_samples is not None:
             check_config(self.finetune_samples >= 1, "finetune_samples", self.finetune_samples,
                          "must be at least 1, or null for all the data")
