@@ -61,9 +61,11 @@ from torch import nn
 
 try:
     from bench import common, recovery
+    from bench.ood_texts import ood_texts
 except ModuleNotFoundError:  # `python bench/quality.py` without the repository on sys.path
     import common  # type: ignore[no-redef]
     import recovery  # type: ignore[no-redef]
+    from ood_texts import ood_texts  # type: ignore[no-redef]
 
 from gp_lightning import __version__ as gp_version
 from gp_lightning.calibration.module import token_loss_sum
@@ -139,6 +141,7 @@ class Row:
     ppl: float | None
     seconds: float
     detail: str = ""
+    ood: dict[str, float] = field(default_factory=dict)  # perplexity on each out-of-domain text
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Bench:
     cal: torch.Tensor
     test: torch.Tensor
     dense_params: int
+    ood: dict[str, torch.Tensor]  # out-of-domain windows by text name
     rows: list[Row] = field(default_factory=list)
     tables: dict[str, Path] = field(default_factory=dict)
     raw: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -175,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=common.SEED)
     common.add_threads(parser, None, "this process")
     parser.add_argument("--no_torch_pruning", action="store_true", help="skip the Torch-Pruning rows")
+    parser.add_argument("--no_ood", action="store_true", help="skip the out-of-domain texts (bench/ood_texts.py)")
     parser.add_argument("--only", default=None,
                         help="run only the pipeline rows whose label contains this text (and dense; no baselines, "
                              "no peers): for adding rows without rerunning everything")
@@ -195,7 +200,8 @@ def add_row(bench: Bench, row: Row) -> None:
     note_load(bench)
     params = "-" if row.params is None else f"{row.params:,}"
     ppl = "-" if row.ppl is None else f"{row.ppl:,.2f}"
-    common.log(f"{row.target:.0%} {row.method}: params {params}, PPL {ppl} ({row.seconds:.0f} s) {row.detail}")
+    ood = "".join(f", {name} {value:,.2f}" for name, value in row.ood.items())
+    common.log(f"{row.target:.0%} {row.method}: params {params}, PPL {ppl}{ood} ({row.seconds:.0f} s) {row.detail}")
 
 
 def measured(bench: Bench, target: float, method: str, kind: str, build: Callable[[], tuple[nn.Module, str]]) -> None:
@@ -204,7 +210,9 @@ def measured(bench: Bench, target: float, method: str, kind: str, build: Callabl
     try:
         model, detail = build()
         ppl = perplexity(model, bench.test, bench.args.eval_batch_size, desc=f"PPL {method} {target:.0%}")
-        row = Row(target, method, kind, common.count_params(model), ppl, time.perf_counter() - start, detail)
+        ood = {name: perplexity(model, windows, bench.args.eval_batch_size, desc=f"PPL {name} {method} {target:.0%}")
+               for name, windows in bench.ood.items()}
+        row = Row(target, method, kind, common.count_params(model), ppl, time.perf_counter() - start, detail, ood)
         del model
     except Exception as exc:  # a method that cannot do it is a result, not the end of the benchmark
         traceback.print_exc()
@@ -543,18 +551,8 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
         "",
         compensation_cost(bench),
         "",
-        "| target | method | kind | params | ratio | PPL | PPL / dense |",
-        "|---:|---|---|---:|---:|---:|---:|",
-        f"| 0% | dense | dense | {dense.params:,} | 0.00% | {dense.ppl:.2f} | 1.00 |",
+        *table_lines(bench, dense),
     ]
-    for target in a.ratios:
-        for row in (r for r in bench.rows if r.kind != "dense" and r.target == target):
-            if row.params is None or row.ppl is None:
-                lines.append(f"| {target:.0%} | {row.method} | {row.kind} | - | - | failed | - |")
-                continue
-            achieved = 1 - row.params / bench.dense_params
-            lines.append(f"| {target:.0%} | {row.method} | {row.kind} | {row.params:,} | {achieved:.2%} | "
-                         f"{row.ppl:,.2f} | {row.ppl / dense.ppl:,.2f} |")
     lines += ["", "Per row (what was pruned, how long pruning + evaluation took):", ""]
     for row in bench.rows:
         if row.kind != "dense":
@@ -562,6 +560,23 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
     lines += ["", "Notes:", ""] + [f"- {note}" for note in bench.notes] + [""]
     saved = recovery.saved_section()  # bench/recovery.py's rows, kept in the one table
     return "\n".join(lines + ([saved] if saved else []))
+
+
+def table_lines(bench: Bench, dense: Row) -> list[str]:
+    """The results table: in domain (PPL and its ratio to dense), then each out-of-domain text (PPL, x dense)."""
+    names = list(dense.ood)
+    lines = ["| target | method | kind | params | ratio | PPL | PPL / dense |" + "".join(f" {n} (x dense) |" for n in names),
+             "|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(names)]
+    for row in sorted(bench.rows, key=lambda r: r.target):  # dense first, then by ratio, in the order run
+        if row.params is None or row.ppl is None or dense.ppl is None:
+            lines.append(f"| {row.target:.0%} | {row.method} | {row.kind} | - | - | failed | - |" + " - |" * len(names))
+            continue
+        achieved = 1 - row.params / bench.dense_params
+        ood = "".join(f" {row.ood[n]:,.2f} ({row.ood[n] / dense.ood[n]:,.2f}) |" if n in row.ood else " - |"
+                      for n in names)
+        lines.append(f"| {row.target:.0%} | {row.method} | {row.kind} | {row.params:,} | {achieved:.2%} | "
+                     f"{row.ppl:,.2f} | {row.ppl / dense.ppl:,.2f} |{ood}")
+    return lines
 
 
 def compensation_cost(bench: Bench) -> str:
@@ -643,15 +658,19 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[nn.Module, ModelLayout, torch.Tensor, torch.Tensor]:
-    """The dense model, its layout, the calibration windows and the test windows: the same for every row."""
+def load_inputs(args: argparse.Namespace
+                ) -> tuple[nn.Module, ModelLayout, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The dense model, its layout, the calibration windows, the test windows and the out-of-domain windows (the
+    first ``eval_windows`` of each text of ``bench/ood_texts.py``): the same for every row."""
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     model.eval()
     cal = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer), args.num_samples,
                               args.seq_len, args.seed)
     test = evaluation_windows(tokenize(load_text(str(common.TEST), "evaluation"), tokenizer), 128, args.eval_windows)
-    return model, describe(model), cal, test
+    ood = {name: evaluation_windows(tokenize(load_text(str(path), "evaluation"), tokenizer), 128, args.eval_windows)
+           for name, path in ({} if args.no_ood else ood_texts()).items()}
+    return model, describe(model), cal, test, ood
 
 
 def project_rows(bench: Bench) -> None:
@@ -704,9 +723,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, layout, cal, test = load_inputs(args)
+    model, layout, cal, test, ood = load_inputs(args)
     with tempfile.TemporaryDirectory(prefix="gp-quality-") as work:
-        bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), notes=list(NOTES))
+        bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), ood, notes=list(NOTES))
         project_rows(bench)
         if args.only is None:
             peer_rows(bench)

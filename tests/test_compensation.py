@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from conftest import tiny_model
 
 from gp_lightning.compensation.config import CompensationConfig
-from gp_lightning.compensation.refit import obs_refit, obs_removals, refit
+from gp_lightning.compensation.refit import DAMPING_LADDER, held_out_choice, obs_refit, obs_removals, refit
 from gp_lightning.compensation.run import BLOCKS, Compensation, compensate
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.model.layout import decoder_layers, describe
@@ -149,17 +150,20 @@ def test_compensation_lowers_every_error_and_surgery_writes_it(arch: str, extra:
 def _compensated_reference(dense: torch.nn.Module, layout: object, result: Compensation) -> torch.nn.Module:
     """The dense model with the removed columns zeroed and the refit written in by hand (biases as hooks)."""
     model = copy.deepcopy(dense)
-    for (index, block), weight in result.weights.items():
-        lp = result.plan.layers[index]
+    for (index, block), lp in ((key, result.plan.layers[key[0]]) for key in itertools.product(
+            range(len(result.plan.layers)), dict(BLOCKS))):
         projection = getattr(getattr(decoder_layers(model)[index], block), dict(BLOCKS)[block])
         layer = layout.layers[index]
         width = layer.queries_per_kv * layer.head_dim if block == "self_attn" else 1
         units = lp.keep_groups if block == "self_attn" else lp.keep_channels
         kept = torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
+        weight = result.weights.get((index, block), projection.weight[:, kept])  # a block kept as it was: sliced
         with torch.no_grad():
             full = torch.zeros_like(projection.weight)
             full[:, kept] = weight
             projection.weight.copy_(full)
+            if (index, block) not in result.weights:
+                continue
             bias = result.biases[(index, block)]
             if projection.bias is not None:
                 projection.bias.copy_(bias)
@@ -314,3 +318,41 @@ def test_grams_joined_in_one_reused_buffer_equal_fresh_ones() -> None:
         assert torch.equal(reused, gram_of(inputs, batches))
         rows = torch.cat([x[weights > 0].reshape(-1, features) for x in inputs])
         assert int(reused[-1, -1]) == rows.shape[0]
+
+
+def _held_out_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kept: torch.Tensor, fit) -> float:
+    """The relative output error of ``fit`` on the tokens ``x``, by products over the tokens (not the Gram)."""
+    y = x @ weight.T + bias
+    got = x[:, kept] @ fit.weight.double().T + fit.bias.double()
+    return float((y - got).square().sum() / y.square().sum()) ** 0.5
+
+
+@pytest.mark.parametrize("train_tokens,expect_refit", [(14, False), (3000, True)])
+def test_held_out_choice_measures_every_candidate_and_never_keeps_one_worse_than_bias(train_tokens: int,
+                                                                                       expect_refit: bool) -> None:
+    """Fit on 14 tokens (12 unknowns an output) and the refit overfits: the held-out tokens choose slicing or the
+    bias; on 3,000 the refit wins."""
+    x, weight, bias, _ = _projection_data(seed=5, tokens=train_tokens + 400)
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    train, held = (part.T @ part for part in (xa[:train_tokens], xa[train_tokens:]))  # other tokens, same law
+    x_held = x[train_tokens:]
+    kept = torch.tensor([0, 2, 3, 5, 8, 9, 13, 14, 17, 20, 23])
+    choice = held_out_choice(weight, bias, train, held, kept, "least_squares", 1e-4)
+    assert set(choice.errors) == {"none", "bias", *(f"least_squares@{m:g}" for m in DAMPING_LADDER)}
+    for name, error in choice.errors.items():
+        method, _, multiple = name.partition("@")
+        fit = refit(weight, bias, train, kept, method, 1e-4 * float(multiple or 1))
+        assert error == pytest.approx(_held_out_error(x_held, weight, bias, kept, fit), rel=1e-4), name  # float32
+    assert choice.errors[choice.chosen] == min(choice.errors.values()) <= choice.errors["bias"]
+    assert (choice.method == "least_squares") == expect_refit
+
+
+def test_compensation_applies_what_the_held_out_windows_chose() -> None:
+    dense = tiny_model("llama", layers=4, gqa=2, num_kv=3, attention_bias=True, mlp_bias=True)
+    result = compensate(copy.deepcopy(dense), describe(dense), _plan(dense), WINDOWS, CompensationConfig(), 4)
+    for entry in result.report:
+        errors, chosen = entry["held_out_errors"], entry["held_out_choice"]
+        assert errors[chosen] <= errors["bias"] and entry["method"] == chosen.split("@")[0], entry
+    off = compensate(copy.deepcopy(dense), describe(dense), _plan(dense), WINDOWS,
+                     CompensationConfig(compensation_holdout=0), 4)
+    assert all(entry["held_out_errors"] is None for entry in off.report)

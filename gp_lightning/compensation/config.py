@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from gp_lightning.runtime.errors import check_config
 
 CompensationMethod = Literal["none", "bias", "least_squares"]
@@ -42,6 +44,12 @@ class CompensationConfig:
     than ``num_samples`` are drawn from ``dataset`` with ``seed`` (the calibration windows first): a refit of
     down_proj has as many unknowns per output as the MLP has channels, and it fits better with more tokens."""
 
+    compensation_holdout: float = 0.25
+    """Fraction of the refit windows held out to choose each projection's refit (every ``round(1 / x)``-th
+    window): plain slicing, FLAP's bias, or the least-squares refit at ``compensation_damping`` times 1, 3, 10, 30 or
+    100, fit on the other windows; the one with the lowest output error on the held-out windows is then fit on all
+    windows. 0: no windows held out, the least squares at ``compensation_damping`` (with the fallbacks above)."""
+
     compensation_offload: bool = False
     """Read the decoder layers from the checkpoint one at a time during compensation instead of holding the
     dense model in memory (for models whose weights do not fit: the walk needs one layer at a time). Needs
@@ -50,9 +58,19 @@ class CompensationConfig:
 
     def __post_init__(self) -> None:
         check_config(self.compensation_damping >= 0, "compensation_damping", self.compensation_damping, "must be >= 0")
+        check_config(0 <= self.compensation_holdout <= 0.5, "compensation_holdout", self.compensation_holdout,
+                     "must be in [0, 0.5] (0: no windows held out)")
         if self.compensation_samples is not None:
             check_config(self.compensation_samples >= 1, "compensation_samples", self.compensation_samples,
                          "must be at least 1, or null for all calibration windows")
+
+    def held_out(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """Which of the windows ``indices`` (positions among all refit windows) are held out: every
+        ``round(1 / compensation_holdout)``-th, the same whatever the number of ranks; None when none are."""
+        if self.compensation_holdout <= 0 or not self.enabled:
+            return None
+        every = max(2, round(1 / self.compensation_holdout))
+        return indices % every == every - 1
 
     @property
     def enabled(self) -> bool:

@@ -39,20 +39,43 @@ class _Stop(Exception):
 @dataclass
 class Batches:
     """The hidden states entering the current layer, batch by batch, the keyword arguments the model passes
-    its layers for each batch, and each window's weight (0: padding of an uneven rank shard)."""
+    its layers for each batch, each window's weight (0: padding of an uneven rank shard) and, when the refit holds
+    windows out, which windows are held out."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     weights: list[torch.Tensor]
+    held: list[torch.Tensor] = field(default_factory=list)  # per batch, a bool per window (empty: none held out)
 
     def on(self, hidden: list[torch.Tensor]) -> Batches:
         """The same batches carrying other hidden states."""
-        return Batches(hidden, self.kwargs, self.weights)
+        return Batches(hidden, self.kwargs, self.weights, self.held)
+
+    def part_weights(self, part: str | None) -> list[torch.Tensor]:
+        """The window weights of the ``train`` or ``held`` windows only (the others 0), or all of them (None)."""
+        if part is None or not self.held:
+            return self.weights
+        return [w * (h if part == "held" else ~h) for w, h in zip(self.weights, self.held, strict=True)]
 
 
-def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.Tensor, batch_size: int
-                       ) -> Batches:
-    """Run the model on each batch up to its first decoder layer and keep what that layer receives."""
+@dataclass
+class Grams:
+    """A projection's input Gram over all refit windows, and over the fitting and the held-out windows when the
+    refit holds some out (``full`` is then their sum)."""
+
+    full: torch.Tensor
+    train: torch.Tensor | None = None
+    held: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, train: torch.Tensor, held: torch.Tensor | None) -> Grams:
+        return cls(train, None, None) if held is None else cls(train + held, train, held)
+
+
+def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.Tensor, batch_size: int,
+                       held: torch.Tensor | None = None) -> Batches:
+    """Run the model on each batch up to its first decoder layer and keep what that layer receives (``held``: which
+    windows the refit holds out)."""
     captured: dict[str, Any] = {}
 
     def catch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -71,6 +94,8 @@ def first_layer_inputs(model: nn.Module, windows: torch.Tensor, weights: torch.T
                 batches.hidden.append(captured["hidden"].detach())
                 batches.kwargs.append(captured["kwargs"])
                 batches.weights.append(weights[start : start + batch_size])
+                if held is not None:
+                    batches.held.append(held[start : start + batch_size])
     finally:
         handle.remove()
     return batches
@@ -178,13 +203,23 @@ class Scratch:
         return torch.cat(parts, out=self.buffer[: count * features].view(count, features))
 
 
-def gram_of(inputs: list[torch.Tensor], batches: Batches, scratch: Scratch | None = None) -> torch.Tensor:
-    """The all-reduced Gram matrix of a projection's captured inputs (padding windows left out)."""
+def grams_of(inputs: list[torch.Tensor], batches: Batches, scratch: Scratch | None = None) -> Grams:
+    """The Grams of a projection's captured inputs: over all windows, or (when windows are held out) over the
+    fitting windows and the held-out ones."""
+    if not batches.held:
+        return Grams(gram_of(inputs, batches, scratch))
+    return Grams.of(gram_of(inputs, batches, scratch, "train"), gram_of(inputs, batches, scratch, "held"))
+
+
+def gram_of(inputs: list[torch.Tensor], batches: Batches, scratch: Scratch | None = None,
+            part: str | None = None) -> torch.Tensor:
+    """The all-reduced Gram matrix of a projection's captured inputs (padding windows left out; ``part``: of the
+    ``train`` or ``held`` windows only)."""
     scratch = scratch or Scratch()
     gram = Gram(inputs[0].shape[-1], inputs[0].device)
     pending: list[torch.Tensor] = []
     size = 0  # bytes in pending
-    for x, weights in zip(inputs, batches.weights, strict=True):
+    for x, weights in zip(inputs, batches.part_weights(part), strict=True):
         pending.append(real_rows(x, weights))
         size += pending[-1].numel() * pending[-1].element_size()
         if size >= _GRAM_CHUNK_BYTES:
@@ -198,28 +233,33 @@ def gram_of(inputs: list[torch.Tensor], batches: Batches, scratch: Scratch | Non
 
 
 def dense_pass(layer: nn.Module, batches: Batches, projections: list[nn.Linear]
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One pass of the unchanged layer: the Gram of each projection's inputs, and the layer's outputs."""
-    grams = [Gram(p.in_features, p.weight.device) for p in projections]
-    current: dict[str, torch.Tensor] = {}
+               ) -> tuple[list[Grams], list[torch.Tensor]]:
+    """One pass of the unchanged layer: the Grams of each projection's inputs, and the layer's outputs."""
+    parts = ["train", "held"] if batches.held else [None]
+    grams = [[Gram(p.in_features, p.weight.device) for _ in parts] for p in projections]
+    weights = [batches.part_weights(part) for part in parts]
+    current: dict[str, int] = {}
 
     def hook_for(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        return lambda module, args: grams[index].add(args[0].detach(), current["weights"])
+        def add(module: nn.Module, args: tuple[Any, ...]) -> None:
+            for gram, part_weights in zip(grams[index], weights, strict=True):
+                gram.add(args[0].detach(), part_weights[current["batch"]])
+        return add
 
     handles = [p.register_forward_pre_hook(hook_for(i)) for i, p in enumerate(projections)]
     outputs = []
     try:
         with torch.no_grad():
-            for hidden, kwargs, weights in zip(batches.hidden, batches.kwargs, batches.weights, strict=True):
-                current["weights"] = weights
+            for batch, (hidden, kwargs) in enumerate(zip(batches.hidden, batches.kwargs, strict=True)):
+                current["batch"] = batch
                 out = layer(hidden, **kwargs)
                 outputs.append((out[0] if isinstance(out, tuple) else out).detach())
     finally:
         for handle in handles:
             handle.remove()
-    values = [g.value for g in grams]
-    all_reduce(values)
-    return values, outputs
+    values = [[g.value for g in pair] for pair in grams]
+    all_reduce([v for pair in values for v in pair])
+    return [Grams.of(*pair) if len(pair) == 2 else Grams(pair[0]) for pair in values], outputs
 
 
 def layer_outputs(layer: nn.Module, batches: Batches) -> list[torch.Tensor]:

@@ -72,10 +72,10 @@ class Objective:
         # float64 product of it would cost twice the time for digits it does not have
         return cls(target, gram, _energy(target.to(gram.dtype), gram))
 
-    def product(self, columns: torch.Tensor) -> torch.Tensor:
-        """``[W, b] G[:, columns]`` as float64: the right-hand side of a refit on ``columns`` (only the least-squares
-        path needs it, and only for the kept columns)."""
-        return (self.target.to(self.gram.dtype) @ self.gram[:, columns]).double()
+    def product(self, columns: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``[W, b] G[:, columns]`` (float64, or ``dtype``): the right-hand side of a refit on ``columns`` (only the
+        least-squares path needs it, and only for the kept columns)."""
+        return (self.target.to(self.gram.dtype) @ self.gram[:, columns]).to(dtype)
 
     def sliced_error(self, removed: torch.Tensor) -> float:
         """``sum ||W_R x_R||^2``: the error of keeping the other columns (and the bias) as they are."""
@@ -121,7 +121,7 @@ def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping
     The solution ``V`` satisfies ``V (G_KK + lam D) = rhs + lam prior D``, so ``V G_KK V^T`` is
     ``<V, rhs> + lam <V D, prior - V>`` and the error ``total - 2<V, rhs> + V G_KK V^T`` needs no product with ``G``.
     """
-    system = objective.gram[index][:, index].double()
+    system = objective.gram[index][:, index].to(rhs.dtype)  # float64 unless the caller only ranks candidates
     scale = float(system.diagonal()[:-1].mean()) if len(index) > 1 else 0.0
     lam = damping * scale
     for _ in range(_RETRIES + 1):
@@ -130,9 +130,9 @@ def _solve(objective: Objective, index: torch.Tensor, rhs: torch.Tensor, damping
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             pulled = rhs.clone()
-            pulled[:, :-1] += lam * prior[:, :-1]
+            pulled[:, :-1] += lam * prior[:, :-1].to(rhs.dtype)
             values = torch.cholesky_solve(pulled.T, chol).T
-            ridge = lam * float((values[:, :-1] * (prior[:, :-1] - values[:, :-1])).sum())
+            ridge = lam * float((values[:, :-1] * (prior[:, :-1].to(rhs.dtype) - values[:, :-1])).sum())
             return values, lam, objective.total - float((values * rhs).sum()) + ridge
         lam = max(lam * 10, 1e-8 * max(scale, 1.0))
     return None
@@ -372,3 +372,58 @@ def _obs_scores(rows: torch.Tensor, blocks: torch.Tensor, alive: torch.Tensor) -
     chol, info = torch.linalg.cholesky_ex(safe)
     scores = torch.linalg.solve_triangular(chol, w, upper=False).square().sum(dim=(1, 2))
     return scores.masked_fill(info > 0, float("inf")).masked_fill(~alive, float("inf"))
+
+
+#: The refit dampings held-out windows choose from, as multiples of ``compensation_damping``; bias-only (the limit of
+#: an infinite damping: the kept weights stay the dense ones) and plain slicing are candidates too.
+DAMPING_LADDER = (1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+@dataclass
+class HeldOut:
+    """Which refit the held-out windows chose for one projection, and every candidate's held-out relative error."""
+
+    method: str  # none | bias | least_squares
+    damping: float  # the multiple of the base damping (least squares), else 0
+    errors: dict[str, float]
+    chosen: str  # the key of ``errors`` chosen
+
+
+def held_out_choice(weight: torch.Tensor, bias: torch.Tensor | None, train: torch.Tensor, held: torch.Tensor,
+                    kept: torch.Tensor, method: str, damping: float, with_bias: bool = True) -> HeldOut:
+    """Fit each candidate on the ``train`` windows' Gram and measure its output error on the ``held`` ones': plain
+    slicing, FLAP's bias (if a bias may be added), and for ``least_squares`` the ridge refit at every damping of
+    :data:`DAMPING_LADDER`. The lowest held-out error wins (ties: the simpler candidate).
+
+    The candidates are only ranked here, in float32 (the chosen one is then solved in float64 on all windows): the
+    ridge systems are solved in float32, and an error is ``tr(U G U^T)`` of the difference ``U`` between the dense
+    ``[W, b]`` and the candidate, which has no cancellation (``total - 2 <V, rhs> + V G V^T`` loses the few digits
+    that tell candidates apart)."""
+    if not with_bias:
+        train, held = without_bias(train, bias), without_bias(held, bias)
+    train, held = train.float(), held.float()
+    columns = weight.shape[1]
+    index = torch.cat([kept.to(torch.long), torch.tensor([columns])])
+    measure = Objective.of_layer(weight, bias, held)
+    dense = measure.target.float()
+
+    def error(values: torch.Tensor) -> float:
+        difference = dense.clone()
+        difference[:, index] -= values.float()
+        return measure.relative(_energy(difference, held))
+
+    candidates = {"none": refit(weight, bias, train, kept, "none", damping)}
+    if with_bias:
+        candidates["bias"] = refit(weight, bias, train, kept, "bias", damping)
+    fit_on = Objective.of_layer(weight, bias, train)
+    plain, rhs = fit_on.target[:, index], fit_on.product(index, torch.float32)
+    for multiple in DAMPING_LADDER if method == "least_squares" else ():
+        solved = _solve(fit_on, index, rhs, damping * multiple, plain)
+        if solved is not None:
+            candidates[f"least_squares@{multiple:g}"] = Refit(solved[0][:, :-1], solved[0][:, -1], "least_squares",
+                                                              0.0, 0.0, solved[1])
+    errors = {name: error(torch.cat([fit.weight.float(), fit.bias.float()[:, None]], dim=1))
+              for name, fit in candidates.items() if fit.method == name.split("@")[0]}
+    best = min(errors, key=lambda name: (errors[name], list(errors).index(name)))
+    name, _, multiple = best.partition("@")
+    return HeldOut(name, float(multiple or 0.0), errors, best)

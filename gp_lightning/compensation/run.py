@@ -22,16 +22,17 @@ from gp_lightning.compensation.config import CompensationConfig
 from gp_lightning.compensation.layerwise import (
     AddedBias,
     Batches,
+    Grams,
     Scratch,
     captured_inputs,
     dense_pass,
     first_layer_inputs,
-    gram_of,
+    grams_of,
     layer_outputs,
     progress,
 )
 from gp_lightning.compensation.offload import prepare
-from gp_lightning.compensation.refit import Refit, obs_refit, refit, unit_columns
+from gp_lightning.compensation.refit import HeldOut, Refit, held_out_choice, obs_refit, refit, unit_columns
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.runtime.errors import ConfigError
@@ -129,7 +130,7 @@ class _Walker:
 
         if "self_attn" in blocks:
             inputs = captured_inputs(run_layer, blocks["self_attn"], batches)
-            o_proj = self.block(index, "self_attn", blocks["self_attn"], gram_of(inputs, batches, self.scratch))
+            o_proj = self.block(index, "self_attn", blocks["self_attn"], grams_of(inputs, batches, self.scratch))
         if "mlp" not in blocks and not self.needs_outputs(index):
             return []
         if "self_attn" in blocks:
@@ -152,7 +153,7 @@ class _Walker:
         """Refit down_proj on the MLP's inputs from ``batches`` (the compensated attention's outputs); the layer's
         outputs, if the next layer needs them."""
         inputs = captured_inputs(lambda h, kwargs: module.mlp(module.post_attention_layernorm(h)), down, batches)
-        refit_down = self.block(index, "mlp", down, gram_of(inputs, batches, self.scratch))
+        refit_down = self.block(index, "mlp", down, grams_of(inputs, batches, self.scratch))
         if not self.needs_outputs(index):
             return []
         own = _own_bias(module, "mlp")
@@ -162,9 +163,9 @@ class _Walker:
         """Whether layer ``index``'s outputs are used: by the next layer, or to check the structure on the first."""
         return index < self.layout.num_layers - 1 or not self.checked
 
-    def block(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor) -> KeptProjection:
+    def block(self, index: int, block: str, projection: nn.Linear, grams: Grams) -> KeptProjection:
         """Refit (and with OBS choose) one block's units; the refit projection on its kept input columns."""
-        layer, lp = self.layout.layers[index], self.plan.layers[index]
+        layer, lp, gram = self.layout.layers[index], self.plan.layers[index], grams.full
         width, units = _unit_width(layer, block), _units(lp, block)
         with_bias = self.config.compensation_bias or projection.bias is not None  # its own bias is always refit
         if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
@@ -181,6 +182,11 @@ class _Walker:
             kept_columns = unit_columns(_kept(lp, block), width)
             fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
                         self.config.compensation_damping, with_bias=with_bias)
+        choice = self.held_out(projection, grams, kept_columns, with_bias)
+        if choice is not None and not (choice.method == fit.method == "least_squares" and choice.damping == 1.0):
+            damping = self.config.compensation_damping * (choice.damping or 1.0)
+            fit = refit(projection.weight, projection.bias, gram, kept_columns, choice.method, damping,
+                        with_bias=with_bias)
         compact = write_refit(projection, kept_columns, fit, self.hooks)
         if fit.method != "none":
             self.result.weights[(index, block)] = compact.weight
@@ -188,16 +194,25 @@ class _Walker:
                 self.result.biases[(index, block)] = fit.bias.to(projection.weight.dtype)
             if projection.bias is not None:
                 self.result.own_bias.add((index, block))
-        self.record(index, block, projection, gram, fit, units - len(_kept(lp, block)))
+        self.record(index, block, gram, fit, units - len(_kept(lp, block)), choice)
         return compact
 
-    def record(self, index: int, block: str, projection: nn.Linear, gram: torch.Tensor, fit: Refit,
-               removed: int) -> None:
+    def held_out(self, projection: nn.Linear, grams: Grams, kept: torch.Tensor, with_bias: bool) -> HeldOut | None:
+        """The refit the held-out windows choose (None when none are held out, or nothing is refit)."""
+        if grams.held is None or grams.train is None or not self.config.enabled:
+            return None
+        return held_out_choice(projection.weight, projection.bias, grams.train, grams.held, kept,
+                               self.config.compensation, self.config.compensation_damping, with_bias)
+
+    def record(self, index: int, block: str, gram: torch.Tensor, fit: Refit, removed: int,
+               choice: HeldOut | None) -> None:
         name = "o_proj" if block == "self_attn" else "down_proj"
         self.result.report.append({
             "layer": index, "projection": name, "units_removed": removed, "asked": self.config.compensation,
             "method": fit.method, "relative_error_before": fit.error_before, "relative_error_after": fit.error_after,
             "damping": fit.damping, "fallback": fit.fallback, "tokens": int(gram[-1, -1]),
+            "held_out_errors": None if choice is None else choice.errors,
+            "held_out_choice": None if choice is None else choice.chosen,
         })
         if fit.fallback:
             log.warning("compensation of layer %d %s: %s; used %s", index, name, fit.fallback, fit.method)
@@ -277,7 +292,7 @@ def compensate(model: nn.Module, layout: ModelLayout, plan: PruningPlan, windows
     indices, weights = rank_shard(windows.shape[0], rank, world)
     model.eval()
     loader = prepare(model)  # a meta-device model: its layers are read one at a time
-    batches = first_layer_inputs(model, windows[indices], weights, batch_size)
+    batches = first_layer_inputs(model, windows[indices], weights, batch_size, config.held_out(indices))
     walker = _Walker(model, layout, plan, config)
     try:
         for index in progress(layout.num_layers, rank):
