@@ -36,7 +36,7 @@ from gp_lightning.data.sources import check_source
 from gp_lightning.evaluation.evaluator import Evaluator
 from gp_lightning.export.checkpoint import load_pruned, save_checkpoint, save_pruned
 from gp_lightning.export.gguf_writer import export_gguf
-from gp_lightning.export.stock import to_stock
+from gp_lightning.export.stock import STOCK_CLASSES, to_stock
 from gp_lightning.finetune.recipe import FinetuneRecipe, FinetuneResult
 from gp_lightning.model.layout import ModelLayout, check_sequence_lengths, describe
 from gp_lightning.model.sharded import meta_model
@@ -143,7 +143,17 @@ class PruneRecipe(Recipe):
         if cfg.run.streamed_surgery:
             raise ConfigError("allocation: uniform_per_layer saves the stock class from the pruned model in memory: "
                               "set streamed_surgery: false.")
-        base = getattr(self.model.config, "model_type", None)
+        config = self.model.config
+        base = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+        if base not in STOCK_CLASSES:
+            raise ConfigError(f"allocation: uniform_per_layer saves a stock {' / '.join(STOCK_CLASSES)} checkpoint, "
+                              f"and this model is '{base}': use allocation: global (a gp_pruned checkpoint).")
+        first = self.layout.layers[0]
+        if any((x.num_kv_heads, x.intermediate_size) != (first.num_kv_heads, first.intermediate_size)
+               for x in self.layout.layers):
+            raise ConfigError("allocation: uniform_per_layer needs a model whose layers all have the same widths, and "
+                              f"the layers of {cfg.source.model} differ (it was pruned with allocation: global): use "
+                              "allocation: global, or prune the dense model.")
         if base == "llama" or not cfg.refit.enabled:
             return
         if cfg.refit.compensation == "bias":

@@ -19,13 +19,16 @@ from gp_lightning.surgery.pruned_config import architecture_keys, config_dict
 #: The output-bias switch of each stock class: (attention, MLP); None: the class has none.
 _BIAS_SWITCHES: dict[str, tuple[str | None, str | None]] = {
     "llama": ("attention_bias", "mlp_bias"), "mistral": (None, None), "qwen2": (None, None)}
+#: The stock classes a uniformly pruned model can be saved as.
+STOCK_CLASSES = tuple(_BIAS_SWITCHES)
 #: Projections created (zero) by a switch besides the one that carries the output bias.
 _SWITCHED = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
 
 
 def _uniform_widths(raw: dict[str, Any]) -> dict[str, int]:
-    table = raw.get("per_layer_config") or {}
-    per_layer = [table.get(i, table.get(str(i), {})) for i in range(raw["num_hidden_layers"])]
+    # keys are layer numbers, saved as strings zero-padded to the widest ("00" ... "29"): read them as numbers
+    table = {int(k): v for k, v in (raw.get("per_layer_config") or {}).items()}
+    per_layer = [table.get(i, {}) for i in range(raw["num_hidden_layers"])]
     keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     shapes = {tuple(entry.get(k, raw[k]) for k in keys) for entry in per_layer}
     if len(shapes) != 1 or any(entry.get("skip") for entry in per_layer):
