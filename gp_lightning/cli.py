@@ -226,6 +226,7 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
     if measured:
         print(f"Perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {config.evaluation.eval_seq_len} "
               "tokens).")
+    _print_zero_shot(ev, result.run_dir)
     extreme = ev.get("extreme_layers", [])
     if extreme:
         print(f"Extreme layers (> {config.run.extreme_rate:.0%} of a block removed): {extreme}; "
@@ -236,10 +237,17 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "prune.py") -> int
     return 0
 
 
+def _print_zero_shot(ev: dict[str, Any], run_dir: object) -> None:
+    scores = [f"{name} {100 * value:.2f}" for name, value in ev.get("zero_shot", {}).items() if value is not None]
+    if scores:
+        print(f"Zero-shot accuracy (%): {', '.join(scores)} (table in {run_dir}/evaluation/zero_shot.md).")
+
+
 def print_finetune_summary(ev: dict[str, Any], run_dir: object, seq_len: int) -> None:
     measured = [f"{key} {ev['ppl_' + key]:.3f}" for key in ("before", "after") if ev.get(f"ppl_{key}") is not None]
     if measured:
         print(f"Held-out perplexity: {', '.join(measured)} ({ev['eval_windows']} windows of {seq_len} tokens).")
+    _print_zero_shot(ev, run_dir)
     print(f"Fine-tuned ({ev['finetune_method']}, {ev['optimizer_steps']} optimizer steps, "
           f"{ev['parameters']['trainable']:,} of {ev['parameters']['total']:,} parameters trained); "
           f"results in {run_dir}/ (loss curve in visualization/finetune_loss.png"
@@ -258,10 +266,11 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``gp-lightning {prune,train,compare,evaluate,upgrade-checkpoint,export-gguf,fetch-model,build-llamacpp} ...``"""
+    """``gp-lightning {prune,train,compare,evaluate,build-tasks,upgrade-checkpoint,export-gguf,fetch-model,
+    build-llamacpp} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = ("prune", "train", "compare", "evaluate", "upgrade-checkpoint", "export-gguf", "fetch-model",
-                "build-llamacpp")
+    commands = ("prune", "train", "compare", "evaluate", "build-tasks", "upgrade-checkpoint", "export-gguf",
+                "fetch-model", "build-llamacpp")
     if not args or args[0] not in commands:
         print(f"usage: gp-lightning {{{','.join(commands)}}} [options]  (gp-lightning prune --help)", file=sys.stderr)
         return 2
@@ -282,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gp_lightning.evaluation.checkpoints import evaluate_main
 
         return evaluate_main(rest)
+    if command == "build-tasks":
+        from gp_lightning.evaluation.offline_tasks import main as build_tasks_main
+
+        return build_tasks_main(rest)
     if command == "upgrade-checkpoint":
         from gp_lightning.export.upgrade import main as upgrade_main
 

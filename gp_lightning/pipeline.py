@@ -34,6 +34,7 @@ from gp_lightning.config import PruneConfig
 from gp_lightning.data.mixture import check_sources, is_mixture, mixture_summary, mixture_windows
 from gp_lightning.data.sources import check_source
 from gp_lightning.evaluation.evaluator import Evaluator
+from gp_lightning.evaluation.zero_shot import ZeroShot
 from gp_lightning.export.checkpoint import load_pruned, save_checkpoint, save_pruned
 from gp_lightning.export.gguf_writer import export_gguf
 from gp_lightning.export.stock import STOCK_CLASSES, to_stock
@@ -91,6 +92,7 @@ class PruneRecipe(Recipe):
         self.refit_windows: torch.Tensor | None = None  # the compensation's (the calibration windows first)
         self.evaluator = Evaluator(None, config.evaluation.eval_batch_size, "32-true", timings=self.timings)
         self.gradient_statistics: dict | None = None
+        self.zero_shot: ZeroShot | None = None  # eval_tasks, checked in setup
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,6 +102,7 @@ class PruneRecipe(Recipe):
             run_manifest.require_complete(cfg.table.from_table, "from_table",
                                           allow_unfinished=cfg.table.allow_unfinished_table)
         run_manifest.require_complete(cfg.source.model, "model", own_output=cfg.run.output)  # a pruned model again
+        self.zero_shot = None if cfg.table.table_only else ZeroShot.of(e)  # tasks known, data loaded: before any write
         self.start(cfg.run.overwrite, cfg.to_dict(), resume=cfg.calibration.resume)
         self._check_recovery()
         needed = self.rank == 0 and (e.test_before_prune or (e.test_after_prune and not cfg.table.table_only))
@@ -396,6 +399,9 @@ class PruneRecipe(Recipe):
         self.export_gguf()
         if self.cfg.evaluation.test_after_prune:
             self.evaluator.measure(pruned, "after")
+        if self.zero_shot is not None:  # rank 0 alone, as perplexity
+            self.zero_shot.measure(pruned, self.tokenizer, self.eval_precision, self.run_dir, self.evaluator.results,
+                                   self.timings)
         params_after = sum(p.numel() for p in pruned.parameters())
         output_bias = sum(p.numel() for name, p in pruned.named_parameters() if name.endswith("_output_bias"))
         self.writer.comparison(pruning_comparison(self.layout, analysis.summary, params_after))

@@ -1,9 +1,11 @@
 """Compare runs side by side: ``gp-lightning compare runs/a runs/b ...`` (or ``python -m gp_lightning.analysis.compare``).
 
 Reads what each run wrote (``evaluation_results.json``, ``config.yaml``, the per-layer summary and
-the diagnosis) and prints one markdown row per run: parameters, achieved ratio, perplexity before
-and after, the highest per-layer rate and the number of extreme layers. With ``--output DIR`` it
-also writes ``comparison.csv``, ``comparison.md`` and ``pruning_rates_overlay.png``.
+the diagnosis, and ``evaluation/zero_shot.json`` where the run has one) and prints one markdown row
+per run: parameters, achieved ratio, perplexity before and after, the zero-shot accuracy of each
+task (its reported metric) and their average, the highest per-layer rate and the number of extreme
+layers. With ``--output DIR`` it also writes ``comparison.csv``, ``comparison.md`` and
+``pruning_rates_overlay.png`` (with zero-shot results: a second panel of them).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from gp_lightning.analysis.plots import save_png
+from gp_lightning.analysis.plots import save_png, zero_shot_bars
+from gp_lightning.evaluation.zero_shot import reported_scores
 from gp_lightning.runtime import run_manifest
 from gp_lightning.runtime.errors import DataError, GPLightningError
 from gp_lightning.runtime.io import write_csv, write_text
@@ -41,10 +44,22 @@ def _read_run(run: Path) -> tuple[dict, pd.DataFrame]:
         "normalization": f"{config.get('normalization', 'none')}/{config.get('normalization_level', '-')}",
         "params_before": results["total_params"], "params_after": results["params_after"],
         "ratio": results["achieved_ratio"], "ppl_before": results.get("ppl_before"),
-        "ppl_after": results.get("ppl_after"), "max_layer_rate": float(summary["layer_rate"].max()),
-        "extreme_layers": len(diagnosis["extreme_layers"]),
+        "ppl_after": results.get("ppl_after"), **_zero_shot_columns(run),
+        "max_layer_rate": float(summary["layer_rate"].max()), "extreme_layers": len(diagnosis["extreme_layers"]),
     }
     return row, summary
+
+
+def _zero_shot_columns(run: Path) -> dict[str, float | None]:
+    """``"<task> <metric>"`` -> the run's zero-shot accuracy (fraction), and ``zero-shot avg``; {} without any."""
+    path = run / "evaluation" / "zero_shot.json"
+    if not path.is_file():
+        return {}
+    written = json.loads(path.read_text(encoding="utf-8"))
+    checkpoints = written.get("checkpoints", [written])  # a run's, or gp-lightning evaluate --output's of one model
+    scores = reported_scores(checkpoints[0] if len(checkpoints) == 1 else written)
+    return {("zero-shot avg" if name == "average" else f"{name} {metric}"): value
+            for name, (metric, value) in scores.items()}
 
 
 def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -74,10 +89,12 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def overlay_figure(summaries: dict[str, pd.DataFrame]) -> Figure:
-    """Per-layer parameter rate of every run on one axes."""
-    figure = Figure(figsize=(8.0, 3.8))
-    axes = figure.add_subplot(1, 1, 1)
+def overlay_figure(summaries: dict[str, pd.DataFrame], table: pd.DataFrame | None = None) -> Figure:
+    """Per-layer parameter rate of every run on one axes; below it, when ``table`` has zero-shot columns, each
+    run's zero-shot accuracy per task."""
+    scores = _zero_shot_scores(table)
+    figure = Figure(figsize=(8.0, 7.2 if scores else 3.8))
+    axes = figure.add_subplot(2 if scores else 1, 1, 1)
     for name, summary in summaries.items():
         axes.plot(summary["layer_idx"], summary["layer_rate"], marker=".", label=Path(name).name)
     axes.set_xlabel("layer")
@@ -86,8 +103,19 @@ def overlay_figure(summaries: dict[str, pd.DataFrame]) -> Figure:
     axes.set_title("Pruning rate per layer")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
+    if scores:
+        zero_shot_bars(figure.add_subplot(2, 1, 2), scores)
     figure.tight_layout()
     return figure
+
+
+def _zero_shot_scores(table: pd.DataFrame | None) -> dict[str, dict[str, float]]:
+    """Run name -> zero-shot column -> accuracy, for the runs and columns that have one."""
+    if table is None:
+        return {}
+    columns = [c for c in table.columns if " " in c]  # "<task> <metric>", "zero-shot avg": the other keys have none
+    return {Path(row["run"]).name: {c: float(row[c]) for c in columns if pd.notna(row[c])}
+            for _, row in table.iterrows() if any(pd.notna(row[c]) for c in columns)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.output)
         write_csv(out / "comparison.csv", table)
         write_text(out / "comparison.md", markdown)
-        save_png(overlay_figure(summaries), out / "pruning_rates_overlay.png")
+        save_png(overlay_figure(summaries, table), out / "pruning_rates_overlay.png")
     return 0
 
 

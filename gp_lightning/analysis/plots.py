@@ -75,6 +75,23 @@ def gradient_analysis_figure(statistics: dict[str, Any], summary: pd.DataFrame, 
     return figure
 
 
+def zero_shot_bars(axes: Any, scores: dict[str, dict[str, float]]) -> None:
+    """Grouped bars on ``axes``: one group per zero-shot task (its reported metric), one bar per run."""
+    tasks = list(dict.fromkeys(task for run in scores.values() for task in run))
+    width = 0.8 / max(len(scores), 1)
+    x = np.arange(len(tasks))
+    for i, (run, values) in enumerate(scores.items()):
+        axes.bar(x + (i - (len(scores) - 1) / 2) * width, [100 * values.get(task, np.nan) for task in tasks],
+                 width=width, label=run)
+    axes.set_xticks(x)
+    axes.set_xticklabels(tasks, rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("Zero-shot accuracy (lm-eval; each task's reported metric)")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
 def finetune_loss_figure(curve: pd.DataFrame) -> Figure:
     """Training loss per logged step and validation loss per epoch (step 0: before training)."""
     figure = Figure(figsize=(7.0, 3.6))

@@ -43,7 +43,7 @@ FINETUNE_FLAG_ALIASES: dict[str, str] = {
 SHARED_WITH_PRUNE = (
     "tokenizer", "trust_remote_code", "dataset", "seq_len", "eval_dataset", "eval_seq_len", "eval_max_windows",
     "eval_batch_size", "precision", "eval_precision", "accelerator", "strategy", "devices", "num_nodes", "seed",
-    "cache_dir", "activation_checkpointing", "log_level",
+    "cache_dir", "activation_checkpointing", "log_level", "eval_tasks", "eval_num_fewshot", "eval_limit",
 )
 
 
@@ -165,7 +165,7 @@ class DistillationConfig:
 
 @dataclass
 class FinetuneEvaluationConfig(EvaluationWindows):
-    """Held-out perplexity"""
+    """Held-out perplexity and zero-shot accuracy"""
 
     test_before_finetune: bool = True
     """Measure held-out perplexity before training."""

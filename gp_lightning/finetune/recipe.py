@@ -24,6 +24,7 @@ from gp_lightning import __version__
 from gp_lightning.analysis.plots import finetune_loss_figure, save_png
 from gp_lightning.data.sources import check_source
 from gp_lightning.evaluation.evaluator import Evaluator
+from gp_lightning.evaluation.zero_shot import ZeroShot
 from gp_lightning.export.checkpoint import save_checkpoint
 from gp_lightning.finetune.config import FinetuneConfig
 from gp_lightning.finetune.data import FinetuneData, load_examples, pad_token_id
@@ -83,6 +84,7 @@ class FinetuneRecipe(Recipe):
         self.initial_val_loss = float("nan")
         self.curve = pd.DataFrame()
         self.teacher: torch.nn.Module | None = None
+        self.zero_shot: ZeroShot | None = None  # eval_tasks, checked in setup
         #: the dtype the merged model is saved in: the handed-over model's, else the source checkpoint's
         self.source_dtype = None if model is None else next(model.parameters()).dtype
 
@@ -97,6 +99,7 @@ class FinetuneRecipe(Recipe):
         sources = [cfg.distillation.teacher, None if self.model is not None else cfg.source.model]
         for source in filter(None, sources):  # prune.py --finetune reads its own run's model/
             require_complete(source, "train.py", own_output=self.parent_run)
+        self.zero_shot = ZeroShot.of(cfg.evaluation)  # tasks known, data loaded: before the run directory is touched
         self.start(cfg.run.overwrite, cfg.to_dict())
         self.strategy, self.devices, self.shard = training_strategy(cfg.distributed)
         e = cfg.evaluation
@@ -269,6 +272,9 @@ class FinetuneRecipe(Recipe):
             out = self.save(module.model)
             if cfg.evaluation.test_after_finetune:
                 self.evaluator.measure(out, "after")
+            if self.zero_shot is not None:  # rank 0 alone, as perplexity
+                self.zero_shot.measure(out, self.tokenizer, self.eval_precision, self.run_dir, self.evaluation,
+                                       self.timings)
             self.report()
             results = self.results()
             write_json(self.run_dir / "evaluation_results.json", results)

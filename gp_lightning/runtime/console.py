@@ -1,7 +1,8 @@
 """What the console shows: progress bars, gp-lightning's own log lines and real warnings.
 
 Third-party libraries print lines that say nothing to a pruning user (Lightning's accelerator
-summary and cloud-logger tip, DeepSpeed's CPU fallback note, deprecations inside Lightning).
+summary and cloud-logger tip, DeepSpeed's CPU fallback note, lm-eval's notes on a model handed over
+in memory, deprecations inside Lightning).
 Each one is listed here by logger (or warning module) and message, and hidden by exactly that
 pattern; anything else they print still shows. ``log_level: debug`` (``-v``) hides nothing.
 Calibration runs its Lightning loop in eval mode and without an optimizer on purpose; the two
@@ -26,6 +27,13 @@ HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", r"`Trainer\.(fit|validate)` stopped: `max_epochs=\d+` reached"),
     ("lightning.pytorch.utilities.rank_zero", r"Loading `train_dataloader` to estimate number of stepping batches"),
     ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU or other accelerator"),
+    # lm-eval on the model in memory that gp-lightning hands it (zero-shot evaluation): intended, and 0-shot is asked
+    ("lm_eval.models.huggingface", r"`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", r"Passed an already-initialized model through `pretrained`"),
+    ("lm_eval.evaluator", r"Overwriting default num_fewshot of \S+ from None to 0$"),
+    # lm-eval's own task YAMLs (boolq) leave a metric's aggregation to lm-eval's default: mean, higher is better
+    ("lm_eval.api.task", r"\[Task: \S+\] metric \S+ is defined, but (aggregation|higher_is_better) is not\. using "
+                         r"default"),
 )
 
 #: (warning module pattern, message pattern): deprecations raised inside third-party code, not by ours.
