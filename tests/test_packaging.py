@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_MOVING = ("transformers", "lightning", "peft", "accelerate", "datasets", "torchmetrics", "deepspeed", "gguf",
-               "jsonargparse", "safetensors")
+               "jsonargparse", "safetensors", "lm-eval")
 
 
 def _requirements() -> dict[str, Requirement]:

@@ -412,10 +412,10 @@ def held_out_choice(weight: torch.Tensor, bias: torch.Tensor | None, train: torc
         difference[:, index] -= values.float()
         return measure.relative(_energy(difference, held))
 
-    candidates = {"none": refit(weight, bias, train, kept, "none", damping)}
-    if with_bias:
-        candidates["bias"] = refit(weight, bias, train, kept, "bias", damping)
     fit_on = Objective.of_layer(weight, bias, train)
+    candidates = {"none": refit(weight, bias, train, kept, "none", damping, fit_on)}
+    if with_bias:
+        candidates["bias"] = refit(weight, bias, train, kept, "bias", damping, fit_on)
     plain, rhs = fit_on.target[:, index], fit_on.product(index, torch.float32)
     for multiple in DAMPING_LADDER if method == "least_squares" else ():
         solved = _solve(fit_on, index, rhs, damping * multiple, plain)
