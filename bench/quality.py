@@ -71,7 +71,9 @@ from gp_lightning import __version__ as gp_version
 from gp_lightning.calibration.module import token_loss_sum
 from gp_lightning.data.sources import load_text
 from gp_lightning.data.windows import calibration_windows, evaluation_windows, tokenize
+from gp_lightning.evaluation.offline_tasks import build_tasks
 from gp_lightning.evaluation.perplexity import perplexity
+from gp_lightning.evaluation.zero_shot import evaluate_tasks, reported_scores
 from gp_lightning.model.layout import ModelLayout, decoder_layers, describe
 from gp_lightning.model.source import load_model
 from gp_lightning.pipeline import oneshot
@@ -144,6 +146,7 @@ class Row:
     seconds: float
     detail: str = ""
     ood: dict[str, float] = field(default_factory=dict)  # perplexity on each out-of-domain text
+    zero_shot: dict[str, float] = field(default_factory=dict)  # accuracy on each offline lm-eval task
 
 
 @dataclass
@@ -158,6 +161,8 @@ class Bench:
     test: torch.Tensor
     dense_params: int
     ood: dict[str, torch.Tensor]  # out-of-domain windows by text name
+    tokenizer: Any = None
+    tasks: str | None = None  # the offline zero-shot tasks' folder (gp-lightning build-tasks), or None
     rows: list[Row] = field(default_factory=list)
     tables: dict[str, Path] = field(default_factory=dict)
     raw: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -182,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_threads(parser, None, "this process")
     parser.add_argument("--no_torch_pruning", action="store_true", help="skip the Torch-Pruning rows")
     parser.add_argument("--no_ood", action="store_true", help="skip the out-of-domain texts (bench/ood_texts.py)")
+    parser.add_argument("--zero_shot_items", type=int, default=100,
+                        help="items of each offline zero-shot task (gp-lightning build-tasks on test.txt) per row; 0: none")
     parser.add_argument("--only", default=None,
                         help="run only the pipeline rows whose label contains this text (and dense; no baselines, "
                              "no peers): for adding rows without rerunning everything")
@@ -214,12 +221,22 @@ def measured(bench: Bench, target: float, method: str, kind: str, build: Callabl
         ppl = perplexity(model, bench.test, bench.args.eval_batch_size, desc=f"PPL {method} {target:.0%}")
         ood = {name: perplexity(model, windows, bench.args.eval_batch_size, desc=f"PPL {name} {method} {target:.0%}")
                for name, windows in bench.ood.items()}
-        row = Row(target, method, kind, common.count_params(model), ppl, time.perf_counter() - start, detail, ood)
+        row = Row(target, method, kind, common.count_params(model), ppl, time.perf_counter() - start, detail, ood,
+                  zero_shot(bench, model))
         del model
     except Exception as exc:  # a method that cannot do it is a result, not the end of the benchmark
         traceback.print_exc()
         row = Row(target, method, kind, None, None, time.perf_counter() - start, f"failed: {type(exc).__name__}: {exc}")
     add_row(bench, row)
+
+
+def zero_shot(bench: Bench, model: nn.Module) -> dict[str, float]:
+    """Accuracy on the first ``--zero_shot_items`` items of each offline task (lm-eval; nothing without tasks)."""
+    if bench.tasks is None:
+        return {}
+    summary = evaluate_tasks(model, bench.tokenizer, bench.tasks, limit=bench.args.zero_shot_items,
+                             batch_size=bench.args.eval_batch_size)
+    return {name: value for name, (_, value) in reported_scores(summary).items() if value is not None}
 
 
 # -- ours: the pipeline ---------------------------------------------------------------------------------
@@ -566,18 +583,21 @@ def report(bench: Bench, wall_s: float, loads: tuple[float, float], started: str
 
 def table_lines(bench: Bench, dense: Row) -> list[str]:
     """The results table: in domain (PPL and its ratio to dense), then each out-of-domain text (PPL, x dense)."""
-    names = list(dense.ood)
-    lines = ["| target | method | kind | params | ratio | PPL | PPL / dense |" + "".join(f" {n} (x dense) |" for n in names),
-             "|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(names)]
+    names, tasks = list(dense.ood), list(dense.zero_shot)
+    lines = ["| target | method | kind | params | ratio | PPL | PPL / dense |" + "".join(f" {n} (x dense) |" for n in names)
+             + "".join(f" {t} acc |" for t in tasks),
+             "|---:|---|---|---:|---:|---:|---:|" + "---:|" * (len(names) + len(tasks))]
     for row in sorted(bench.rows, key=lambda r: r.target):  # dense first, then by ratio, in the order run
         if row.params is None or row.ppl is None or dense.ppl is None:
-            lines.append(f"| {row.target:.0%} | {row.method} | {row.kind} | - | - | failed | - |" + " - |" * len(names))
+            lines.append(f"| {row.target:.0%} | {row.method} | {row.kind} | - | - | failed | - |"
+                         + " - |" * (len(names) + len(tasks)))
             continue
         achieved = 1 - row.params / bench.dense_params
         ood = "".join(f" {row.ood[n]:,.2f} ({row.ood[n] / dense.ood[n]:,.2f}) |" if n in row.ood else " - |"
                       for n in names)
+        accuracy = "".join(f" {row.zero_shot[t]:.1%} |" if t in row.zero_shot else " - |" for t in tasks)
         lines.append(f"| {row.target:.0%} | {row.method} | {row.kind} | {row.params:,} | {achieved:.2%} | "
-                     f"{row.ppl:,.2f} | {row.ppl / dense.ppl:,.2f} |{ood}")
+                     f"{row.ppl:,.2f} | {row.ppl / dense.ppl:,.2f} |{ood}{accuracy}")
     return lines
 
 
@@ -662,7 +682,7 @@ def quiet() -> None:
 
 
 def load_inputs(args: argparse.Namespace
-                ) -> tuple[nn.Module, ModelLayout, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                ) -> tuple[nn.Module, Any, ModelLayout, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The dense model, its layout, the calibration windows, the test windows and the out-of-domain windows (the
     first ``eval_windows`` of each text of ``bench/ood_texts.py``): the same for every row."""
     torch.manual_seed(args.seed)
@@ -673,7 +693,7 @@ def load_inputs(args: argparse.Namespace
     test = evaluation_windows(tokenize(load_text(str(common.TEST), "evaluation"), tokenizer), 128, args.eval_windows)
     ood = {name: evaluation_windows(tokenize(load_text(str(path), "evaluation"), tokenizer), 128, args.eval_windows)
            for name, path in ({} if args.no_ood else ood_texts()).items()}
-    return model, describe(model), cal, test, ood
+    return model, tokenizer, describe(model), cal, test, ood
 
 
 def project_rows(bench: Bench) -> None:
@@ -726,9 +746,14 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, layout, cal, test, ood = load_inputs(args)
+    model, tokenizer, layout, cal, test, ood = load_inputs(args)
     with tempfile.TemporaryDirectory(prefix="gp-quality-") as work:
-        bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), ood, notes=list(NOTES))
+        tasks = None
+        if args.zero_shot_items:
+            build_tasks(common.TEST, Path(work) / "tasks")
+            tasks = str(Path(work) / "tasks")
+        bench = Bench(args, Path(work), model, layout, cal, test, common.count_params(model), ood, tokenizer, tasks,
+                      notes=list(NOTES))
         project_rows(bench)
         if args.only is None:
             peer_rows(bench)

@@ -29,7 +29,7 @@ import datetime
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ try:
 except ModuleNotFoundError:  # `python bench/recovery.py` without the repository on sys.path
     import common  # type: ignore[no-redef]
 
+from gp_lightning.evaluation.offline_tasks import build_tasks
 from gp_lightning.finetune.recipe import finetune
 from gp_lightning.model.source import resolve
 from gp_lightning.pipeline import oneshot
@@ -56,6 +57,7 @@ class Row:
     ppl_before: float
     ppl_after: float
     seconds: float
+    zero_shot: dict[str, float] = field(default_factory=dict)  # accuracy after the fine-tune, by offline task
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fine-tunes of the pruned model, one per loss")
     parser.add_argument("--kd_alpha", type=float, default=0.5, help="weight of the KD term in kd+lm")
     parser.add_argument("--no_dense", action="store_true", help="skip the dense model's fine-tune")
+    parser.add_argument("--zero_shot_items", type=int, default=100,
+                        help="items of each offline zero-shot task (built from test.txt) after each model; 0: none")
     common.add_threads(parser, None, "this process")
     common.add_output(parser, "recovery.md")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "recovery.json", help="rows as JSON")
@@ -77,16 +81,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluation_keys() -> dict[str, Any]:
-    return {"eval_dataset": str(common.TEST), "eval_seq_len": SEQ_LEN, "eval_max_windows": EVAL_WINDOWS,
+def evaluation_keys(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The perplexity windows, and the offline zero-shot tasks (built once into ``work``) unless turned off."""
+    keys = {"eval_dataset": str(common.TEST), "eval_seq_len": SEQ_LEN, "eval_max_windows": EVAL_WINDOWS,
             "eval_precision": "32-true"}
+    if args.zero_shot_items:
+        if not (work / "tasks" / "tasks.json").is_file():
+            build_tasks(common.TEST, work / "tasks")
+        keys.update(eval_tasks=str(work / "tasks"), eval_limit=args.zero_shot_items)
+    return keys
 
 
 def prune(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
     """The pruned checkpoint (the pipeline's defaults on the quality benchmark's calibration windows)."""
     result = oneshot(model=args.model, output=str(work / "pruned"), pruning_ratio=args.ratio,
                      dataset=str(common.VALID), num_samples=32, seq_len=SEQ_LEN, batch_size=BATCH,
-                     seed=common.SEED, precision="32-true", test_before_prune=True, **evaluation_keys())
+                     seed=common.SEED, precision="32-true", test_before_prune=True, **evaluation_keys(args, work))
     return result.run_dir / "model", result.evaluation
 
 
@@ -98,11 +108,12 @@ def tune(args: argparse.Namespace, work: Path, model: str, name: str, loss: str)
         val_samples=16, seq_len=SEQ_LEN, batch_size=BATCH, num_epochs=1, finetune_method="full",
         learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 20), lr_scheduler="linear",
         finetune_loss=loss, teacher=None if loss == "lm" else resolve(args.model), kd_temperature=args.kd_temperature,
-        kd_alpha=args.kd_alpha, precision="bf16-mixed", seed=common.SEED, save_model=False, **evaluation_keys(),
+        kd_alpha=args.kd_alpha, precision="bf16-mixed", seed=common.SEED, save_model=False,
+        **evaluation_keys(args, work),
     )
     ev = result.evaluation
     row = Row(name, loss, int(ev["optimizer_steps"]), float(ev["ppl_before"]), float(ev["ppl_after"]),
-              time.perf_counter() - start)
+              time.perf_counter() - start, {k: v for k, v in ev.get("zero_shot", {}).items() if v is not None})
     common.log(f"{name}: PPL {row.ppl_before:.2f} -> {row.ppl_after:.2f} in {row.steps} steps ({row.seconds:.0f} s)")
     return row
 
@@ -110,16 +121,25 @@ def tune(args: argparse.Namespace, work: Path, model: str, name: str, loss: str)
 def section(data: dict[str, Any]) -> str:
     """The recovery rows as the markdown section both this script and ``bench/quality.py`` print."""
     dense = data["dense_ppl"]
+    tasks = list(dict.fromkeys(t for row in data["rows"] for t in row.get("zero_shot", {})))
     lines = [SECTION, "", f"Command: `{data['command']}`. Date: {data['date']}. Wall time {data['wall_s'] / 60:.1f} "
              f"min. Pruned {data['ratio']:.0%} of all parameters with the defaults ({data['pruned_params']:,} "
              f"parameters left); every fine-tune: {data['steps']} optimizer steps of {BATCH} x {SEQ_LEN} tokens of "
              f"`valid.txt`, full, AdamW lr {data['learning_rate']}, bf16-mixed. PPL on the first {EVAL_WINDOWS} "
              f"test windows (float32); dense {dense:.2f}.", "",
-             "| model | fine-tune loss | steps | PPL before | PPL after | after / dense (untuned) | time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | fine-tune loss | steps | PPL before | PPL after | after / dense (untuned) | time |"
+             + "".join(f" {t} acc after |" for t in tasks),
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
     for row in data["rows"]:
+        accuracy = "".join(f" {row.get('zero_shot', {})[t]:.1%} |" if t in row.get("zero_shot", {}) else " - |"
+                           for t in tasks)
         lines.append(f"| {row['model']} | {row['loss']} | {row['steps']} | {row['ppl_before']:,.2f} | "
-                     f"{row['ppl_after']:,.2f} | {row['ppl_after'] / dense:.2f}x | {row['seconds'] / 60:.1f} min |")
+                     f"{row['ppl_after']:,.2f} | {row['ppl_after'] / dense:.2f}x | {row['seconds'] / 60:.1f} min |"
+                     + accuracy)
+    if data.get("pruned_zero_shot"):
+        lines += ["", "Zero-shot accuracy of the pruned model before any fine-tune (first "
+                  f"{data['zero_shot_items']} items of each offline task): "
+                  + ", ".join(f"{t} {v:.1%}" for t, v in data["pruned_zero_shot"].items() if v is not None) + "."]
     return "\n".join(lines + [""])
 
 
@@ -150,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     data = {"command": common.command_line(__file__, argv), "date": started, "wall_s": time.perf_counter() - start,
             "ratio": args.ratio, "steps": args.steps, "learning_rate": args.learning_rate,
             "dense_ppl": evaluation["ppl_before"], "pruned_ppl": evaluation["ppl_after"],
-            "pruned_params": evaluation["params_after"], "rows": [asdict(row) for row in rows]}
+            "pruned_params": evaluation["params_after"], "rows": [asdict(row) for row in rows],
+            "pruned_zero_shot": evaluation.get("zero_shot", {}), "zero_shot_items": args.zero_shot_items}
     text = section(data)
     common.publish(text, args.output, data, args.json)
     if str(args.quality) not in ("", "."):
