@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,13 +73,41 @@ def parse_into(config_class: type, argv: Sequence[str] | None, prog: str, aliase
     from jsonargparse import ArgumentError
 
     parser = build_parser(config_class, prog, description)
-    args = sys.argv[1:] if argv is None else argv
+    args = packaged_configs(sys.argv[1:] if argv is None else argv)
     check_config_files(args, prog)
     try:
         namespace = parser.parse_args(expand_aliases(args, aliases, bool_flags(config_class)))
     except ArgumentError as exc:
         raise ConfigError(f"{one_line(str(exc))} ({prog} --help lists every option)") from None
     return config_class.from_flat({key: namespace[key] for key in config_class.key_owners()})
+
+
+#: The example configs shipped in the package (``configs/`` of the repository, linked into ``runtime/``).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "runtime" / "configs"
+
+
+def packaged_configs(args: Sequence[str]) -> list[str]:
+    """``--config NAME`` (a bare name such as ``smollm2-135m``, no file of that name here) is the packaged example
+    config of that name: an installed package runs ``gp-lightning prune --config smollm2-135m`` without a clone. A
+    bare name that is neither is one line listing the packaged names."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, sep, value = arg.partition("=")
+        if flag != "--config" or not (sep or i + 1 < len(out)):
+            continue
+        value = value if sep else out[i + 1]
+        if Path(value).expanduser().exists() or not re.fullmatch(r"[\w.-]+", value):
+            continue  # a file, or inline YAML
+        packaged = PACKAGED_CONFIGS / (value if value.endswith((".yaml", ".yml")) else f"{value}.yaml")
+        if not packaged.is_file():
+            names = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+            raise ConfigError(f"--config {value}: no such file, and no packaged config of that name (packaged: "
+                              f"{names}).")
+        if sep:
+            out[i] = f"--config={packaged}"
+        else:
+            out[i + 1] = str(packaged)
+    return out
 
 
 def check_config_files(args: Sequence[str], prog: str) -> None:
@@ -265,12 +295,89 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
     return 0
 
 
+# -- the configuration reference (docs/configuration.md) ---------------------------------------------
+#: The configuration reference: every key of prune.py and train.py, generated (``gp-lightning config-reference``).
+REFERENCE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+REFERENCE_HEADER = """# Configuration reference
+
+Generated from the config dataclasses by `gp-lightning config-reference` (do not edit by hand: a test compares
+this page with what the command writes). Every key is a YAML key of `--config FILE` and a flag of the same
+name (`--key value`; booleans also `--key true|false`); flags override the file. `--help` prints the same text.
+"""
+
+
+def _type_name(hint: Any) -> str:
+    """A type as a reader writes it: ``int``, ``str | None``, ``global | uniform_per_layer``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " \\| ".join(str(arg) for arg in args)
+    if args and origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(arg) for arg in args)
+    if args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return "(required)"
+    return "`null`" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+
+def _helps(config_class: type) -> dict[str, str]:
+    """Each key's documentation, as ``--help`` shows it (the docs under the dataclass fields)."""
+    parser = build_parser(config_class)
+    return {action.dest: " ".join((action.help or "").split()) for action in parser._actions}
+
+
+def _group_table(group: type, helps: dict[str, str]) -> list[str]:
+    hints = typing.get_type_hints(group)
+    title = " ".join((group.__doc__ or group.__name__).split())
+    lines = [f"### {title}", "", "| key / flag | type | default | what it does |", "|---|---|---|---|"]
+    for field in dataclasses.fields(group):
+        text = re.sub(r"``([^`]+)``", r"`\1`", helps.get(field.name, "")).replace("|", "\\|")
+        lines.append(f"| `{field.name}` / `--{field.name}` | {_type_name(hints[field.name])} | {_default(field)} "
+                     f"| {text} |")
+    return lines + [""]
+
+
+def reference_page() -> str:
+    """The whole page: ``prune.py`` (also ``oneshot(**keys)``), then ``train.py`` (also ``finetune(**keys)``)."""
+    from gp_lightning.config import PruneConfig
+    from gp_lightning.finetune.config import FinetuneConfig
+
+    lines = [REFERENCE_HEADER]
+    for title, config_class in (("prune.py", PruneConfig), ("train.py", FinetuneConfig)):
+        helps = _helps(config_class)
+        lines += [f"## {title}", "", " ".join((config_class.__doc__ or "").split()), ""]
+        for _, group in config_class.group_fields():
+            lines += _group_table(group, helps)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+def reference_main(argv: Sequence[str] | None = None) -> int:
+    """``gp-lightning config-reference [--output docs/configuration.md]``: write the configuration reference."""
+    import argparse
+
+    from gp_lightning.runtime.io import write_text
+
+    parser = argparse.ArgumentParser(prog="gp-lightning config-reference", description=reference_main.__doc__)
+    parser.add_argument("--output", type=Path, default=REFERENCE_PAGE, help="where the page is written")
+    args = parser.parse_args(argv)
+    write_text(args.output, reference_page())
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``gp-lightning {prune,train,compare,evaluate,build-tasks,upgrade-checkpoint,export-gguf,fetch-model,
-    build-llamacpp} ...``"""
+    build-llamacpp,config-reference} ...``"""
     args = list(sys.argv[1:] if argv is None else argv)
     commands = ("prune", "train", "compare", "evaluate", "build-tasks", "upgrade-checkpoint", "export-gguf",
-                "fetch-model", "build-llamacpp")
+                "fetch-model", "build-llamacpp", "config-reference")
     if not args or args[0] not in commands:
         print(f"usage: gp-lightning {{{','.join(commands)}}} [options]  (gp-lightning prune --help)", file=sys.stderr)
         return 2
@@ -279,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return prune_main(rest, prog="gp-lightning prune")
     if command == "train":
         return train_main(rest, prog="gp-lightning train")
+    if command == "config-reference":
+        return reference_main(rest)
     from gp_lightning.runtime.console import configure_console
 
     configure_console("debug" if any(flag in rest for flag in VERBOSE_FLAGS) else "info")

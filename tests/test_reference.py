@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from gp_lightning.cli import REFERENCE_PAGE as PAGE
+from gp_lightning.cli import reference_page as generate
 from gp_lightning.config import PruneConfig
 from gp_lightning.finetune.config import FinetuneConfig
-from gp_lightning.runtime.reference import PAGE, generate
 
 
 def test_the_committed_configuration_reference_is_the_generated_one() -> None:
     assert PAGE.read_text(encoding="utf-8") == generate(), (
-        "docs/configuration.md is stale: run `python -m gp_lightning.runtime.reference` and commit it")
+        "docs/configuration.md is stale: run `gp-lightning config-reference` and commit it")
 
 
 def test_every_key_of_both_workflows_is_on_the_page_with_its_documentation() -> None:
