@@ -2,7 +2,7 @@
 
 :func:`analyze` turns a selection into what its user reads (per-layer summary, diagnosis, plots);
 :class:`PruneRunWriter` puts every artefact of the run into its directory, each file atomically,
-under the names the README's run-directory table lists. Only rank 0 writes.
+under the names docs/run-directory.md lists. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class PruneRunWriter:
 
 @dataclass
 class PruneResults:
-    """``evaluation_results.json`` of a pruning run (the keys ``compare`` and the README describe)."""
+    """``evaluation_results.json`` of a pruning run (the keys ``compare`` and docs/run-directory.md describe)."""
 
     selection: Selection
     params_after: int  # counted on the real pruned model (emptied blocks also lose their norms)

@@ -29,7 +29,7 @@ class TextConfig:
     records (``.jsonl``/``.json`` with ``instruction``, ``input``, ``output``). Calibration and compensation also
     take a mixture, a list in quotes: ``"[wikitext2, my.jsonl]"`` (equal weights) or
     ``"[wikitext2: 0.7, my.txt: 0.3]"``; its windows are split by the weights, each source's drawn with ``seed``
-    (README: Calibration mixtures)."""
+    (docs/how-it-works.md#calibration-mixtures)."""
     seq_len: int = 128
     """Tokens per window (for instruction data: the most tokens an example keeps)."""
     batch_size: int = 4

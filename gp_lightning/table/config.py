@@ -22,7 +22,7 @@ class TableConfig:
 
     clip_percentile_low: float | None = None
     """Table step 1: raise importances below this percentile (0-100) of the whole table to it (null: off; the
-    guides use 5, but see the README's caution on clipping Taylor tables)."""
+    guides use 5, but see docs/how-it-works.md#caution-normalization-and-clipping-on-taylor-tables)."""
     clip_percentile_high: float | None = None
     """Lower importances above this percentile to it (null: off; e.g. 95)."""
     normalization: Normalization = "none"
