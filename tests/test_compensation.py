@@ -356,3 +356,9 @@ def test_compensation_applies_what_the_held_out_windows_chose() -> None:
     off = compensate(copy.deepcopy(dense), describe(dense), _plan(dense), WINDOWS,
                      CompensationConfig(compensation_holdout=0), 4)
     assert all(entry["held_out_errors"] is None for entry in off.report)
+    # 3 windows hold none out (every 4th is held): the refit without a hold-out, not a choice among empty errors
+    few, plain = (compensate(copy.deepcopy(dense), describe(dense), _plan(dense), WINDOWS[:3],
+                             CompensationConfig(compensation_holdout=h), 4) for h in (0.25, 0))
+    assert all(entry["held_out_errors"] is None for entry in few.report)
+    for key, weight in plain.weights.items():
+        torch.testing.assert_close(few.weights[key], weight, rtol=0, atol=0)

@@ -198,8 +198,11 @@ class _Walker:
         return compact
 
     def held_out(self, projection: nn.Linear, grams: Grams, kept: torch.Tensor, with_bias: bool) -> HeldOut | None:
-        """The refit the held-out windows choose (None when none are held out, or nothing is refit)."""
+        """The refit the held-out windows choose (None when none are held out, or nothing is refit). Fewer windows
+        than the hold-out's period hold none out: the refit is then the one without a hold-out."""
         if grams.held is None or grams.train is None or not self.config.enabled:
+            return None
+        if float(grams.held[-1, -1]) <= 0 or float(grams.train[-1, -1]) <= 0:  # no tokens on one side
             return None
         return held_out_choice(projection.weight, projection.bias, grams.train, grams.held, kept,
                                self.config.compensation, self.config.compensation_damping, with_bias)
