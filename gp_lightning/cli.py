@@ -91,11 +91,7 @@ def packaged_configs(args: Sequence[str]) -> list[str]:
     config of that name: an installed package runs ``gp-lightning prune --config smollm2-135m`` without a clone. A
     bare name that is neither is one line listing the packaged names."""
     out = list(args)
-    for i, arg in enumerate(out):
-        flag, sep, value = arg.partition("=")
-        if flag != "--config" or not (sep or i + 1 < len(out)):
-            continue
-        value = value if sep else out[i + 1]
+    for i, sep, value in _config_values(out):
         if Path(value).expanduser().exists() or not re.fullmatch(r"[\w.-]+", value):
             continue  # a file, or inline YAML
         packaged = PACKAGED_CONFIGS / (value if value.endswith((".yaml", ".yml")) else f"{value}.yaml")
@@ -110,15 +106,23 @@ def packaged_configs(args: Sequence[str]) -> list[str]:
     return out
 
 
-def check_config_files(args: Sequence[str], prog: str) -> None:
-    """Every ``--config`` file is UTF-8 YAML of ``key: value`` lines (the parser raises a traceback on other bytes and
-    says "Unexpected config" of an empty file). Values that name no file (inline YAML, a typo) are the parser's."""
+def _config_values(args: Sequence[str]) -> list[tuple[int, bool, str]]:
+    """Every ``--config`` value: (its flag's index, whether it is given as ``--config=value``, the value)."""
+    found = []
     for i, arg in enumerate(args):
         flag, sep, value = arg.partition("=")
         if flag == "--config" and (sep or i + 1 < len(args)):
-            path = Path(value if sep else args[i + 1]).expanduser()
-            if path.is_file():
-                _check_config_file(path, prog)
+            found.append((i, bool(sep), value if sep else args[i + 1]))
+    return found
+
+
+def check_config_files(args: Sequence[str], prog: str) -> None:
+    """Every ``--config`` file is UTF-8 YAML of ``key: value`` lines (the parser raises a traceback on other bytes and
+    says "Unexpected config" of an empty file). Values that name no file (inline YAML, a typo) are the parser's."""
+    for _, _, value in _config_values(args):
+        path = Path(value).expanduser()
+        if path.is_file():
+            _check_config_file(path, prog)
 
 
 def _check_config_file(path: Path, prog: str) -> None:

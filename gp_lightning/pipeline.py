@@ -151,9 +151,7 @@ class PruneRecipe(Recipe):
         if base not in STOCK_CLASSES:
             raise ConfigError(f"allocation: uniform_per_layer saves a stock {' / '.join(STOCK_CLASSES)} checkpoint, "
                               f"and this model is '{base}': use allocation: global (a gp_pruned checkpoint).")
-        first = self.layout.layers[0]
-        if any((x.num_kv_heads, x.intermediate_size) != (first.num_kv_heads, first.intermediate_size)
-               for x in self.layout.layers):
+        if not self.layout.uniform_widths:
             raise ConfigError("allocation: uniform_per_layer needs a model whose layers all have the same widths, and "
                               f"the layers of {cfg.source.model} differ (it was pruned with allocation: global): use "
                               "allocation: global, or prune the dense model.")

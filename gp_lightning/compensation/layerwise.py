@@ -207,7 +207,7 @@ def grams_of(inputs: list[torch.Tensor], batches: Batches, scratch: Scratch | No
     """The Grams of a projection's captured inputs: over all windows, or (when windows are held out) over the
     fitting windows and the held-out ones."""
     if not batches.held:
-        return Grams(gram_of(inputs, batches, scratch))
+        return Grams.of(gram_of(inputs, batches, scratch), None)
     return Grams.of(gram_of(inputs, batches, scratch, "train"), gram_of(inputs, batches, scratch, "held"))
 
 
@@ -259,7 +259,7 @@ def dense_pass(layer: nn.Module, batches: Batches, projections: list[nn.Linear]
             handle.remove()
     values = [[g.value for g in pair] for pair in grams]
     all_reduce([v for pair in values for v in pair])
-    return [Grams.of(*pair) if len(pair) == 2 else Grams(pair[0]) for pair in values], outputs
+    return [Grams.of(pair[0], pair[1] if len(pair) == 2 else None) for pair in values], outputs
 
 
 def layer_outputs(layer: nn.Module, batches: Batches) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gp_lightning.model.layout import decoder_layers
-from gp_lightning.model.sharded import read_parameters, tensor_files
+from gp_lightning.model.sharded import read_parameters
 from gp_lightning.runtime.errors import ModelSourceError
 
 
@@ -28,7 +28,7 @@ class LayerLoader:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.directory = Path(model.gp_weights_dir)
-        self.files = tensor_files(self.directory)
+        self.files = model.gp_tensor_files  # read by meta_model
         self.names = {id(module): name for name, module in model.named_modules()}
 
     def load(self, module: nn.Module) -> None:

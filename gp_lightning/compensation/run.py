@@ -168,6 +168,7 @@ class _Walker:
         layer, lp, gram = self.layout.layers[index], self.plan.layers[index], grams.full
         width, units = _unit_width(layer, block), _units(lp, block)
         with_bias = self.config.compensation_bias or projection.bias is not None  # its own bias is always refit
+        fit: Refit | None = None
         if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
             gone, fit = obs_refit(projection.weight, projection.bias, gram, width, units - len(_kept(lp, block)),
                                   self.config.compensation_damping, with_bias)
@@ -180,13 +181,14 @@ class _Walker:
             kept_columns = unit_columns(kept, width)
         else:
             kept_columns = unit_columns(_kept(lp, block), width)
-            fit = refit(projection.weight, projection.bias, gram, kept_columns, self.config.compensation,
-                        self.config.compensation_damping, with_bias=with_bias)
         choice = self.held_out(projection, grams, kept_columns, with_bias)
-        if choice is not None and not (choice.method == fit.method == "least_squares" and choice.damping == 1.0):
-            damping = self.config.compensation_damping * (choice.damping or 1.0)
-            fit = refit(projection.weight, projection.bias, gram, kept_columns, choice.method, damping,
-                        with_bias=with_bias)
+        method, damping = self.config.compensation, self.config.compensation_damping
+        if choice is not None:
+            method, damping = choice.method, damping * (choice.damping or 1.0)
+        walked = fit is not None and (choice is None or choice.method == fit.method == "least_squares"
+                                      and choice.damping == 1.0)
+        if not walked:  # the walk's refit is already the one asked for; otherwise one refit, on all windows
+            fit = refit(projection.weight, projection.bias, gram, kept_columns, method, damping, with_bias=with_bias)
         compact = write_refit(projection, kept_columns, fit, self.hooks)
         if fit.method != "none":
             self.result.weights[(index, block)] = compact.weight
@@ -200,7 +202,7 @@ class _Walker:
     def held_out(self, projection: nn.Linear, grams: Grams, kept: torch.Tensor, with_bias: bool) -> HeldOut | None:
         """The refit the held-out windows choose (None when none are held out, or nothing is refit). Fewer windows
         than the hold-out's period hold none out: the refit is then the one without a hold-out."""
-        if grams.held is None or grams.train is None or not self.config.enabled:
+        if grams.held is None or grams.train is None:  # none held out (or compensation: none)
             return None
         if float(grams.held[-1, -1]) <= 0 or float(grams.train[-1, -1]) <= 0:  # no tokens on one side
             return None

@@ -84,6 +84,11 @@ class ModelLayout:
         return groups * self.attention_group_cost(layer) + channels * self.mlp_channel_cost(layer)
 
     @property
+    def uniform_widths(self) -> bool:
+        """Whether every layer has the same GQA groups and MLP channels (what a stock class can hold)."""
+        return len({(x.num_kv_heads, x.intermediate_size) for x in self.layers}) <= 1
+
+    @property
     def prunable_params(self) -> int:
         """Sum of the cost of every unit: all params of the projections except output biases."""
         return sum(self.layer_params(layer) for layer in self.layers)

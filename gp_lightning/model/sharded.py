@@ -37,6 +37,7 @@ def meta_model(directory: Path, dtype: torch.dtype) -> nn.Module:
     missing = [name for name, _ in model.named_parameters() if name not in stored and name not in tied]
     refuse_mismatch(missing, unexpected_tensors(stored, model), str(directory))
     model.gp_weights_dir = str(directory)
+    model.gp_tensor_files = stored  # where each tensor is: the loads below read no header again
     return model.eval()
 
 
@@ -52,7 +53,7 @@ def tensor_files(directory: Path) -> dict[str, Path]:
 def load_local_shards(model: nn.Module, device: torch.device) -> None:
     """Allocate this rank's shard of every (already ``fully_shard``-ed) parameter and read it from disk."""
     directory = Path(model.gp_weights_dir)
-    read_parameters(model, directory, tensor_files(directory), device, sharded=True)
+    read_parameters(model, directory, model.gp_tensor_files, device, sharded=True)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def uniform_counts(layout: ModelLayout, config: SelectionConfig, global_groups: 
     """(GQA groups, MLP channels) every layer loses: the global selection's share of groups, then channels to
     meet ``target`` parameters; more groups if the channels alone cannot."""
     first = layout.layers[0]
-    if any((x.num_kv_heads, x.intermediate_size) != (first.num_kv_heads, first.intermediate_size) for x in layout.layers):
+    if not layout.uniform_widths:
         raise BudgetError("allocation: uniform_per_layer needs a model whose layers all have the same widths")
     max_groups = first.num_kv_heads - max(config.min_attention_groups, 1)
     max_channels = first.intermediate_size - max(config.min_mlp_channels, 1)
