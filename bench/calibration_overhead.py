@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 METHODS = ("plain", "calibration")
 #: ``bench/speed.py`` section 5 also times the compensation step in these workers (not part of this report).
 COMPENSATION = "compensation"
+#: ... and section 7 the width search (``allocation: search``, default settings) of a 35% budget.
+SEARCH = "search"
+SEARCH_RATIO = 0.35
 TIME_GOAL = 1 / 0.9  # calibration/plain wall time: Lightning keeps >= 90% of the plain loop's throughput
 MEMORY_GOAL = 1.05  # calibration/plain peak RSS
 Runs = dict[str, list[common.Row]]
@@ -45,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_calibration_arguments(parser, num_samples=16)
     parser.add_argument("--repeats", type=int, default=1, help="subprocess runs per method (medians reported)")
     common.add_output(parser, "calibration_overhead.md")
-    common.add_worker_arguments(parser, choices=(*METHODS, COMPENSATION))
+    common.add_worker_arguments(parser, choices=(*METHODS, COMPENSATION, SEARCH))
     return parser.parse_args(argv)
 
 
@@ -58,6 +61,8 @@ def _calibrate(method: str, model: nn.Module, layout: ModelLayout, windows: torc
 
     if method == COMPENSATION:
         return _compensate(model, layout, windows, batch_size)
+    if method == SEARCH:
+        return _search(model, layout, windows, batch_size)
     if method == "plain":
         total_target_tokens = windows[:, 1:].numel()
         for batch in windows.split(batch_size):
@@ -83,15 +88,34 @@ def _compensate(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, ba
     return sum(w.numel() for w in result.weights.values())
 
 
-def _magnitude_plan(model: nn.Module, layout: ModelLayout) -> None:
-    """A 20% plan from magnitude importance (no data), kept on the model for :func:`_compensate`."""
+def _search(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_size: int) -> int:
+    """The width search with its default settings on the same windows, seeded from the magnitude table's plans (made
+    before the clock starts, in :func:`worker`); the window passes its fitness ran."""
+    from gp_lightning.compensation.config import CompensationConfig
+    from gp_lightning.search.config import SearchConfig
+    from gp_lightning.search.run import SearchInputs, search_allocation
+    from gp_lightning.search.step import seeds
+
+    table, config, target = model.gp_bench_table, model.gp_bench_selection, model.gp_bench_target
+    starts = seeds(table, layout, config, model.gp_bench_plan, target)
+    inputs = SearchInputs(model, layout, table, starts, windows, target, config, CompensationConfig(), SearchConfig(),
+                          batch_size)
+    return int(search_allocation(inputs).report["window_passes"])
+
+
+def _magnitude_plan(model: nn.Module, layout: ModelLayout, ratio: float) -> None:
+    """A plan of ``ratio`` from magnitude importance (no data), kept on the model with its table for
+    :func:`_compensate` and :func:`_search`."""
     from gp_lightning.calibration.baselines import magnitude_importance
     from gp_lightning.selection.config import SelectionConfig
-    from gp_lightning.selection.greedy import select
+    from gp_lightning.selection.greedy import check_budget, select
     from gp_lightning.table.build import build_table, by_score
 
     table = by_score(build_table(layout, magnitude_importance(model, layout)))
-    model.gp_bench_plan = select(table, layout, SelectionConfig(pruning_ratio=0.2)).plan
+    config = SelectionConfig(pruning_ratio=ratio)
+    model.gp_bench_table, model.gp_bench_selection = table, config
+    model.gp_bench_target = check_budget(layout, config)
+    model.gp_bench_plan = select(table, layout, config).plan
 
 
 def worker(method: str, spec: common.Row) -> common.Row:
@@ -108,8 +132,8 @@ def worker(method: str, spec: common.Row) -> common.Row:
     layout = describe(model)
     windows = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer), spec["num_samples"],
                                   spec["seq_len"], common.SEED)
-    if method == COMPENSATION:
-        _magnitude_plan(model, layout)
+    if method in (COMPENSATION, SEARCH):
+        _magnitude_plan(model, layout, SEARCH_RATIO if method == SEARCH else 0.2)
     loaded_rss, loaded_peak = common.proc_status_mib("VmRSS"), common.peak_rss_mib()
 
     start, cpu_start, load_start = time.perf_counter(), common.cpu_seconds(), os.getloadavg()[0]
@@ -133,7 +157,7 @@ def worker(method: str, spec: common.Row) -> common.Row:
 
 
 WORKERS: dict[str, Callable[[common.Row], common.Row]] = {method: partial(worker, method)
-                                                          for method in (*METHODS, COMPENSATION)}
+                                                          for method in (*METHODS, COMPENSATION, SEARCH)}
 
 
 def measure(args: argparse.Namespace, env: Mapping[str, str] | None = None,

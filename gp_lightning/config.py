@@ -24,6 +24,7 @@ from gp_lightning.finetune.config import SHARED_WITH_PRUNE, FinetuneConfig
 from gp_lightning.model.config import ModelConfig
 from gp_lightning.runtime.config import DistributedConfig, GroupedConfig, RunConfig, grouped
 from gp_lightning.runtime.errors import check_config
+from gp_lightning.search.config import SearchConfig
 from gp_lightning.selection.config import SelectionConfig
 from gp_lightning.table.config import TableConfig
 
@@ -92,6 +93,7 @@ class PruneConfig(GroupedConfig):
     calibration: CalibrationConfig
     table: TableConfig
     selection: SelectionConfig
+    search: SearchConfig
     refit: CompensationConfig
     evaluation: EvaluationConfig
     run: OutputConfig

@@ -48,6 +48,9 @@ from gp_lightning.runtime.launch import launcher_warning
 from gp_lightning.runtime.precision import holds, load_dtype
 from gp_lightning.runtime.ranks import broadcast_from_zero, distributed, process_group, world_size
 from gp_lightning.runtime.recipe import Recipe
+from gp_lightning.search.evolution import Space
+from gp_lightning.search.run import SearchInputs, search_allocation
+from gp_lightning.search.step import plan_of, reapplied, seeds
 from gp_lightning.selection.greedy import check_budget, select
 from gp_lightning.selection.plan import PruningPlan
 from gp_lightning.selection.result import Selection, with_plan
@@ -226,7 +229,7 @@ class PruneRecipe(Recipe):
     def _needs_calibration_windows(self) -> bool:
         cfg, t = self.cfg, self.cfg.table
         if (t.from_table is None and needs_calibration_data(cfg.calibration.importance_method)) or (
-                cfg.refit.enabled and not t.table_only):
+                (cfg.refit.enabled or cfg.selection.allocation == "search") and not t.table_only):
             return True
         blocks, layers = t.losses_needed()
         return (blocks and saved_losses(self.saved_table, "B") is None) or (
@@ -297,6 +300,25 @@ class PruneRecipe(Recipe):
         log.info("selected %d units: %.4f of all params (%.4f of prunable), target %.4f", len(selection.pruned),
                  selection.ratio, selection.ratio_of_prunable, cfg.selection.pruning_ratio)
         return selection
+
+    def search(self, table: pd.DataFrame, knapsack: PruningPlan) -> PruningPlan:
+        """``allocation: search`` (every rank joins: the fitness is data-parallel): the plan of the chosen widths."""
+        cfg = self.cfg
+        assert self.layout is not None
+        target = check_budget(self.layout, cfg.selection)
+        if cfg.search.search_widths:
+            kept = reapplied(cfg.search.search_widths, Space.of(self.layout, cfg.selection, target))
+            return plan_of(table, self.layout, cfg.selection, kept)
+        rank, world = process_group()
+        windows = self.refit_windows if self.refit_windows is not None else self.cal_windows
+        inputs = SearchInputs(self.full_model(exact=True), self.layout, table,
+                              seeds(table, self.layout, cfg.selection, knapsack, target), windows, target,
+                              cfg.selection, cfg.refit, cfg.search, cfg.data.batch_size, cfg.run.seed,
+                              self.run_dir / "search_state.safetensors", cfg.calibration.resume, rank, world)
+        with self.timed("search_s"):
+            result = search_allocation(inputs)
+        self.writer.search(result.report)
+        return plan_of(table, self.layout, cfg.selection, result.kept)
 
     def compensate(self, plan: PruningPlan) -> Compensation | None:
         """The compensation step (every rank of a distributed run joins: each walks its own windows)."""
@@ -379,9 +401,13 @@ class PruneRecipe(Recipe):
             except BaseException as exc:
                 broadcast_from_zero({"error": f"{type(exc).__name__}: {exc}"})
                 raise
-            broadcast_from_zero({"plan": None if selection is None else selection.plan.to_json()})
+            searching = selection is not None and self.cfg.selection.allocation == "search"
+            broadcast_from_zero({"plan": None if selection is None else selection.plan.to_json(),
+                                 "table": ordered.table if searching else None})
             if selection is None:
                 return self._finish_table_only(ordered)
+            if searching:  # every rank computes the same widths, so the same plan
+                selection = with_plan(selection, self.search(ordered.table, selection.plan), ordered.table)
             return self._finish(ordered, selection)
         finally:
             self.cleanup()
@@ -451,6 +477,8 @@ class PruneRecipe(Recipe):
         plan = None if message["plan"] is None else PruningPlan.from_json(message["plan"])
         log.info("rank %d: received the plan of rank 0 (%s)", self.rank,
                  "table only" if plan is None else f"{sum(len(lp.keep_channels) for lp in plan.layers)} channels kept")
+        if plan is not None and message["table"] is not None:
+            plan = self.search(message["table"], plan)  # the fitness needs every rank
         if plan is not None:
             self.compensate(plan)  # its Gram sums need every rank
         finetuned = self.finetune(None) if self.cfg.recovery.finetune and plan is not None else None

@@ -4,7 +4,8 @@ Used by tests/test_distributed.py: every rank builds the same seeded model and w
 result can be compared with one process on the same data. ``--cases FILE`` runs several cases
 (a JSON list of option dicts, each with its own ``out``) one after the other in the same process
 group, so one launch serves many tests; otherwise the options come from the command line. A case
-with ``"kind": "compensation"`` runs the layer-by-layer refit instead (its Gram sums are all-reduced).
+with ``"kind": "compensation"`` runs the layer-by-layer refit instead (its Gram sums are all-reduced), one with
+``"kind": "search"`` the width search (its fitness is measured on each rank's own windows).
 """
 
 from __future__ import annotations
@@ -74,9 +75,44 @@ def run_compensation(out: str) -> None:
                    ("b", result.biases)) for (layer, block), value in values.items()}, out)
 
 
+def search(rank: int = 0, world: int = 1) -> dict:
+    """``allocation: search`` of a tiny Qwen2 at 30% on 12 windows (each rank measures its own): the report."""
+    from gp_lightning.calibration.baselines import magnitude_importance
+    from gp_lightning.compensation.config import CompensationConfig
+    from gp_lightning.model.layout import describe
+    from gp_lightning.search.config import SearchConfig
+    from gp_lightning.search.run import SearchInputs, search_allocation
+    from gp_lightning.search.step import seeds
+    from gp_lightning.selection.config import SelectionConfig
+    from gp_lightning.selection.greedy import check_budget, select
+    from gp_lightning.table.build import build_table
+
+    net = tiny_model("qwen2", gqa=2, num_kv=3, layers=4, seed=5, intermediate_size=48)
+    with torch.no_grad():  # peaked next-token distributions: KL figures far above float32 rounding
+        net.lm_head.weight *= 30
+    layout = describe(net)
+    table = build_table(layout, magnitude_importance(net, layout))
+    config = SelectionConfig(pruning_ratio=0.3, min_attention_groups=0, min_mlp_channels=0)
+    target = check_budget(layout, config)
+    starts = seeds(table, layout, config, select(table, layout, config).plan, target)
+    inputs = SearchInputs(net, layout, table, starts, windows(12), target, config, CompensationConfig(),
+                          SearchConfig(search_generations=4, search_stage_windows=[1]), 2, 3, rank=rank, world=world)
+    result = search_allocation(inputs)
+    return {"kept": result.kept.tolist(), **result.report}
+
+
 def run_case(args: argparse.Namespace) -> None:
     if args.kind == "compensation":
         run_compensation(args.out)
+        return
+    if args.kind == "search":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        report = search(dist.get_rank(), dist.get_world_size())
+        if dist.get_rank() == 0:
+            Path(args.out).write_text(json.dumps(report))
         return
     if args.from_dir:
         from gp_lightning.model.sharded import meta_model
@@ -95,7 +131,7 @@ def run_case(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=None, help="JSON file: a list of option dicts, run in order")
-    parser.add_argument("--kind", default="calibration", choices=["calibration", "compensation"])
+    parser.add_argument("--kind", default="calibration", choices=["calibration", "compensation", "search"])
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--method", default="taylor")
     parser.add_argument("--arch", default="qwen2")

@@ -109,3 +109,32 @@ def finetune_loss_figure(curve: pd.DataFrame) -> Figure:
     axes.grid(alpha=0.3)
     figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.14)  # fixed layout: no layout pass
     return figure
+
+
+def search_figure(report: dict[str, Any]) -> Figure:
+    """``allocation: search``: the best KL per generation against the seeds', and the chosen widths per layer next
+    to the seeds' (MLP channels as lines, GQA groups as markers on the right axis)."""
+    figure = Figure(figsize=(11.0, 3.8))
+    curve, widths = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    history = report["history"]
+    curve.plot([h["generation"] + 1 for h in history], [h["fitness"] for h in history], marker=".", color="black",
+               label="search (best so far)")
+    for (name, seed), color in zip(report["seeds"].items(), ("#4C72B0", "#DD8452"), strict=False):
+        curve.axhline(seed["fitness"], color=color, linestyle="--", linewidth=1, label=name)
+    curve.set_xlabel("generation")
+    curve.set_ylabel("KL(dense || pruned) per token")
+    curve.set_title("Fitness on the fitness windows")
+    curve.legend(fontsize=8)
+    groups = widths.twinx()
+    shown = {"chosen": report["chosen"], **report["seeds"]}
+    for (name, entry), color in zip(shown.items(), ("black", "#4C72B0", "#DD8452"), strict=False):
+        x = np.arange(len(entry["mlp_channels"]))
+        widths.plot(x, entry["mlp_channels"], color=color, linewidth=1.5 if name == "chosen" else 1, label=name)
+        groups.plot(x, entry["attention_groups"], color=color, linestyle="none", marker="o", markersize=3)
+    widths.set_xlabel("layer")
+    widths.set_ylabel("MLP channels kept (lines)")
+    groups.set_ylabel("GQA groups kept (dots)")
+    widths.set_title(f"Widths: {report['chosen']['from']} chosen on the held-out windows")
+    widths.legend(fontsize=8, loc="lower right")
+    figure.subplots_adjust(left=0.07, right=0.95, top=0.9, bottom=0.14, wspace=0.3)
+    return figure

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gp_lightning.analysis.diagnostics import diagnose
-from gp_lightning.analysis.plots import gradient_analysis_figure, pruning_rates_figure, save_png
+from gp_lightning.analysis.plots import gradient_analysis_figure, pruning_rates_figure, save_png, search_figure
 from gp_lightning.analysis.reports import layer_summary_text
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.io import write_checksum, write_csv, write_json, write_text
@@ -91,6 +91,11 @@ class PruneRunWriter:
     def compensation(self, summary: dict[str, Any]) -> None:
         if self.enabled:
             write_json(self.run_dir / "analysis" / "compensation.json", summary)
+
+    def search(self, report: dict[str, Any]) -> None:
+        if self.enabled:
+            write_json(self.run_dir / "analysis" / "search.json", report)
+            save_png(search_figure(report), self.run_dir / "visualization" / "search.png")
 
     def comparison(self, comparison: dict[str, Any]) -> None:
         if self.enabled:

@@ -207,6 +207,7 @@ class _ObsWalk:
     removed: list[int]
     target: torch.Tensor  # [W, b] after the OBS updates (float32): the ridge least-squares refit of the kept columns
     cost: float  # sum of the steps' (W'-W) H (W'-W)^T increases, H the damped Gram
+    order: list[int]  # the removed units in the order the walk took them (a step's units by index)
 
 
 def _walk_start(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, damping: float
@@ -280,21 +281,23 @@ def _obs_walk(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tenso
         else:
             blocks -= torch.bmm(rows.T[unit_cols], scaled[:, unit_cols].permute(1, 0, 2))
         alive[take] = False
-        removed += take.tolist()
+        removed += sorted(take.tolist())
     target[unit_cols[~alive].reshape(-1)] = 0
-    return _ObsWalk(sorted(removed), target[:augmented].T, cost)
+    return _ObsWalk(sorted(removed), target[:augmented].T, cost, removed)
 
 
-def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, count: int, damping: float = 0.01
-                 ) -> list[int]:
+def obs_removals(weight: torch.Tensor, gram: torch.Tensor, unit_width: int, count: int, damping: float = 0.01,
+                 bias: torch.Tensor | None = None, ordered: bool = False) -> list[int]:
     """The ``count`` units (consecutive blocks of ``unit_width`` input columns) whose removal, followed by a
-    least-squares refit, costs the least output error (greedy structured OBS)."""
+    least-squares refit, costs the least output error (greedy structured OBS), by index; ``ordered``: in the order
+    the walk removed them, so that every prefix is the walk's choice at that count (one walk visits every width)."""
     units = weight.shape[1] // unit_width
     if count <= 0:
         return []
     if count >= units:
         return list(range(units))
-    return _obs_walk(weight, None, gram, unit_width, count, damping).removed
+    walk = _obs_walk(weight, bias, gram, unit_width, count, damping)
+    return walk.order if ordered else walk.removed
 
 
 def obs_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, unit_width: int, count: int,

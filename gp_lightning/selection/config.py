@@ -33,7 +33,7 @@ class LayerLimits:
         return min(self.cap_params, self.max_groups * group_cost + self.max_channels * channel_cost)
 
 
-Allocation = Literal["global", "uniform_per_layer"]
+Allocation = Literal["global", "uniform_per_layer", "search"]
 
 
 @dataclass
@@ -49,7 +49,9 @@ class SelectionConfig:
     of GQA groups and MLP channels (Minitron's homogeneous shape; the split between attention and MLP is the
     global selection's, and each layer loses its own lowest-score units), saved as the stock
     Llama/Mistral/Qwen2 class that vLLM, TGI, TensorRT-LLM and llama.cpp's ``llama`` run. The per-layer limits
-    below do not apply to it."""
+    below do not apply to it. ``search``: each block's width chosen by evolutionary search on the KL divergence
+    from the dense model's next-token distributions, seeded with the ``global`` and uniform allocations (never
+    worse than either on its windows; the ``search_*`` keys, ``analysis/search.json``); a gp_pruned checkpoint."""
     remove_empty_layers: bool = False
     """Depth pruning: blocks may be emptied entirely (min_attention_groups / min_mlp_channels no longer apply)
     and a layer whose attention and MLP are both emptied is dropped."""

@@ -41,18 +41,32 @@ def uniform_counts(layout: ModelLayout, config: SelectionConfig, global_groups: 
                       "channel(s): lower pruning_ratio")
 
 
-def select_uniform(table: pd.DataFrame, layout: ModelLayout, config: SelectionConfig, global_choice: Selection
-                   ) -> Selection:
-    """The uniform selection, from the table and the global selection of the same budget."""
-    removed_groups = sum(lp.num_groups - len(lp.keep_groups) for lp in global_choice.plan.layers)
-    groups, channels = uniform_counts(layout, config, removed_groups, global_choice.target_params)
+def lowest_units(table: pd.DataFrame, layout: ModelLayout, groups: list[int], channels: list[int],
+                 remove_empty_layers: bool = False) -> PruningPlan:
+    """The plan in which layer ``l`` loses its ``groups[l]`` GQA groups and ``channels[l]`` MLP channels of lowest
+    score in the table."""
     ordered = table.iloc[score_order(table)]
     remove_groups: dict[int, set[int]] = {}
     remove_channels: dict[int, set[int]] = {}
     for (layer_idx, kind), rows in ordered.groupby(["layer_idx", "group_type"], sort=False):
-        count = groups if kind == "attention" else channels
+        count = (groups if kind == "attention" else channels)[int(layer_idx)]
         target = remove_groups if kind == "attention" else remove_channels
         target[int(layer_idx)] = set(np.asarray(rows["group_idx"][:count], dtype=int).tolist())
-    plan = PruningPlan.from_removals(layout, remove_groups, remove_channels)
+    return PruningPlan.from_removals(layout, remove_groups, remove_channels, remove_empty_layers)
+
+
+def uniform_plan(table: pd.DataFrame, layout: ModelLayout, config: SelectionConfig, global_plan: PruningPlan,
+                 target: int) -> PruningPlan:
+    """The uniform plan of ``target`` parameters, its share of GQA groups the global plan's."""
+    removed_groups = sum(lp.num_groups - len(lp.keep_groups) for lp in global_plan.layers)
+    groups, channels = uniform_counts(layout, config, removed_groups, target)
+    plan = lowest_units(table, layout, [groups] * layout.num_layers, [channels] * layout.num_layers)
     plan.meta["allocation"] = "uniform_per_layer"
+    return plan
+
+
+def select_uniform(table: pd.DataFrame, layout: ModelLayout, config: SelectionConfig, global_choice: Selection
+                   ) -> Selection:
+    """The uniform selection, from the table and the global selection of the same budget."""
+    plan = uniform_plan(table, layout, config, global_choice.plan, global_choice.target_params)
     return with_plan(dataclasses.replace(global_choice, plan=plan), plan, table)

@@ -1,0 +1,39 @@
+"""The search group: how ``allocation: search`` chooses each block's width (see :mod:`gp_lightning.search`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gp_lightning.runtime.errors import check_config
+
+
+@dataclass
+class SearchConfig:
+    """Width search (allocation: search)"""
+
+    search_generations: int = 24
+    """Generations of the evolutionary search. Each makes ``search_offspring`` mutants of the best allocation
+    so far and keeps the best of them only if it beats that allocation on every fitness window."""
+    search_offspring: int = 8
+    """Mutants per generation. They are ranked on few windows first and the best quarter goes on to more
+    windows (multi-step selection, ``search_stage_windows``), so most cost one window's forward pass."""
+    search_stage_windows: list[int] = field(default_factory=lambda: [1, 4])
+    """Windows of each selection stage before the last, which uses every fitness window (the refit windows that
+    are not held out; every 4th is held out to choose the final allocation)."""
+    search_step: float = 0.0625
+    """A mutation moves this fraction of a block's MLP channels (or one GQA group) from one block to another at
+    the start, halving four times over the generations (coarse to fine)."""
+    search_cache_mb: int = 1024
+    """Memory for the refit layer variants the search has made (least recently used ones are made again when
+    needed)."""
+    search_widths: str | None = None
+    """A run's ``analysis/search.json``: re-apply the widths that search chose instead of searching again (the
+    model, ``pruning_ratio`` and limits must match; the units each block keeps are chosen as usual)."""
+
+    def __post_init__(self) -> None:
+        check_config(self.search_generations >= 0, "search_generations", self.search_generations, "must be >= 0")
+        check_config(self.search_offspring >= 1, "search_offspring", self.search_offspring, "must be >= 1")
+        check_config(all(w >= 1 for w in self.search_stage_windows), "search_stage_windows",
+                     self.search_stage_windows, "lists window counts, each at least 1")
+        check_config(0 < self.search_step <= 0.5, "search_step", self.search_step, "must be in (0, 0.5]")
+        check_config(self.search_cache_mb >= 1, "search_cache_mb", self.search_cache_mb, "must be at least 1")
