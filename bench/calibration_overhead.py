@@ -98,8 +98,9 @@ def _search(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_
 
     table, config, target = model.gp_bench_table, model.gp_bench_selection, model.gp_bench_target
     starts = seeds(table, layout, config, model.gp_bench_plan, target)
-    inputs = SearchInputs(model, layout, table, starts, windows, target, config, CompensationConfig(), SearchConfig(),
-                          batch_size)
+    search = SearchConfig()
+    inputs = SearchInputs(model, layout, table, starts, windows[: -search.search_windows],
+                          windows[-search.search_windows :], target, config, CompensationConfig(), search, batch_size)
     return int(search_allocation(inputs).report["window_passes"])
 
 
@@ -126,12 +127,14 @@ def worker(method: str, spec: common.Row) -> common.Row:
     from gp_lightning.data.windows import calibration_windows, tokenize
     from gp_lightning.model.layout import describe
     from gp_lightning.model.source import load_model
+    from gp_lightning.search.config import SearchConfig
 
     torch.manual_seed(common.SEED)
     model, tokenizer = load_model(spec["model"], dtype=torch.float32)
     layout = describe(model)
-    windows = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer), spec["num_samples"],
-                                  spec["seq_len"], common.SEED)
+    extra = SearchConfig().search_windows if method == SEARCH else 0  # the search's own windows, after the refit's
+    windows = calibration_windows(tokenize(load_text(str(common.VALID), "calibration"), tokenizer),
+                                  spec["num_samples"] + extra, spec["seq_len"], common.SEED)
     if method in (COMPENSATION, SEARCH):
         _magnitude_plan(model, layout, SEARCH_RATIO if method == SEARCH else 0.2)
     loaded_rss, loaded_peak = common.proc_status_mib("VmRSS"), common.peak_rss_mib()

@@ -1,5 +1,5 @@
 """Estimated per-GPU memory of the Taylor calibration pass for Llama-3-8B / 70B under FSDP2 and ZeRO-3,
-and what a distillation teacher and the compensation add.
+and what a distillation teacher, the compensation and the width search add.
 
     python bench/memory_table.py [--seq_len 2048 --micro_batch 1 --precision bf16-true --gpus 8 16 32]
 
@@ -540,7 +540,11 @@ def notes(s: Settings, gpus: int) -> list[str]:
     return lines
 
 
-# -- after calibration: distillation teacher and compensation --------------------------------------------
+#: ``search_windows``'s default.
+SEARCH_WINDOWS = 24
+
+
+# -- after calibration: distillation teacher, compensation and search --------------------------------------------
 def teacher_bytes(model: ModelShape, gpus: int, s: Settings) -> tuple[int, int, int]:
     """A KD fine-tune's extra bytes per GPU under FSDP2: (teacher shards, teacher gathered in flight, KD loss).
 
@@ -613,12 +617,49 @@ def compensation_rows(s: Settings, windows: int, gpu_counts: Sequence[int]) -> l
     return lines
 
 
+def search_bytes(model: ModelShape, ranks: int, windows: int, s: Settings) -> dict[str, int]:
+    """Bytes of ``allocation: search`` per rank (host memory) and on disk.
+
+    Every rank holds the dense model (compute dtype) and, for its share of the ``windows`` search windows, the
+    dense next-token probabilities (float16, tokens x vocab); the variant cache holds at most ``search_cache_mb``
+    (its default, 1 GiB). The Grams of every layer's o_proj and down_proj inputs (float32, the variants are refit on
+    them) are on disk, one layer's in memory at a time (as the compensation's).
+    """
+    n, m = model.intermediate + 1, model.heads * model.head_dim + 1
+    per_rank = math.ceil(windows / ranks)
+    return {"model": model.total_params * s.compute_bytes, "reference": per_rank * s.seq_len * model.vocab * 2,
+            "cache": 2**30, "one_layer_grams": 4 * (n * n + m * m), "disk": model.layers * 4 * (n * n + m * m)}
+
+
+def search_rows(s: Settings, windows: int, gpu_counts: Sequence[int]) -> list[str]:
+    lines = [
+        "",
+        f"## Width search (allocation: search; {windows} search windows of {s.seq_len} tokens, GiB per rank)",
+        "",
+        "The layer-variant database is the Grams its variants are refit on: on disk, one file per layer, read one at "
+        "a time (`search_bytes`). Every rank also holds the dense model for its fitness passes: the search is for "
+        "models one process holds (not with `compensation_offload`).",
+        "",
+        "| model | ranks | dense model | reference probabilities | variant cache | one layer's Grams | total in memory "
+        "| database on disk |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in MODELS:
+        for ranks in gpu_counts:
+            b = search_bytes(m, ranks, windows, s)
+            memory = sum(value for key, value in b.items() if key != "disk")
+            lines.append(f"| {m.name} | {ranks} | {gib(b['model'])} | {gib(b['reference'])} | {gib(b['cache'])} | "
+                         f"{gib(b['one_layer_grams'])} | **{gib(memory)}** | {gib(b['disk'], 0)} |")
+    return lines
+
+
 def render(s: Settings, gpu_counts: Sequence[int], gpu_gb: float, reserve_gib: float, gpus_per_node: int,
            command: str, compensation_windows: int = 128) -> str:
     estimates = [estimate(m, strat, n, s) for m in MODELS for strat in STRATEGIES for n in gpu_counts]
     lines = [*header(s, command), *parameter_rows(), *per_gpu_rows(estimates), *whole_job_rows(estimates),
              *min_gpu_rows(s, gpu_gb, reserve_gib, gpus_per_node), *teacher_rows(s, gpu_counts),
-             *compensation_rows(s, compensation_windows, gpu_counts), *notes(s, gpu_counts[0])]
+             *compensation_rows(s, compensation_windows, gpu_counts), *search_rows(s, SEARCH_WINDOWS, gpu_counts),
+             *notes(s, gpu_counts[0])]
     return "\n".join(lines)
 
 

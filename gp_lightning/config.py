@@ -107,6 +107,10 @@ class PruneConfig(GroupedConfig):
                      "needs a pruned model, which table_only does not make")
         check_config(not self.refit.compensation_offload or self.run.streamed_surgery, "compensation_offload",
                      True, "needs streamed_surgery: true (in-memory surgery would hold the whole model)")
+        check_config(not (self.refit.compensation_offload and self.selection.allocation == "search"
+                          and not self.search.search_widths), "allocation", "search",
+                     "runs the whole dense model in every process, which compensation_offload: true avoids: use "
+                     "allocation: global, or re-apply a search's widths with search_widths")
         if self.recovery.finetune:
             self.finetune_settings()  # read and validate the fine-tuning keys now, not after pruning
 

@@ -93,6 +93,7 @@ class PruneRecipe(Recipe):
         self.saved_table: pd.DataFrame | None = None
         self.cal_windows: torch.Tensor | None = None
         self.refit_windows: torch.Tensor | None = None  # the compensation's (the calibration windows first)
+        self.search_windows: torch.Tensor | None = None  # allocation: search's fitness and held-out windows
         self.evaluator = Evaluator(None, config.evaluation.eval_batch_size, "32-true", timings=self.timings)
         self.gradient_statistics: dict | None = None
         self.zero_shot: ZeroShot | None = None  # eval_tasks, checked in setup
@@ -127,10 +128,12 @@ class PruneRecipe(Recipe):
             self.saved_table = load_table(cfg.table.from_table, self.layout, cfg.table.allow_unfinished_table)
         if self._needs_calibration_windows():
             refit = cfg.refit.compensation_samples or cfg.data.num_samples
-            count = max(cfg.data.num_samples, refit if cfg.refit.enabled else 0)
-            windows = mixture_windows(cfg.data.dataset, self.tokenizer, count, cfg.data.seq_len, cfg.run.seed,
+            count = max(cfg.data.num_samples, refit if cfg.refit.enabled or self.searching else 0)
+            extra = cfg.search.search_windows if self.searching else 0
+            windows = mixture_windows(cfg.data.dataset, self.tokenizer, count + extra, cfg.data.seq_len, cfg.run.seed,
                                       cfg.data.text_encoding)  # the first ones calibrate
             self.cal_windows, self.refit_windows = windows[: cfg.data.num_samples], windows[:refit]
+            self.search_windows = windows[count:]  # the search's own (none without it)
         self.evaluator = Evaluator.on(e, self.tokenizer, self.eval_precision, needed, self.timings,
                                       cfg.data.text_encoding)
         self.open_log(cfg.to_dict())
@@ -226,10 +229,16 @@ class PruneRecipe(Recipe):
         chosen = self.cfg.run.save_dtype
         return self.source_dtype if chosen == "auto" else getattr(torch, chosen)
 
+    @property
+    def searching(self) -> bool:
+        """Whether this run searches the widths (``allocation: search`` without ``search_widths``)."""
+        return (self.cfg.selection.allocation == "search" and not self.cfg.search.search_widths
+                and not self.cfg.table.table_only)
+
     def _needs_calibration_windows(self) -> bool:
         cfg, t = self.cfg, self.cfg.table
         if (t.from_table is None and needs_calibration_data(cfg.calibration.importance_method)) or (
-                (cfg.refit.enabled or cfg.selection.allocation == "search") and not t.table_only):
+                (cfg.refit.enabled or self.searching) and not t.table_only):
             return True
         blocks, layers = t.losses_needed()
         return (blocks and saved_losses(self.saved_table, "B") is None) or (
@@ -310,11 +319,12 @@ class PruneRecipe(Recipe):
             kept = reapplied(cfg.search.search_widths, Space.of(self.layout, cfg.selection, target))
             return plan_of(table, self.layout, cfg.selection, kept)
         rank, world = process_group()
-        windows = self.refit_windows if self.refit_windows is not None else self.cal_windows
+        assert self.refit_windows is not None and self.search_windows is not None
         inputs = SearchInputs(self.full_model(exact=True), self.layout, table,
-                              seeds(table, self.layout, cfg.selection, knapsack, target), windows, target,
-                              cfg.selection, cfg.refit, cfg.search, cfg.data.batch_size, cfg.run.seed,
-                              self.run_dir / "search_state.safetensors", cfg.calibration.resume, rank, world)
+                              seeds(table, self.layout, cfg.selection, knapsack, target), self.refit_windows,
+                              self.search_windows, target, cfg.selection, cfg.refit, cfg.search, cfg.data.batch_size,
+                              cfg.run.seed, self.run_dir / "search_state.safetensors", cfg.calibration.resume, rank,
+                              world)
         with self.timed("search_s"):
             result = search_allocation(inputs)
         self.writer.search(result.report)

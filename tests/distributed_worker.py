@@ -95,7 +95,8 @@ def search(rank: int = 0, world: int = 1) -> dict:
     config = SelectionConfig(pruning_ratio=0.3, min_attention_groups=0, min_mlp_channels=0)
     target = check_budget(layout, config)
     starts = seeds(table, layout, config, select(table, layout, config).plan, target)
-    inputs = SearchInputs(net, layout, table, starts, windows(12), target, config, CompensationConfig(),
+    inputs = SearchInputs(net, layout, table, starts, windows(12)[:6], windows(12)[6:], target, config,
+                          CompensationConfig(),
                           SearchConfig(search_generations=4, search_stage_windows=[1]), 2, 3, rank=rank, world=world)
     result = search_allocation(inputs)
     return {"kept": result.kept.tolist(), **result.report}

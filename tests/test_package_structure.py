@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gp_lightning"
 
 #: The pipeline, in order; runtime is what every step stands on. Only these and TOP exist in the package.
-STEPS = ("runtime", "model", "data", "calibration", "table", "selection", "compensation", "surgery", "evaluation",
-         "analysis", "export", "finetune")
+STEPS = ("runtime", "model", "data", "calibration", "table", "selection", "compensation", "search", "surgery",
+         "evaluation", "analysis", "export", "finetune")
 TOP = ("cli", "config", "pipeline")
 MAX_FUNCTION_LINES = 60
 

@@ -17,11 +17,13 @@ class SearchConfig:
     search_offspring: int = 8
     """Mutants per generation. They are ranked on few windows first and the best quarter goes on to more
     windows (multi-step selection, ``search_stage_windows``), so most cost one window's forward pass."""
+    search_windows: int = 24
+    """Windows the search measures on, drawn from ``dataset`` after the refit windows (so no refit fits them):
+    every third is held out to choose the final allocation, the others measure fitness."""
     search_stage_windows: list[int] = field(default_factory=lambda: [1, 4])
-    """Windows of each selection stage before the last, which uses every fitness window (the refit windows that
-    are not held out; every 4th is held out to choose the final allocation)."""
+    """Fitness windows of each selection stage before the last, which uses them all."""
     search_step: float = 0.0625
-    """A mutation moves this fraction of a block's MLP channels (or one GQA group) from one block to another at
+    """A mutation moves this fraction of the widest MLP's channels (or one GQA group) from one block to another at
     the start, halving four times over the generations (coarse to fine)."""
     search_cache_mb: int = 1024
     """Memory for the refit layer variants the search has made (least recently used ones are made again when
@@ -32,6 +34,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_config(self.search_generations >= 0, "search_generations", self.search_generations, "must be >= 0")
+        check_config(self.search_windows >= 1, "search_windows", self.search_windows, "must be at least 1")
         check_config(self.search_offspring >= 1, "search_offspring", self.search_offspring, "must be >= 1")
         check_config(all(w >= 1 for w in self.search_stage_windows), "search_stage_windows",
                      self.search_stage_windows, "lists window counts, each at least 1")

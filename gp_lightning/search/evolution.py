@@ -107,19 +107,19 @@ def _move(space: Space, kept: np.ndarray, rng: np.random.Generator, step: int) -
 
 
 def _repair(space: Space, kept: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Give the parameters removed beyond the target back to MLP blocks, while one can take a channel."""
+    """Give the parameters removed beyond the target back to MLP blocks, while one can take a channel (within its
+    dense width and its layer's ``min_rate`` floor)."""
     mlp = np.arange(space.layers, 2 * space.layers)
-    for _ in range(_TRIES):
+    kept = kept.copy()
+    while True:
         slack = space.removed(kept) - space.target
-        room = mlp[(kept[mlp] < space.dense[mlp]) & (space.cost[mlp] <= slack)]
-        if len(room) == 0:
+        spare = space.layer_removed(kept) - space.need  # what each layer may still give back
+        room = np.minimum(space.dense[mlp] - kept[mlp], np.minimum(slack, spare) // space.cost[mlp])
+        open_blocks = mlp[room > 0]
+        if len(open_blocks) == 0:
             return kept
-        block = int(rng.choice(room))
-        new = kept.copy()
-        new[block] += min(int(space.dense[block] - kept[block]), slack // int(space.cost[block]))
-        if space.feasible(new):
-            kept = new
-    return kept
+        block = int(rng.choice(open_blocks))
+        kept[block] += int(room[block - space.layers])
 
 
 def mutate(space: Space, kept: np.ndarray, rng: np.random.Generator, step: int) -> np.ndarray:

@@ -77,11 +77,10 @@ class Fitness:
     and the float64 entropy of each window)."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, used: list[int], rank: int = 0, world: int = 1
-                 ) -> None:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, rank: int = 0, world: int = 1) -> None:
         self.model, self.windows, self.rank, self.world = model, windows, rank, world
         self.dense: dict[int, tuple[torch.Tensor, float]] = {}
-        for i in self.mine(used):
+        for i in self.mine(range(windows.shape[0])):
             log_p = _log_probs(model, windows[i])
             p = log_p.exp().half()  # the dense side of KL(p || q) = sum p (log p - log q), float16 p in both terms
             self.dense[i] = (p, float((p.float() * log_p).sum(dtype=torch.float64)))

@@ -5,7 +5,9 @@ uniform one, on the fitness windows; the best seed is the first parent. Each gen
 with EvoPress's multi-step selection) mutates the parent ``search_offspring`` times (:mod:`.evolution`), ranks
 the mutants on one window, then the best quarter on more windows, and the best of those on every fitness window
 against the parent, which it replaces only if its KL is lower there: the fitness of the result is never above a
-seed's. Finally the held-out windows (every 4th refit window, which neither the refits nor the fitness saw) choose
+seed's. The variants are refit on the refit windows (the ones compensation refits on), and the fitness is measured
+on other windows of the same text (``search_windows`` more are drawn), so it measures how an allocation's refits
+generalize, not how well they fit; every third of those is held out, and the held-out windows finally choose
 among the last parents and the seeds. After each generation the state (the parent, the generator's state, the
 history and the database's removal orders) is written as safetensors + JSON, so ``--resume`` continues a killed
 search to the result an uninterrupted one gives. The same numbers in the same order on every rank make every
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 
 from gp_lightning.calibration.statistics_checkpoint import read_state, windows_hash, write_state
 from gp_lightning.compensation.config import CompensationConfig
-from gp_lightning.compensation.layerwise import first_layer_inputs
+from gp_lightning.compensation.layerwise import Batches, first_layer_inputs
 from gp_lightning.model.layout import ModelLayout
 from gp_lightning.runtime.errors import ConfigError
 from gp_lightning.search import variants
@@ -40,21 +42,23 @@ from gp_lightning.selection.plan import PruningPlan
 
 log = logging.getLogger("gp_lightning")
 
-#: Of every this many refit windows, one measures fitness and one is held out to choose the final allocation.
-HELD_EVERY = 4
+#: Every this-many-th search window is held out to choose the final allocation.
+HELD_EVERY = 3
 #: How many of the last parents the held-out windows choose among (with the seeds).
 FINALISTS = 3
 
 
 @dataclass
 class SearchInputs:
-    """What the search needs: the dense model, the table, the seeds' plans, the refit windows and the settings."""
+    """What the search needs: the dense model, the table, the seeds' plans, the refit windows, the search's own
+    windows (fitness and held out) and the settings."""
 
     model: nn.Module
     layout: ModelLayout
     table: pd.DataFrame
     seeds: dict[str, PruningPlan]
     windows: torch.Tensor
+    search_windows: torch.Tensor
     target: int
     selection: SelectionConfig
     refit: CompensationConfig
@@ -75,20 +79,16 @@ class SearchResult:
     report: dict[str, Any]
 
 
-def split_windows(count: int) -> tuple[list[int], list[int], list[int]]:
-    """(refit, fitness, held-out) window positions: of every ``HELD_EVERY`` windows the last is held out, the one
-    before it measures fitness and the others fit the variants' refits, so that the fitness measures how a refit
-    generalizes, not how well it fits. Fewer windows: all of them refit and measure, none is held out."""
-    if count < HELD_EVERY:
-        return list(range(count)), list(range(count)), []
-    part = [i % HELD_EVERY - (HELD_EVERY - 2) for i in range(count)]  # < 0: refit, 0: fitness, 1: held out
-    return ([i for i in range(count) if part[i] < 0], [i for i in range(count) if part[i] == 0],
-            [i for i in range(count) if part[i] == 1])
+def split_windows(count: int) -> tuple[list[int], list[int]]:
+    """(fitness, held-out) positions of the search windows: every ``HELD_EVERY``-th held out (none of fewer)."""
+    held = [i for i in range(count) if i % HELD_EVERY == HELD_EVERY - 1] if count >= HELD_EVERY else []
+    return [i for i in range(count) if i not in set(held)], held
 
 
 def _settings(inputs: SearchInputs) -> dict[str, Any]:
     """What a resumed search must share with the interrupted one."""
-    return {"windows": windows_hash(inputs.windows), "target": inputs.target, "seed": inputs.seed,
+    return {"windows": windows_hash(torch.cat([inputs.windows.flatten(), inputs.search_windows.flatten()])),
+            "target": inputs.target, "seed": inputs.seed,
             "offspring": inputs.search.search_offspring, "stage_windows": list(inputs.search.search_stage_windows),
             "step": inputs.search.search_step, "generations": inputs.search.search_generations,
             "within_layer": inputs.refit.within_layer, "compensation": inputs.refit.compensation,
@@ -116,9 +116,8 @@ class _Search:
     def __init__(self, inputs: SearchInputs) -> None:
         self.inputs = inputs
         self.space = Space.of(inputs.layout, inputs.selection, inputs.target)
-        self.train, self.fit, self.held = split_windows(inputs.windows.shape[0])
-        self.fitness = Fitness(inputs.model, inputs.windows, sorted({*self.fit, *self.held}), inputs.rank,
-                               inputs.world)
+        self.fit, self.held = split_windows(inputs.search_windows.shape[0])
+        self.fitness = Fitness(inputs.model, inputs.search_windows, inputs.rank, inputs.world)
         saved = _load_state(inputs)
         self.database = self._database(None if saved is None else saved["orders"])
         self.candidates = Candidates(self.database)
@@ -128,11 +127,16 @@ class _Search:
 
     def _database(self, orders: list[torch.Tensor] | None) -> variants.Database:
         inputs = self.inputs
-        mine = torch.tensor(self.fitness.mine(self.train), dtype=torch.long)
-        batches = first_layer_inputs(inputs.model, inputs.windows[mine], torch.ones(len(mine)), inputs.batch_size)
+        directory = None if inputs.state_path is None else inputs.state_path.parent / "search_variants"
+        grams = variants.GramStore(inputs.layout.num_layers, directory, inputs.rank)
+
+        def batches() -> Batches:
+            mine = torch.tensor(self.fitness.mine(range(inputs.windows.shape[0])), dtype=torch.long)
+            return first_layer_inputs(inputs.model, inputs.windows[mine], torch.ones(len(mine)), inputs.batch_size)
+
         known = None if orders is None else [o.tolist() for o in orders]
         return variants.build(inputs.model, inputs.layout, batches, self.space.floor.tolist(), inputs.refit,
-                              inputs.table, inputs.search.search_cache_mb * 2**20, inputs.rank, known)
+                              inputs.table, inputs.search.search_cache_mb * 2**20, grams, known)
 
     def evaluate(self, kept: np.ndarray, which: list[int]) -> float:
         self.candidates.apply(kept)
@@ -229,7 +233,7 @@ def _report(search: _Search, name: str, chosen: dict[str, Any], held: dict[str, 
         "seeds": {seed: {**widths(v["kept"]), "fitness": v["fitness"], "held_out": held.get(seed)}
                   for seed, v in state["seeds"].items()},
         "history": state["history"], "held_out": held,
-        "windows": {"refit": search.train, "fitness": search.fit, "held_out": search.held},
+        "windows": {"refit": search.inputs.windows.shape[0], "fitness": search.fit, "held_out": search.held},
         "variants_made": search.database.made, "window_passes": search.fitness.evaluations,
         "seconds": seconds, "settings": _settings(search.inputs) | {"windows": None},
     }
@@ -254,6 +258,7 @@ def search_allocation(inputs: SearchInputs) -> SearchResult:
         report = _report(search, name, chosen, held, time.perf_counter() - start)
     finally:
         search.candidates.restore()
+    search.database.grams.remove()  # kept only for a resume
     kept = np.array(chosen["kept"])
     log.info("search: %s chosen, KL %.4f on the fitness windows (seeds: %s), %d variants, %.1f s", name,
              report["chosen"]["fitness"], ", ".join(f"{k} {v['fitness']:.4f}" for k, v in report["seeds"].items()),
