@@ -97,6 +97,7 @@ LAYER_LOG = {"normalization": "log", "normalization_level": "layer"}
 LAYER_MINMAX = {"normalization": "minmax", "normalization_level": "layer"}
 NONE = {"compensation": "none"}  # the kept weights stay the dense ones
 DEFAULT = "taylor + least squares, sequential, OBS within layer, refit chosen on held-out windows (the default)"
+SEARCH = "the default, allocation: search (width search, default settings)"
 PIPELINE_ROWS = (
     Ours("taylor, no compensation", "taylor", NONE),
     Ours("wanda, no compensation", "wanda", NONE),
@@ -110,6 +111,7 @@ PIPELINE_ROWS = (
     Ours("the default, within_layer: score (the table's units, not OBS's)", "taylor", {"within_layer": "score"}),
     Ours("the default, refit on 128 windows", "taylor", {"compensation_samples": 128}),
     Ours("the default, allocation: uniform_per_layer (stock class)", "taylor", {"allocation": "uniform_per_layer"}),
+    Ours(SEARCH, "taylor", {"allocation": "search"}),
     Ours("wanda + layer minmax + the default compensation", "wanda", LAYER_MINMAX),
     Ours("magnitude (global)", "magnitude", NONE, kind="baseline"),
     Ours("random (global)", "random", NONE, kind="baseline"),
@@ -168,6 +170,7 @@ class Bench:
     raw: dict[str, pd.DataFrame] = field(default_factory=dict)
     calibration_s: dict[str, float] = field(default_factory=dict)
     compensation_s: dict[str, float] = field(default_factory=dict)  # by row label and ratio
+    search_s: dict[str, float] = field(default_factory=dict)  # the search row's, by ratio
     notes: list[str] = field(default_factory=list)
     max_load: float = 0.0
 
@@ -267,11 +270,15 @@ def ours(bench: Bench, variant: Ours, ratio: float) -> tuple[nn.Module, str]:
     assert result.pruned_model is not None and result.selection is not None
     plan = result.selection.plan
     one_group = sum(1 for lp in plan.layers if len(lp.keep_groups) <= 1)
-    seconds = result.evaluation["timings_s"].get("compensation_s")
+    timings = result.evaluation["timings_s"]
+    seconds, searched = timings.get("compensation_s"), timings.get("search_s")
     if seconds is not None:
         bench.compensation_s[f"{variant.label} {ratio:.0%}"] = seconds
+    if searched is not None:
+        bench.search_s[f"{ratio:.0%}"] = searched
     refit = "" if seconds is None else f", compensation {seconds:.0f} s"
-    return result.pruned_model, f"{one_group} layers left with 1 GQA group{refit}"
+    search = "" if searched is None else f", search {searched:.0f} s"
+    return result.pruned_model, f"{one_group} layers left with 1 GQA group{refit}{search}"
 
 
 # -- in-project baselines built from the project's plan, selection and surgery --------------------------
@@ -602,16 +609,17 @@ def table_lines(bench: Bench, dense: Row) -> list[str]:
 
 
 def compensation_cost(bench: Bench) -> str:
-    """The default compensation's time against the Taylor calibration's (the same windows, the same process)."""
+    """The default compensation's and the search's time against the Taylor calibration's (same windows and process)."""
     calibration = bench.calibration_s.get("taylor")
     seconds = {key: value for key, value in bench.compensation_s.items() if key.startswith(DEFAULT)}
-    if not calibration or not seconds:
-        return "Compensation time: no default row was run."
+    if not calibration:
+        return "Compensation time: no Taylor calibration was run."
     parts = [f"{key.removeprefix(DEFAULT).strip()} {value:.0f} s ({value / calibration:.2f}x)"
              for key, value in seconds.items()]
-    return (f"Compensation time of the default (least squares, sequential, OBS, held-out choice) against the Taylor "
-            "calibration's "
-            f"{calibration:.0f} s on the same 32 windows: " + ", ".join(parts) + ".")
+    searched = [f"{ratio} {value:.0f} s ({value / calibration:.2f}x)" for ratio, value in bench.search_s.items()]
+    return (f"Against the Taylor calibration's {calibration:.0f} s on the same 32 windows: compensation of the "
+            f"default (least squares, sequential, OBS, held-out choice) {', '.join(parts) or 'not run'}; search of "
+            f"`{SEARCH}` (before its compensation) {', '.join(searched) or 'not run'}.")
 
 
 NOTES = [
