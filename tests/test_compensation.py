@@ -13,7 +13,14 @@ import torch
 from conftest import tiny_model
 
 from gp_lightning.compensation.config import CompensationConfig
-from gp_lightning.compensation.refit import DAMPING_LADDER, held_out_choice, obs_refit, obs_removals, refit
+from gp_lightning.compensation.refit import (
+    DAMPING_LADDER,
+    held_out_choice,
+    obs_refit,
+    obs_removals,
+    ranking_rows,
+    refit,
+)
 from gp_lightning.compensation.run import BLOCKS, Compensation, compensate
 from gp_lightning.export.checkpoint import load_pruned, save_pruned
 from gp_lightning.model.layout import decoder_layers, describe
@@ -331,20 +338,62 @@ def _held_out_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k
 def test_held_out_choice_measures_every_candidate_and_never_keeps_one_worse_than_bias(train_tokens: int,
                                                                                        expect_refit: bool) -> None:
     """Fit on 14 tokens (12 unknowns an output) and the refit overfits: the held-out tokens choose slicing or the
-    bias; on 3,000 the refit wins."""
-    x, weight, bias, _ = _projection_data(seed=5, tokens=train_tokens + 400)
+    bias; on 3,000 the refit wins. 160 outputs: the candidates are ranked on every second one (80 rows), and each
+    held-out error is the token-level error of the candidate fit on those rows."""
+    x, weight, bias, _ = _projection_data(seed=5, tokens=train_tokens + 400, out=160)
     xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
     train, held = (part.T @ part for part in (xa[:train_tokens], xa[train_tokens:]))  # other tokens, same law
     x_held = x[train_tokens:]
     kept = torch.tensor([0, 2, 3, 5, 8, 9, 13, 14, 17, 20, 23])
+    rows = ranking_rows(160)
+    assert torch.equal(rows, torch.arange(0, 160, 2))
     choice = held_out_choice(weight, bias, train, held, kept, "least_squares", 1e-4)
     assert set(choice.errors) == {"none", "bias", *(f"least_squares@{m:g}" for m in DAMPING_LADDER)}
     for name, error in choice.errors.items():
         method, _, multiple = name.partition("@")
-        fit = refit(weight, bias, train, kept, method, 1e-4 * float(multiple or 1))
-        assert error == pytest.approx(_held_out_error(x_held, weight, bias, kept, fit), rel=1e-4), name  # float32
+        fit = refit(weight[rows], bias[rows], train, kept, method, 1e-4 * float(multiple or 1))
+        assert error == pytest.approx(_held_out_error(x_held, weight[rows], bias[rows], kept, fit), rel=1e-4), name
     assert choice.errors[choice.chosen] == min(choice.errors.values()) <= choice.errors["bias"]
     assert (choice.method == "least_squares") == expect_refit
+    # on all 160 rows, the chosen refit is no worse than the bias on the held-out tokens either
+    full = {name: _held_out_error(x_held, weight, bias, kept, refit(weight, bias, train, kept, name, 1e-4 * (
+        choice.damping or 1.0))) for name in (choice.method, "bias")}
+    assert full[choice.method] <= full["bias"]
+
+
+def _realistic_projection(seed: int, train_tokens: int, held_tokens: int = 512, features: int = 256, out: int = 384):
+    """Correlated inputs of uneven scales (a few outlier features ten times larger, like an MLP's massive
+    activations), small weights: the train and held-out Grams, and the kept columns (70%)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g, dtype=torch.float64) / features ** 0.5
+    scales = torch.rand(features, generator=g, dtype=torch.float64).pow(3) * 3 + 0.05
+    x = (torch.randn(train_tokens + held_tokens, features, generator=g, dtype=torch.float64) @ mix + 0.3) * scales
+    x[:, :4] *= 8
+    weight = torch.randn(out, features, generator=g, dtype=torch.float64) * 0.05
+    bias = torch.randn(out, generator=g, dtype=torch.float64) * 0.01
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    train, held = xa[:train_tokens].T @ xa[:train_tokens], xa[train_tokens:].T @ xa[train_tokens:]
+    kept = torch.sort(torch.randperm(features, generator=g)[: int(features * 0.7)]).values
+    return weight, bias, train, held, kept
+
+
+@pytest.mark.parametrize("seed,train_tokens,damping,expected", [
+    (0, 200, 0.03, "least_squares@3"), (1, 200, 0.03, "least_squares@10"), (0, 200, 0.003, "least_squares@30"),
+    (0, 4000, 0.01, "least_squares@1")])
+def test_ranking_on_a_subset_of_rows_chooses_what_all_rows_choose(monkeypatch: pytest.MonkeyPatch, seed: int,
+                                                                   train_tokens: int, damping: float,
+                                                                   expected: str) -> None:
+    """The damping that fits best is shared by the rows: 77 of 384 rows choose what all of them choose, across
+    cases whose best damping differs (fewer tokens, more damping)."""
+    from gp_lightning.compensation import refit as refit_module
+
+    weight, bias, train, held, kept = _realistic_projection(seed, train_tokens)
+    assert len(ranking_rows(384)) == 77
+    subset = held_out_choice(weight, bias, train, held, kept, "least_squares", damping)
+    monkeypatch.setattr(refit_module, "RANKING_ROWS", 10**9)  # every row
+    every = held_out_choice(weight, bias, train, held, kept, "least_squares", damping)
+    assert subset.chosen == every.chosen == expected
+    assert subset.errors != every.errors  # the subset really is one
 
 
 def test_compensation_applies_what_the_held_out_windows_chose() -> None:

@@ -32,7 +32,7 @@ from gp_lightning.compensation.layerwise import (
     progress,
 )
 from gp_lightning.compensation.offload import prepare
-from gp_lightning.compensation.refit import HeldOut, Refit, held_out_choice, obs_refit, refit, unit_columns
+from gp_lightning.compensation.refit import HeldOut, Objective, Refit, held_out_choice, obs_refit, refit, unit_columns
 from gp_lightning.data.windows import rank_shard
 from gp_lightning.model.layout import LayerLayout, ModelLayout, decoder_layers
 from gp_lightning.runtime.errors import ConfigError
@@ -168,10 +168,12 @@ class _Walker:
         layer, lp, gram = self.layout.layers[index], self.plan.layers[index], grams.full
         width, units = _unit_width(layer, block), _units(lp, block)
         with_bias = self.config.compensation_bias or projection.bias is not None  # its own bias is always refit
+        # the dense output's energy, for the walk's and the final refit's errors (one product with the Gram)
+        objective = Objective.of_layer(projection.weight, projection.bias, gram) if with_bias else None
         fit: Refit | None = None
         if self.config.obs_selection:  # OBS picks the units; its walk leaves the refit weights
             gone, fit = obs_refit(projection.weight, projection.bias, gram, width, units - len(_kept(lp, block)),
-                                  self.config.compensation_damping, with_bias)
+                                  self.config.compensation_damping, with_bias, objective)
             gone_units = set(gone)
             kept = [u for u in range(units) if u not in gone_units]
             if block == "self_attn":
@@ -188,7 +190,7 @@ class _Walker:
         walked = fit is not None and (choice is None or choice.method == fit.method == "least_squares"
                                       and choice.damping == 1.0)
         if not walked:  # the walk's refit is already the one asked for; otherwise one refit, on all windows
-            fit = refit(projection.weight, projection.bias, gram, kept_columns, method, damping, with_bias=with_bias)
+            fit = refit(projection.weight, projection.bias, gram, kept_columns, method, damping, objective, with_bias)
         compact = write_refit(projection, kept_columns, fit, self.hooks)
         if fit.method != "none":
             self.result.weights[(index, block)] = compact.weight
@@ -211,6 +213,9 @@ class _Walker:
 
     def record(self, index: int, block: str, gram: torch.Tensor, fit: Refit, removed: int,
                choice: HeldOut | None) -> None:
+        """One projection's entry of ``analysis/compensation.json``: the refit applied and its calibration-set errors
+        (all rows, all windows) and, with a hold-out, every candidate's held-out relative error and the one chosen
+        (those are on the output rows the candidates were ranked on, :func:`.refit.ranking_rows`)."""
         name = "o_proj" if block == "self_attn" else "down_proj"
         self.result.report.append({
             "layer": index, "projection": name, "units_removed": removed, "asked": self.config.compensation,
