@@ -111,9 +111,21 @@ def test_full_width_is_the_dense_model_bit_for_bit_and_variants_are_what_surgery
     assert not torch.allclose(masked, dense_logits, atol=1e-3)
 
 
-def test_search_is_never_worse_than_its_seeds_and_reports_what_it_measured() -> None:
+def test_search_is_never_worse_than_its_seeds_and_reports_what_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = _inputs(generations=6)
     result = search_run.search_allocation(inputs)
+    # the parent's kept hidden states (mutants run from their first changed layer) change no figure and no choice
+    original = search_run.Fitness.__init__
+
+    def without_states(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        original(self, *args, **kwargs)
+        self.keep = False
+
+    monkeypatch.setattr(search_run.Fitness, "__init__", without_states)
+    uncached = search_run.search_allocation(_inputs(generations=6))
+    assert np.array_equal(uncached.kept, result.kept)
+    assert uncached.report["history"] == [{**h, "seconds": u["seconds"]} for h, u in
+                                          zip(result.report["history"], uncached.report["history"], strict=True)]
     report = result.report
     space = Space.of(inputs.layout, inputs.selection, inputs.target)
     assert space.feasible(result.kept)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gp_lightning.compensation.layerwise import all_reduce
+from gp_lightning.compensation.layerwise import all_reduce, first_layer_inputs
+from gp_lightning.model.layout import decoder_layers
 from gp_lightning.search.variants import Database
 
 
@@ -66,35 +67,69 @@ class Candidates:
         self.handles.clear()
 
 
-def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    device = model.get_input_embeddings().weight.device
-    logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+class LayerForward:
+    """The model run layer by layer: each window's first-layer input and the keyword arguments the model passes its
+    layers are taken once, then any run starts at any layer from hidden states kept from an earlier one (a mutant
+    differs from its parent from its first changed layer on), and ends with the final norm and lm_head. Every
+    measurement takes this path, so a run from kept states gives exactly what a run from the start gives."""
+
+    def __init__(self, model: nn.Module, windows: dict[int, torch.Tensor]) -> None:
+        self.layers = decoder_layers(model)
+        self.norm, self.head = model.model.norm, model.get_output_embeddings()
+        self.first = {i: first_layer_inputs(model, window[None], torch.ones(1), 1) for i, window in windows.items()}
+
+    def log_probs(self, i: int, start: int = 0, states: list[torch.Tensor] | None = None,
+                  record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Next-token log-probabilities of window ``i`` (float32), from layer ``start`` on ``states[start]``;
+        ``record`` receives the input of every layer run."""
+        batches = self.first[i]
+        hidden = batches.hidden[0] if start == 0 or states is None else states[start]
+        for layer in self.layers[start if states is not None else 0 :]:
+            if record is not None:
+                record.append(hidden)
+            out = layer(hidden, **batches.kwargs[0])
+            hidden = out[0] if isinstance(out, tuple) else out
+        return torch.log_softmax(self.head(self.norm(hidden))[0].float(), dim=-1).cpu()
 
 
 class Fitness:
     """Mean per-token KL(dense || model) over chosen windows, the dense side measured once (float16 probabilities
-    and the float64 entropy of each window)."""
+    and the float64 entropy of each window). The current parent's hidden states entering every layer are kept for
+    this rank's windows (when they fit in ``state_bytes``), so that a mutant runs only from its first changed
+    layer."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, windows: torch.Tensor, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, rank: int = 0, world: int = 1,
+                 state_bytes: int = 0) -> None:
         self.model, self.windows, self.rank, self.world = model, windows, rank, world
+        self.forward = LayerForward(model, {i: windows[i] for i in self.mine(range(windows.shape[0]))})
         self.dense: dict[int, tuple[torch.Tensor, float]] = {}
-        for i in self.mine(range(windows.shape[0])):
-            log_p = _log_probs(model, windows[i])
+        for i in self.forward.first:
+            log_p = self.forward.log_probs(i)
             p = log_p.exp().half()  # the dense side of KL(p || q) = sum p (log p - log q), float16 p in both terms
             self.dense[i] = (p, float((p.float() * log_p).sum(dtype=torch.float64)))
+        hidden = next(iter(self.forward.first.values())).hidden[0] if self.forward.first else None
+        per_window = 0 if hidden is None else hidden.numel() * hidden.element_size() * len(self.forward.layers)
+        self.keep = per_window * len(self.forward.first) <= state_bytes
+        self.states: dict[int, list[torch.Tensor]] = {}  # the parent's, per window
+        self.pending: dict[int, list[torch.Tensor]] = {}  # the last recorded run's
         self.evaluations = 0  # windows this rank has run
 
     def mine(self, which: range | list[int]) -> list[int]:
         return [i for i in which if i % self.world == self.rank]
 
     @torch.no_grad()
-    def per_window(self, which: list[int]) -> np.ndarray:
-        """KL per token of each window of ``which`` (every rank gets every value)."""
+    def per_window(self, which: list[int], start: int = 0, record: bool = False) -> np.ndarray:
+        """KL per token of each window of ``which`` (every rank gets every value); ``start``: the first layer that
+        differs from the parent's; ``record``: keep this run's states (see :meth:`accept`)."""
         values = torch.zeros(self.windows.shape[0], dtype=torch.float64)
+        record = record and self.keep
         for i in self.mine(which):
-            log_q = _log_probs(self.model, self.windows[i])
+            states = self.states.get(i) if start > 0 else None
+            recorded: list[torch.Tensor] | None = [] if record else None
+            log_q = self.forward.log_probs(i, start, states, recorded)
+            if recorded is not None:
+                self.pending[i] = (states[:start] if states is not None else []) + recorded
             p, negative_entropy = self.dense[i]
             cross = float((p.float() * log_q).sum(dtype=torch.float64))
             values[i] = (negative_entropy - cross) / log_q.shape[0]
@@ -102,5 +137,10 @@ class Fitness:
         all_reduce([values])
         return values.numpy()[which]
 
-    def __call__(self, which: list[int]) -> float:
-        return float(np.mean(self.per_window(which))) if which else 0.0
+    def accept(self) -> None:
+        """The last recorded run's states become the parent's."""
+        self.states.update(self.pending)
+        self.pending = {}
+
+    def __call__(self, which: list[int], start: int = 0, record: bool = False) -> float:
+        return float(np.mean(self.per_window(which, start, record))) if which else 0.0

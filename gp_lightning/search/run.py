@@ -117,13 +117,17 @@ class _Search:
         self.inputs = inputs
         self.space = Space.of(inputs.layout, inputs.selection, inputs.target)
         self.fit, self.held = split_windows(inputs.search_windows.shape[0])
-        self.fitness = Fitness(inputs.model, inputs.search_windows, inputs.rank, inputs.world)
+        self.fitness = Fitness(inputs.model, inputs.search_windows, inputs.rank, inputs.world,
+                               inputs.search.search_cache_mb * 2**20)
         saved = _load_state(inputs)
         self.database = self._database(None if saved is None else saved["orders"])
         self.candidates = Candidates(self.database)
         self.rng = np.random.default_rng(inputs.seed)
+        self.state: dict[str, Any] | None = None
         self.state = saved if saved is not None else self._start()
         self.rng.bit_generator.state = self.state["rng"]
+        self.evaluate(np.array(self.state["parent"]), self.fit, record=True)  # the parent's states, kept
+        self.fitness.accept()
 
     def _database(self, orders: list[torch.Tensor] | None) -> variants.Database:
         inputs = self.inputs
@@ -138,9 +142,12 @@ class _Search:
         return variants.build(inputs.model, inputs.layout, batches, self.space.floor.tolist(), inputs.refit,
                               inputs.table, inputs.search.search_cache_mb * 2**20, grams, known)
 
-    def evaluate(self, kept: np.ndarray, which: list[int]) -> float:
+    def evaluate(self, kept: np.ndarray, which: list[int], record: bool = False) -> float:
+        """KL of allocation ``kept`` on windows ``which``, run from its first layer that differs from the parent."""
         self.candidates.apply(kept)
-        return self.fitness(which)
+        parent = kept if self.state is None else np.array(self.state["parent"])  # seeds: from the start
+        differs = np.flatnonzero((kept != parent).reshape(2, -1).any(axis=0))
+        return self.fitness(which, int(differs[0]) if len(differs) else 0, record)
 
     def _start(self) -> dict[str, Any]:
         """Generation 0: the seeds measured on the fitness windows, the best one the parent."""
@@ -166,7 +173,7 @@ class _Search:
                 break
             scores = [self.evaluate(k, self.fit[:count]) for k in pool]
             pool = [pool[i] for i in np.argsort(scores, kind="stable")[: max(1, len(pool) // 4)]]
-        scores = [self.evaluate(k, self.fit) for k in pool]
+        scores = [self.evaluate(k, self.fit, record=len(pool) == 1) for k in pool]  # one: its states are kept
         best = int(np.argmin(scores))
         return pool[best], scores[best]
 
@@ -187,6 +194,10 @@ class _Search:
             if fitness < state["fitness"]:
                 state["parent"], state["fitness"] = best.tolist(), fitness
                 state["parents"] = [*state["parents"][-(FINALISTS - 1):], {"kept": best.tolist(), "fitness": fitness}]
+                if self.fitness.keep and not self.fitness.pending:  # several were measured on every window
+                    self.evaluate(best, self.fit, record=True)
+                self.fitness.accept()
+            self.fitness.pending = {}
         entry |= {"fitness": state["fitness"], "seconds": time.perf_counter() - start}
         state["history"].append(entry)
         state["generation"] += 1
