@@ -100,8 +100,10 @@ class Fitness:
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, windows: torch.Tensor, rank: int = 0, world: int = 1,
-                 state_bytes: int = 0) -> None:
+                 state_bytes: int = 0, parent_windows: list[int] | None = None) -> None:
         self.model, self.windows, self.rank, self.world = model, windows, rank, world
+        # the windows whose parent states are kept (the fitness windows; not the held-out ones)
+        self.parent_windows = set(range(windows.shape[0]) if parent_windows is None else parent_windows)
         self.forward = LayerForward(model, {i: windows[i] for i in self.mine(range(windows.shape[0]))})
         self.dense: dict[int, tuple[torch.Tensor, float]] = {}
         for i in self.forward.first:
@@ -110,26 +112,26 @@ class Fitness:
             self.dense[i] = (p, float((p.float() * log_p).sum(dtype=torch.float64)))
         hidden = next(iter(self.forward.first.values())).hidden[0] if self.forward.first else None
         per_window = 0 if hidden is None else hidden.numel() * hidden.element_size() * len(self.forward.layers)
-        self.keep = per_window * len(self.forward.first) <= state_bytes
+        # the parent's states and, for a generation, its mutants' (at most about as many again, twice)
+        self.keep = 3 * per_window * len(self.parent_windows & set(self.forward.first)) <= state_bytes
         self.states: dict[int, list[torch.Tensor]] = {}  # the parent's, per window
-        self.pending: dict[int, list[torch.Tensor]] = {}  # the last recorded run's
+        self.pending: dict[bytes, dict[int, list[torch.Tensor]]] = {}  # this generation's, per mutant and window
         self.evaluations = 0  # windows this rank has run
 
     def mine(self, which: range | list[int]) -> list[int]:
         return [i for i in which if i % self.world == self.rank]
 
     @torch.no_grad()
-    def per_window(self, which: list[int], start: int = 0, record: bool = False) -> np.ndarray:
+    def per_window(self, which: list[int], start: int = 0, key: bytes | None = None) -> np.ndarray:
         """KL per token of each window of ``which`` (every rank gets every value); ``start``: the first layer that
-        differs from the parent's; ``record``: keep this run's states (see :meth:`accept`)."""
+        differs from the parent's; ``key``: keep this run's states under it (see :meth:`accept`)."""
         values = torch.zeros(self.windows.shape[0], dtype=torch.float64)
-        record = record and self.keep
         for i in self.mine(which):
             states = self.states.get(i) if start > 0 else None
-            recorded: list[torch.Tensor] | None = [] if record else None
+            recorded: list[torch.Tensor] | None = [] if key is not None and self.keep else None
             log_q = self.forward.log_probs(i, start, states, recorded)
             if recorded is not None:
-                self.pending[i] = (states[:start] if states is not None else []) + recorded
+                self.pending.setdefault(key, {})[i] = (states[:start] if states is not None else []) + recorded
             p, negative_entropy = self.dense[i]
             cross = float((p.float() * log_q).sum(dtype=torch.float64))
             values[i] = (negative_entropy - cross) / log_q.shape[0]
@@ -137,10 +139,25 @@ class Fitness:
         all_reduce([values])
         return values.numpy()[which]
 
-    def accept(self) -> None:
-        """The last recorded run's states become the parent's."""
-        self.states.update(self.pending)
-        self.pending = {}
+    def __call__(self, which: list[int]) -> float:
+        return float(np.mean(self.per_window(which))) if which else 0.0
 
-    def __call__(self, which: list[int], start: int = 0, record: bool = False) -> float:
-        return float(np.mean(self.per_window(which, start, record))) if which else 0.0
+    @torch.no_grad()
+    def keep_states(self, key: bytes, start: int) -> None:
+        """Run the model (as it is now) on this rank's windows whose states are not kept under ``key`` yet, from
+        layer ``start``, and keep them (this rank only: no collective)."""
+        for i in self.forward.first:
+            if self.keep and i in self.parent_windows and i not in self.pending.get(key, {}):
+                states = self.states.get(i) if start > 0 else None
+                recorded: list[torch.Tensor] = []
+                self.forward.log_probs(i, start, states, recorded)
+                self.pending.setdefault(key, {})[i] = (states[:start] if states is not None else []) + recorded
+
+    def recorded(self, key: bytes) -> set[int]:
+        """This rank's windows whose states are kept under ``key``."""
+        return set(self.pending.get(key, {}))
+
+    def accept(self, key: bytes) -> None:
+        """The states kept under ``key`` become the parent's; the others are dropped."""
+        self.states.update(self.pending.get(key, {}))
+        self.pending = {}

@@ -118,16 +118,16 @@ class _Search:
         self.space = Space.of(inputs.layout, inputs.selection, inputs.target)
         self.fit, self.held = split_windows(inputs.search_windows.shape[0])
         self.fitness = Fitness(inputs.model, inputs.search_windows, inputs.rank, inputs.world,
-                               inputs.search.search_cache_mb * 2**20)
+                               inputs.search.search_cache_mb * 2**20, self.fit)
         saved = _load_state(inputs)
         self.database = self._database(None if saved is None else saved["orders"])
         self.candidates = Candidates(self.database)
         self.rng = np.random.default_rng(inputs.seed)
         self.state: dict[str, Any] | None = None
+        self.measured: dict[bytes, dict[int, float]] = {}  # this generation's KL per allocation and window
         self.state = saved if saved is not None else self._start()
         self.rng.bit_generator.state = self.state["rng"]
-        self.evaluate(np.array(self.state["parent"]), self.fit, record=True)  # the parent's states, kept
-        self.fitness.accept()
+        self.accept(np.array(self.state["parent"]), start=0)  # the parent's states, kept
 
     def _database(self, orders: list[torch.Tensor] | None) -> variants.Database:
         inputs = self.inputs
@@ -142,12 +142,31 @@ class _Search:
         return variants.build(inputs.model, inputs.layout, batches, self.space.floor.tolist(), inputs.refit,
                               inputs.table, inputs.search.search_cache_mb * 2**20, grams, known)
 
-    def evaluate(self, kept: np.ndarray, which: list[int], record: bool = False) -> float:
-        """KL of allocation ``kept`` on windows ``which``, run from its first layer that differs from the parent."""
-        self.candidates.apply(kept)
+    def evaluate(self, kept: np.ndarray, which: list[int]) -> float:
+        """KL of allocation ``kept`` on windows ``which``: each window run once per generation (a later stage reuses
+        the windows an earlier one ran; the figures do not depend on the run), from the first layer that differs
+        from the parent's, its states kept for :meth:`accept`."""
+        known = self.measured.setdefault(kept.tobytes(), {})
+        missing = [w for w in which if w not in known]
+        if missing:
+            self.candidates.apply(kept)
+            key = kept.tobytes() if set(missing) <= set(self.fit) else None  # held-out windows' states: not kept
+            known.update(zip(missing, self.fitness.per_window(missing, self._start_layer(kept), key), strict=True))
+        return float(np.mean([known[w] for w in which])) if which else 0.0
+
+    def _start_layer(self, kept: np.ndarray) -> int:
         parent = kept if self.state is None else np.array(self.state["parent"])  # seeds: from the start
         differs = np.flatnonzero((kept != parent).reshape(2, -1).any(axis=0))
-        return self.fitness(which, int(differs[0]) if len(differs) else 0, record)
+        return int(differs[0]) if len(differs) else 0
+
+    def accept(self, kept: np.ndarray, start: int | None = None) -> None:
+        """``kept`` becomes the parent: its states of every fitness window are kept (the missing ones run now, from
+        layer ``start``, by default its first that differs from the parent's)."""
+        key = kept.tobytes()
+        self.candidates.apply(kept)
+        self.fitness.keep_states(key, self._start_layer(kept) if start is None else start)
+        self.fitness.accept(key)
+        self.state["parent"] = kept.tolist()
 
     def _start(self) -> dict[str, Any]:
         """Generation 0: the seeds measured on the fitness windows, the best one the parent."""
@@ -173,7 +192,7 @@ class _Search:
                 break
             scores = [self.evaluate(k, self.fit[:count]) for k in pool]
             pool = [pool[i] for i in np.argsort(scores, kind="stable")[: max(1, len(pool) // 4)]]
-        scores = [self.evaluate(k, self.fit, record=len(pool) == 1) for k in pool]  # one: its states are kept
+        scores = [self.evaluate(k, self.fit) for k in pool]
         best = int(np.argmin(scores))
         return pool[best], scores[best]
 
@@ -183,6 +202,7 @@ class _Search:
         parent = np.array(state["parent"])
         step = mlp_step(self.space, cfg.search_step, state["generation"], cfg.search_generations)
         pool: dict[bytes, np.ndarray] = {}
+        self.measured = {}
         for _ in range(cfg.search_offspring):
             child = mutate(self.space, parent, self.rng, step)
             if not np.array_equal(child, parent):
@@ -192,11 +212,9 @@ class _Search:
             best, fitness = self._stages(list(pool.values()))
             entry["best_mutant"] = fitness
             if fitness < state["fitness"]:
-                state["parent"], state["fitness"] = best.tolist(), fitness
+                self.accept(best)
+                state["fitness"] = fitness
                 state["parents"] = [*state["parents"][-(FINALISTS - 1):], {"kept": best.tolist(), "fitness": fitness}]
-                if self.fitness.keep and not self.fitness.pending:  # several were measured on every window
-                    self.evaluate(best, self.fit, record=True)
-                self.fitness.accept()
             self.fitness.pending = {}
         entry |= {"fitness": state["fitness"], "seconds": time.perf_counter() - start}
         state["history"].append(entry)
