@@ -125,9 +125,13 @@ class _Search:
         self.rng = np.random.default_rng(inputs.seed)
         self.state: dict[str, Any] | None = None
         self.measured: dict[bytes, dict[int, float]] = {}  # this generation's KL per allocation and window
-        self.state = saved if saved is not None else self._start()
-        self.rng.bit_generator.state = self.state["rng"]
-        self.accept(np.array(self.state["parent"]), start=0)  # the parent's states, kept
+        try:
+            self.state = saved if saved is not None else self._start()
+            self.rng.bit_generator.state = self.state["rng"]
+            self.accept(np.array(self.state["parent"]), start=0)  # the parent's states, kept
+        except BaseException:
+            self.candidates.restore()  # the model dense again, whatever stopped the search
+            raise
 
     def _database(self, orders: list[torch.Tensor] | None) -> variants.Database:
         inputs = self.inputs
