@@ -127,14 +127,16 @@ def search_figure(report: dict[str, Any]) -> Figure:
     curve.legend(fontsize=8)
     groups = widths.twinx()
     shown = {"chosen": report["chosen"], **report["seeds"]}
-    for (name, entry), color in zip(shown.items(), ("black", "#4C72B0", "#DD8452"), strict=False):
+    for k, ((name, entry), color) in enumerate(zip(shown.items(), ("black", "#4C72B0", "#DD8452"), strict=False)):
         x = np.arange(len(entry["mlp_channels"]))
         widths.plot(x, entry["mlp_channels"], color=color, linewidth=1.5 if name == "chosen" else 1, label=name)
-        groups.plot(x, entry["attention_groups"], color=color, linestyle="none", marker="o", markersize=3)
+        groups.plot(x + 0.2 * (k - 1), entry["attention_groups"], color=color, linestyle="none", marker="o",
+                    markersize=3)  # side by side, so that equal counts stay visible
     widths.set_xlabel("layer")
     widths.set_ylabel("MLP channels kept (lines)")
     groups.set_ylabel("GQA groups kept (dots)")
     widths.set_title(f"Widths: {report['chosen']['from']} chosen on the held-out windows")
     widths.legend(fontsize=8, loc="lower right")
-    figure.subplots_adjust(left=0.07, right=0.95, top=0.9, bottom=0.14, wspace=0.3)
+    groups.yaxis.get_major_locator().set_params(integer=True)
+    figure.subplots_adjust(left=0.07, right=0.93, top=0.9, bottom=0.14, wspace=0.32)
     return figure
