@@ -199,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Torch-Pruning's parameter count must be within this fraction of ours")
     parser.add_argument("--tp_max_trials", type=int, default=5, help="Torch-Pruning ratio search: prunes per row")
     common.add_output(parser, "quality.md")
-    parser.add_argument("--json", type=Path, default=common.RESULTS / "quality.json", help="rows as JSON ('' to skip)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="rows as JSON (default: --output with .json; '' to skip)")
     return parser.parse_args(argv)
 
 
@@ -772,7 +773,8 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "versions": versions(), "dense_params": bench.dense_params, "calibration_s": bench.calibration_s,
             "rows": [asdict(row) for row in bench.rows]}
-    json_path = args.json if str(args.json) not in ("", ".") else None  # Path("") is Path(".")
+    json_path = args.output.with_suffix(".json") if args.json is None else args.json
+    json_path = json_path if str(json_path) not in ("", ".") else None  # Path("") is Path(".")
     common.publish(text, args.output, data, json_path)
     common.log(f"done in {wall / 60:.1f} min: {args.output}")
 
