@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 try:
@@ -99,9 +100,11 @@ def _search(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, batch_
     table, config, target = model.gp_bench_table, model.gp_bench_selection, model.gp_bench_target
     starts = seeds(table, layout, config, model.gp_bench_plan, target)
     search = SearchConfig()
-    inputs = SearchInputs(model, layout, table, starts, windows[: -search.search_windows],
-                          windows[-search.search_windows :], target, config, CompensationConfig(), search, batch_size)
-    return int(search_allocation(inputs).report["window_passes"])
+    with tempfile.TemporaryDirectory(prefix="search-bench-") as root:  # its Grams on disk, as in a run
+        inputs = SearchInputs(model, layout, table, starts, windows[: -search.search_windows],
+                              windows[-search.search_windows :], target, config, CompensationConfig(), search,
+                              batch_size, state_path=Path(root) / "search_state.safetensors")
+        return int(search_allocation(inputs).report["window_passes"])
 
 
 def _magnitude_plan(model: nn.Module, layout: ModelLayout, ratio: float) -> None:

@@ -25,9 +25,11 @@ class SearchConfig:
     search_step: float = 0.0625
     """A mutation moves this fraction of the widest MLP's channels (or one GQA group) from one block to another at
     the start, halving four times over the generations (coarse to fine)."""
-    search_cache_mb: int = 1024
+    search_cache_mb: int = 512
     """Memory for the refit layer variants the search has made (least recently used ones are made again when
-    needed)."""
+    needed), and the bound on the hidden states it keeps so that a mutant runs only from its first changed layer
+    (the best allocation's and the mutants' still in the running, for this rank's fitness windows; when they do not
+    fit, every run starts at the first layer)."""
     search_widths: str | None = None
     """A run's ``analysis/search.json``: re-apply the widths that search chose instead of searching again (the
     model, ``pruning_ratio`` and limits must match; the units each block keeps are chosen as usual)."""

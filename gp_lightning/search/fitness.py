@@ -112,8 +112,8 @@ class Fitness:
             self.dense[i] = (p, float((p.float() * log_p).sum(dtype=torch.float64)))
         hidden = next(iter(self.forward.first.values())).hidden[0] if self.forward.first else None
         per_window = 0 if hidden is None else hidden.numel() * hidden.element_size() * len(self.forward.layers)
-        # the parent's states and, for a generation, its mutants' (at most about as many again, twice)
-        self.keep = 3 * per_window * len(self.parent_windows & set(self.forward.first)) <= state_bytes
+        # the parent's states and, in a generation, the mutants' still in the running (about as many again)
+        self.keep = 2 * per_window * len(self.parent_windows & set(self.forward.first)) <= state_bytes
         self.states: dict[int, list[torch.Tensor]] = {}  # the parent's, per window
         self.pending: dict[bytes, dict[int, list[torch.Tensor]]] = {}  # this generation's, per mutant and window
         self.evaluations = 0  # windows this rank has run
@@ -152,6 +152,10 @@ class Fitness:
                 recorded: list[torch.Tensor] = []
                 self.forward.log_probs(i, start, states, recorded)
                 self.pending.setdefault(key, {})[i] = (states[:start] if states is not None else []) + recorded
+
+    def drop_except(self, keys: set[bytes]) -> None:
+        """Forget the states kept for any mutant but ``keys``."""
+        self.pending = {key: value for key, value in self.pending.items() if key in keys}
 
     def recorded(self, key: bytes) -> set[int]:
         """This rank's windows whose states are kept under ``key``."""

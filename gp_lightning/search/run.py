@@ -154,7 +154,8 @@ class _Search:
         missing = [w for w in which if w not in known]
         if missing:
             self.candidates.apply(kept)
-            key = kept.tobytes() if set(missing) <= set(self.fit) else None  # held-out windows' states: not kept
+            # states kept for a mutant that may become the parent (not for the seeds, nor held-out windows)
+            key = kept.tobytes() if self.state is not None and set(missing) <= set(self.fit) else None
             known.update(zip(missing, self.fitness.per_window(missing, self._start_layer(kept), key), strict=True))
         return float(np.mean([known[w] for w in which])) if which else 0.0
 
@@ -196,6 +197,7 @@ class _Search:
                 break
             scores = [self.evaluate(k, self.fit[:count]) for k in pool]
             pool = [pool[i] for i in np.argsort(scores, kind="stable")[: max(1, len(pool) // 4)]]
+            self.fitness.drop_except({k.tobytes() for k in pool})  # the states of the mutants that go no further
         scores = [self.evaluate(k, self.fit) for k in pool]
         best = int(np.argmin(scores))
         return pool[best], scores[best]
