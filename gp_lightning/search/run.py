@@ -16,6 +16,8 @@ rank take the same decisions.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -274,9 +276,27 @@ def _report(search: _Search, name: str, chosen: dict[str, Any], held: dict[str, 
     }
 
 
+#: glibc's ``mallopt`` parameter for the mmap threshold, and the threshold the search sets.
+_M_MMAP_THRESHOLD, _MMAP_BYTES = -3, 2**20
+
+
+def _heap(trim: bool = False) -> None:
+    """Keep the fitness runs' large temporaries (SmolLM2's logits: 25 MB) out of the heap, and give freed heap memory
+    back (``trim``). glibc raises its mmap threshold as large blocks are freed, so later ones came from the heap and
+    stayed: the search's peak RSS grew by about 150 MB a generation (4.4 GB after 24 generations; 2.3 GB after 4
+    with a fixed 1 MB threshold, 3.0 GB without). Nothing on other C libraries."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        if trim:
+            libc.malloc_trim(0)
+        else:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+
+
 def search_allocation(inputs: SearchInputs) -> SearchResult:
     """Search the widths of every block (see the module's doc); the model is dense again when it returns."""
     start = time.perf_counter()
+    _heap()
     search = _Search(inputs)
     try:
         search.save()
@@ -286,6 +306,7 @@ def search_allocation(inputs: SearchInputs) -> SearchResult:
         while search.state["generation"] < cfg.search_generations:
             entry = search.generation()
             search.save()
+            _heap(trim=True)
             bar.set_postfix(kl=f"{entry['fitness']:.4f}")
             bar.update()
         bar.close()
