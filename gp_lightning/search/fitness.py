@@ -133,7 +133,7 @@ class Fitness:
             if recorded is not None:
                 self.pending.setdefault(key, {})[i] = (states[:start] if states is not None else []) + recorded
             p, negative_entropy = self.dense[i]
-            cross = float((p.float() * log_q).sum(dtype=torch.float64))
+            cross = float(log_q.mul_(p).sum(dtype=torch.float64))  # in place: the same products, one 25 MB block fewer
             values[i] = (negative_entropy - cross) / log_q.shape[0]
             self.evaluations += 1
         all_reduce([values])
