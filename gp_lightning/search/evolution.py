@@ -37,20 +37,14 @@ class Space:
 
     @classmethod
     def of(cls, layout: ModelLayout, config: SelectionConfig, target: int) -> Space:
-        dense, floor, cost, cap, need = [], [], [], [], []
-        for layer in layout.layers:
-            limits = config.limits(layout, layer)
-            cap.append(limits.cap_params)
-            need.append(limits.need_params)
-        attention = [(x.num_kv_heads, x.num_kv_heads - config.limits(layout, x).max_groups,
-                      layout.attention_group_cost(x)) for x in layout.layers]
-        mlp = [(x.intermediate_size, x.intermediate_size - config.limits(layout, x).max_channels,
-                layout.mlp_channel_cost(x)) for x in layout.layers]
-        for units, least, unit_cost in attention + mlp:
-            dense.append(units)
-            floor.append(least)
-            cost.append(unit_cost)
-        return cls(np.array(dense), np.array(floor), np.array(cost), np.array(cap), np.array(need), target)
+        limits = [config.limits(layout, layer) for layer in layout.layers]
+        attention = [(x.num_kv_heads, x.num_kv_heads - lim.max_groups, layout.attention_group_cost(x))
+                     for x, lim in zip(layout.layers, limits, strict=True)]
+        mlp = [(x.intermediate_size, x.intermediate_size - lim.max_channels, layout.mlp_channel_cost(x))
+               for x, lim in zip(layout.layers, limits, strict=True)]
+        dense, floor, cost = (np.array(column) for column in zip(*attention, *mlp, strict=True))
+        return cls(dense, floor, cost, np.array([lim.cap_params for lim in limits]),
+                   np.array([lim.need_params for lim in limits]), target)
 
     @property
     def layers(self) -> int:

@@ -84,7 +84,7 @@ class SearchResult:
 def split_windows(count: int) -> tuple[list[int], list[int]]:
     """(fitness, held-out) positions of the search windows: every ``HELD_EVERY``-th held out (none of fewer)."""
     held = [i for i in range(count) if i % HELD_EVERY == HELD_EVERY - 1] if count >= HELD_EVERY else []
-    return [i for i in range(count) if i not in set(held)], held
+    return sorted(set(range(count)) - set(held)), held
 
 
 def _settings(inputs: SearchInputs) -> dict[str, Any]:

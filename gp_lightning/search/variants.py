@@ -106,7 +106,7 @@ class Database:
         self.grams, self.config = grams, config
         self.orders: list[list[int]] = [[] for _ in range(2 * self.layers)]
         self.cache: OrderedDict[tuple[int, int], Variant] = OrderedDict()
-        self.cache_bytes, self.made = cache_bytes, 0
+        self.cache_bytes, self.cached_bytes, self.made = cache_bytes, 0, 0
 
     def units(self, block: int) -> int:
         return self.weights[block][0].shape[1] // self.widths[block]
@@ -120,8 +120,9 @@ class Database:
         found = self._make(block, kept)
         self.cache[key] = found
         self.made += 1
-        while sum(v.nbytes for v in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
-            self.cache.popitem(last=False)
+        self.cached_bytes += found.nbytes
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            self.cached_bytes -= self.cache.popitem(last=False)[1].nbytes
         return found
 
     def _make(self, block: int, kept: int) -> Variant:
@@ -139,15 +140,15 @@ class Database:
 
 
 def block_order(block: int, layers: int, weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
-                width: int, count: int, config: CompensationConfig, table: pd.DataFrame) -> list[int]:
-    """The order in which block ``block`` gives up its first ``count`` units (OBS walk, or the table's scores)."""
+                width: int, count: int, config: CompensationConfig, ordered: pd.DataFrame) -> list[int]:
+    """The order in which block ``block`` gives up its first ``count`` units (OBS walk, or the scores of the table
+    ``ordered``, sorted by score once for every block)."""
     if config.obs_selection:
         with_bias = config.compensation_bias or bias is not None
         walk_gram = gram if with_bias else without_bias(gram, bias)
         return obs_removals(weight, walk_gram, width, count, config.compensation_damping, bias, ordered=True)
     kind = "attention" if block < layers else "mlp"
-    rows = table.iloc[score_order(table)]
-    rows = rows[(rows["layer_idx"] == block % layers) & (rows["group_type"] == kind)]
+    rows = ordered[(ordered["layer_idx"] == block % layers) & (ordered["group_type"] == kind)]
     return [int(u) for u in rows["group_idx"].tolist()[:count]]
 
 
@@ -162,15 +163,16 @@ def build(model: nn.Module, layout: ModelLayout, batches: Callable[[], Batches],
         database.orders = orders
         return database
     layers, current = layout.num_layers, batches()
+    ordered = table.iloc[score_order(table)]
     for index in tqdm(range(layers), desc="Search variants", unit="layer", disable=grams.rank != 0):
-        pair = [projection(model, layers, index), projection(model, layers, layers + index)]
+        pair = [database.projections[index], database.projections[layers + index]]
         with torch.no_grad():
             found, outputs = dense_pass(decoder_layers(model)[index], current, pair)
         current = current.on(outputs)
         for block, gram in ((index, found[0].full), (layers + index, found[1].full)):
             weight, bias = database.weights[block]
             database.orders[block] = block_order(block, layers, weight, bias, gram, database.widths[block],
-                                                 database.units(block) - floors[block], config, table)
+                                                 database.units(block) - floors[block], config, ordered)
         grams.put(index, found[0].full, found[1].full)
     barrier()
     return database
