@@ -199,3 +199,15 @@ def test_plan_of_widths_keeps_each_blocks_lowest_score_units() -> None:
     assert [(lp.keep_groups, lp.keep_channels) for lp in plan.layers] == \
         [(lp.keep_groups, lp.keep_channels) for lp in knapsack.layers]
     assert plan.meta["allocation"] == "search"
+
+
+def test_search_in_bfloat16_restores_the_model_and_beats_no_seed() -> None:
+    """``precision: auto`` runs in bf16 on CPUs with AVX512-BF16 or AMX: the search's variants, fitness and restore
+    must hold in the model's dtype there too (forced here, whatever this CPU is)."""
+    inputs = _inputs(generations=3)
+    inputs.model.to(torch.bfloat16)
+    dense = {k: v.clone() for k, v in inputs.model.state_dict().items()}
+    result = search_run.search_allocation(inputs)
+    assert all(torch.equal(v, dense[k]) for k, v in inputs.model.state_dict().items())
+    assert Space.of(inputs.layout, inputs.selection, inputs.target).feasible(result.kept)
+    assert all(result.report["chosen"]["fitness"] <= s["fitness"] for s in result.report["seeds"].values())
