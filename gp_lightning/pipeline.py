@@ -90,6 +90,7 @@ class PruneRecipe(Recipe):
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.layout: ModelLayout | None = None
+        self.target = 0  # parameters to remove, checked against the limits in setup
         self.saved_table: pd.DataFrame | None = None
         self.cal_windows: torch.Tensor | None = None
         self.refit_windows: torch.Tensor | None = None  # the compensation's (the calibration windows first)
@@ -120,7 +121,7 @@ class PruneRecipe(Recipe):
         with self.timed("load_model_s"):
             self.model, self.tokenizer = self._load()
             self.layout = describe(self.model)
-            check_budget(self.layout, cfg.selection)
+            self.target = check_budget(self.layout, cfg.selection)
             check_sequence_lengths(self.model, {"seq_len": cfg.data.seq_len,
                                                 "eval_seq_len": cfg.evaluation.eval_seq_len})
         self._check_stock_shape()
@@ -314,7 +315,7 @@ class PruneRecipe(Recipe):
         """``allocation: search`` (every rank joins: the fitness is data-parallel): the plan of the chosen widths."""
         cfg = self.cfg
         assert self.layout is not None
-        target = check_budget(self.layout, cfg.selection)
+        target = self.target
         if cfg.search.search_widths:
             kept = reapplied(cfg.search.search_widths, Space.of(self.layout, cfg.selection, target))
             return plan_of(table, self.layout, cfg.selection, kept)
